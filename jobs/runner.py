@@ -1,0 +1,248 @@
+"""Run a cache job: plan → tokenize → activate (Ray workers) → reduce → index.
+
+Each phase reads only what the previous one wrote to the store, so a crashed or killed job
+restarts at its first unfinished shard. Nothing touches an existing store until the job is known
+to be valid and to belong to it (same fingerprint), unless the user asks to overwrite it.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from pipeline.corpus import check_corpus, tokenize_corpus
+from pipeline.fingerprint import fingerprint
+from pipeline.index import build_index
+from pipeline.model import Framing, hook_widths, load_model, load_tokenizer, validate_hooks
+from pipeline.reduce import merge_shards
+from pipeline.worker import ShardResult, ShardWorker
+from storage.errors import StoreError
+from storage.spec import JobSpec
+from storage.store import Store
+
+
+class Reporter(Protocol):
+    """Receives progress; the CLI draws it, the library stays silent."""
+
+    def phase(self, name: str, total_tokens: int | None, done_tokens: int = 0) -> None: ...
+
+    def advance(self, tokens: int) -> None: ...
+
+
+class _Silent:
+    def phase(self, name, total_tokens, done_tokens=0):
+        pass
+
+    def advance(self, tokens):
+        pass
+
+
+@dataclass
+class RunSummary:
+    store: str
+    n_seq: int
+    n_tokens: int
+    shards_total: int
+    shards_run: int
+    shards_skipped: int
+    workers: int
+    seconds_activate: float
+    seconds_total: float
+    resumed: bool
+    phases: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def tokens_per_second(self) -> float:
+        run_tokens = self.n_tokens * self.shards_run / max(self.shards_total, 1)
+        return run_tokens / self.seconds_activate if self.seconds_activate else 0.0
+
+
+def plan(spec: JobSpec, *, overwrite: bool = False) -> tuple[Store | None, dict, object]:
+    """Validate everything that can be validated before writing, then decide the store's fate.
+
+    Returns (the existing store to resume, or None to create one; the model description;
+    the tokenizer).
+    """
+    tokenizer = load_tokenizer(spec)
+    framing = Framing.from_tokenizer(tokenizer)
+    bridge = load_model(spec, _planning_device(), tokenizer=tokenizer)
+    validate_hooks(bridge, spec.hooks)
+    model = {
+        "name": spec.model,
+        "architecture": type(bridge.original_model).__name__,
+        "n_layers": int(bridge.cfg.n_layers),
+        "d_model": int(bridge.cfg.d_model),
+        "vocab_size": len(tokenizer),
+        "hook_widths": hook_widths(bridge, spec.hooks),
+        "framing": framing.to_dict(),
+    }
+    del bridge
+    gc.collect()
+    check_corpus(spec.dataset, tokenizer, framing)
+    model["fingerprint"] = fingerprint(spec)
+    if not Store.exists(spec.store):
+        return None, model, tokenizer
+    existing = Store.open(spec.store)  # refuses anything that is not an actscope store
+    if existing.fingerprint == model["fingerprint"]:
+        return existing, model, tokenizer
+    if overwrite:
+        return None, model, tokenizer
+    raise StoreError(_mismatch(existing, spec))
+
+
+def _planning_device():
+    import torch
+
+    return torch.device("cpu")
+
+
+def _mismatch(existing: Store, spec: JobSpec) -> str:
+    try:
+        old = existing.spec.result_fields()
+    except Exception:  # noqa: BLE001 - an unreadable old spec is still a mismatch
+        old = {}
+    new = spec.result_fields()
+    changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+    what = f"fields that differ: {', '.join(changed)}" if changed else "the model or corpus files differ"
+    return (
+        f"{spec.store} holds a different job ({what}). Nothing was changed. "
+        "Use a new store path, or pass --overwrite to replace it."
+    )
+
+
+def run_job(
+    spec: JobSpec,
+    *,
+    address: str | None = None,
+    workers: int | None = None,
+    overwrite: bool = False,
+    use_ray: bool = True,
+    reporter: Reporter | None = None,
+) -> RunSummary:
+    """Run (or resume) ``spec`` to completion and return what was done."""
+    reporter = reporter or _Silent()
+    t0 = time.perf_counter()
+    phases = {}
+    existing, model, tokenizer = plan(spec, overwrite=overwrite)
+    phases["plan"] = time.perf_counter() - t0
+    resumed = existing is not None
+    if existing is None:
+        store = Store.create(spec.store, spec=spec, fingerprint=model["fingerprint"], model=model)
+    else:
+        store = Store.open(spec.store, writable=True)
+
+    if not store.status["tokenized"]:
+        t = time.perf_counter()
+        reporter.phase("tokenize", spec.dataset.max_tokens)
+        framing = Framing.from_tokenizer(tokenizer)
+        n_seq = tokenize_corpus(store, spec, tokenizer, framing, progress=reporter.advance)
+        for hook in spec.dense:
+            store.create_dense(hook, model["hook_widths"][hook], n_seq)
+        store.update_status(tokenized=True, n_seq=n_seq)
+        phases["tokenize"] = time.perf_counter() - t
+
+    n_shards = store.n_shards
+    done = store.committed_shards()
+    pending = [s for s in range(n_shards) if s not in done]
+    n_tokens = store.n_seq * spec.context_length
+    n_workers = _worker_count(spec, workers, use_ray, address)
+    t = time.perf_counter()
+    reporter.phase("activate", n_tokens, sum(store.shard_range(s)[1] - store.shard_range(s)[0] for s in done) * spec.context_length)
+    results = []
+    if pending:
+        execute = _execute_on_ray if use_ray else _execute_here
+        for result in execute(spec.store, pending, n_workers, address):
+            results.append(result)
+            reporter.advance(result.n_tokens)
+    phases["activate"] = time.perf_counter() - t
+
+    if not store.status["complete"] or pending:
+        t = time.perf_counter()
+        reporter.phase("reduce", None)
+        merged = merge_shards(store)
+        build_index(store, merged, tokenizer)
+        store.update_status(complete=True)
+        phases["reduce+index"] = time.perf_counter() - t
+
+    return RunSummary(
+        store=spec.store,
+        n_seq=store.n_seq,
+        n_tokens=n_tokens,
+        shards_total=n_shards,
+        shards_run=sum(not r.skipped for r in results),
+        shards_skipped=len(done) + sum(r.skipped for r in results),
+        workers=n_workers,
+        seconds_activate=phases["activate"],
+        seconds_total=time.perf_counter() - t0,
+        resumed=resumed,
+        phases=phases,
+    )
+
+
+def _worker_count(spec: JobSpec, override: int | None, use_ray: bool, address: str | None) -> int:
+    if override is not None:
+        return override
+    if spec.workers != "auto":
+        return spec.workers
+    if not use_ray:
+        return 1
+    import torch
+
+    if address is None:
+        return max(torch.cuda.device_count(), 1) if torch.cuda.is_available() else os.cpu_count() or 1
+    import ray
+
+    _ensure_ray(address)
+    resources = ray.cluster_resources()
+    return int(resources.get("GPU", 0)) or int(resources.get("CPU", 1))
+
+
+def _execute_here(store_url: str, shards: list[int], n_workers: int, address: str | None):
+    worker = ShardWorker(store_url)
+    for shard in shards:
+        yield worker(shard)
+
+
+def _ensure_ray(address: str | None) -> bool:
+    """Start embedded Ray (or connect to ``address``) unless already up; True if we started it."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    kwargs = dict(include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING)
+    if address is None:
+        ray.init(num_cpus=os.cpu_count() or 1, **kwargs)
+    else:
+        ray.init(address=address, **kwargs)
+    return True
+
+
+def _execute_on_ray(store_url: str, shards: list[int], n_workers: int, address: str | None):
+    """Shards to a pool of actors, one model each; only shard ids and small results travel."""
+    import ray
+    from ray.util import ActorPool
+
+    started = _ensure_ray(address)
+    try:
+        gpus = ray.cluster_resources().get("GPU", 0)
+        cpus = ray.cluster_resources().get("CPU", 1)
+        if gpus:
+            options = {"num_gpus": 1, "num_cpus": 1}
+            threads = None
+        else:
+            # Fractional CPUs, so actors never hold every logical CPU (Ray deadlocks then), and
+            # torch threads split the machine's cores between the actors.
+            options = {"num_cpus": min(1.0, cpus / n_workers) * 0.99}
+            threads = max(1, (os.cpu_count() or 1) // n_workers)
+        actor = ray.remote(max_restarts=3, max_task_retries=3, **options)(ShardWorker)
+        pool = ActorPool([actor.remote(store_url, threads=threads) for _ in range(n_workers)])
+        yield from pool.map_unordered(lambda a, shard: a.__call__.remote(shard), shards)
+    finally:
+        if started:
+            ray.shutdown()

@@ -1,0 +1,80 @@
+"""Write the job's results as Parquet tables under ``<store>/index/``.
+
+Tables (contract, see README): ``tokens``, ``vocab``, ``top_examples``. Rows are sorted by their
+natural key with row groups of 32k rows, so DuckDB reads one neuron's rows from a few groups.
+"""
+
+from __future__ import annotations
+
+import fsspec
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from storage.store import Store
+
+ROW_GROUP = 32768
+
+
+def write_table(store: Store, name: str, table: pa.Table) -> None:
+    fs, path = fsspec.core.url_to_fs(store.table_url(name))
+    fs.makedirs(fs._parent(path), exist_ok=True)
+    with fs.open(path, "wb") as f:
+        pq.write_table(table, f, row_group_size=ROW_GROUP, compression="zstd")
+
+
+def tokens_table(store: Store) -> pa.Table:
+    n_seq, ctx = store.n_seq, store.spec.context_length
+    data = store.read_tokens(0, n_seq, ("tokens", "doc_ids", "doc_pos", "kinds"))
+    return pa.table(
+        {
+            "seq_id": np.repeat(np.arange(n_seq, dtype=np.int64), ctx),
+            "pos": np.tile(np.arange(ctx, dtype=np.int32), n_seq),
+            "token_id": data["tokens"].reshape(-1),
+            "doc_id": data["doc_ids"].reshape(-1),
+            "doc_pos": data["doc_pos"].reshape(-1),
+            "kind": pa.DictionaryArray.from_arrays(
+                pa.array(data["kinds"].reshape(-1).astype(np.int8)), ["text", "special", "pad"]
+            ),
+        }
+    )
+
+
+def vocab_table(tokenizer) -> pa.Table:
+    size = len(tokenizer)
+    ids = list(range(size))
+    return pa.table(
+        {
+            "token_id": pa.array(ids, pa.int32()),
+            "token": tokenizer.batch_decode([[i] for i in ids], clean_up_tokenization_spaces=False),
+            "piece": tokenizer.convert_ids_to_tokens(ids),
+        }
+    )
+
+
+def examples_table(merged: dict[str, dict[str, np.ndarray]], ctx: int, prefix: str) -> pa.Table:
+    """One row per (hook, neuron, rank) that has an example; rank 1 is the most extreme."""
+    columns = {k: [] for k in ("hook", "neuron", "rank", "activation", "seq_id", "pos")}
+    for hook in sorted(merged):
+        values, index = merged[hook][f"{prefix}_values"], merged[hook][f"{prefix}_index"]
+        k, width = values.shape
+        rank, neuron = np.nonzero(index >= 0)
+        order = np.lexsort((rank, neuron))
+        rank, neuron = rank[order], neuron[order]
+        token = index[rank, neuron]
+        columns["hook"].append(np.full(len(rank), hook, dtype=object))
+        columns["neuron"].append(neuron.astype(np.int32))
+        columns["rank"].append((rank + 1).astype(np.int16))
+        columns["activation"].append(values[rank, neuron].astype(np.float32))
+        columns["seq_id"].append(token // ctx)
+        columns["pos"].append((token % ctx).astype(np.int32))
+    table = {name: np.concatenate(parts) for name, parts in columns.items()}
+    table["hook"] = pa.array(table["hook"], pa.string()).dictionary_encode()
+    return pa.table(table)
+
+
+def build_index(store: Store, merged: dict[str, dict[str, np.ndarray]], tokenizer) -> None:
+    ctx = store.spec.context_length
+    write_table(store, "tokens", tokens_table(store))
+    write_table(store, "vocab", vocab_table(tokenizer))
+    write_table(store, "top_examples", examples_table(merged, ctx, "top"))

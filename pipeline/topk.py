@@ -1,0 +1,81 @@
+"""Exact top-k of every neuron, on the device, with ties broken by token order.
+
+Every activation is packed with its token's index into one int64 *key* whose order is the order
+we want: higher activation first, then lower token index first. The high 32 bits hold the
+float32's bits remapped so that integer order equals float order; the low 32 bits hold
+``2**32 - 1 - index``. One ``torch.topk`` over keys is then exact and deterministic, however
+ties fall (ReLU zeros tie everywhere), and a running top-k folds batch after batch in place.
+
+Shapes: ``acts`` is [tokens, neurons]; keys and results are [k, neurons].
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+#: The key of a position that does not count (padding, special tokens): below every real key.
+EXCLUDED = torch.iinfo(torch.int64).min
+_LOW = 0xFFFFFFFF
+_FLIP = 0x7FFFFFFF
+MAX_SHARD_TOKENS = 2**32  # token indices inside a shard must fit the key's low 32 bits
+
+
+def ordered_bits(values: torch.Tensor) -> torch.Tensor:
+    """Map float32 to int64 so that integer order is float order (-0.0 folded into 0.0)."""
+    bits = (values.float() + 0.0).view(torch.int32).to(torch.int64)
+    return torch.where(bits >= 0, bits, bits ^ _FLIP)
+
+
+def unordered_bits(ordered: torch.Tensor) -> torch.Tensor:
+    """Inverse of :func:`ordered_bits`, back to float32."""
+    bits = torch.where(ordered >= 0, ordered, ordered ^ _FLIP)
+    return bits.to(torch.int32).view(torch.float32)
+
+
+class RunningTopK:
+    """The k largest (``largest=True``) or smallest values of each neuron seen so far.
+
+    ``update`` takes one batch of activations with the shard-local index of its first token and
+    a mask of the tokens that count; ``result`` decodes values and indices, -1 where fewer than
+    k tokens counted.
+    """
+
+    def __init__(self, k: int, width: int, device: torch.device, *, largest: bool = True):
+        self.k = k
+        self.sign = 1.0 if largest else -1.0
+        self.keys = torch.full((k, width), EXCLUDED, dtype=torch.int64, device=device)
+
+    def update(self, acts: torch.Tensor, first_index: int, counted: torch.Tensor) -> None:
+        n_tokens = acts.shape[0]
+        if first_index + n_tokens > MAX_SHARD_TOKENS:
+            raise ValueError("a shard holds more than 2**32 tokens; use smaller shards")
+        index = torch.arange(first_index, first_index + n_tokens, device=acts.device, dtype=torch.int64)
+        keys = (ordered_bits(acts * self.sign) << 32) | (_LOW - index).unsqueeze(1)
+        keys = keys.masked_fill_(~counted.unsqueeze(1), EXCLUDED)
+        self.keys = torch.topk(torch.cat([self.keys, keys]), self.k, dim=0, sorted=True).values
+
+    def result(self) -> tuple[np.ndarray, np.ndarray]:
+        """(values [k, width] float32, shard-local token index [k, width] int64, -1 = none)."""
+        valid = self.keys != EXCLUDED
+        values = unordered_bits(self.keys >> 32) * self.sign
+        index = _LOW - (self.keys & _LOW)
+        values = torch.where(valid, values, torch.nan)
+        index = torch.where(valid, index, -1)
+        return values.cpu().numpy(), index.cpu().numpy()
+
+
+def merge_topk(
+    parts: list[tuple[np.ndarray, np.ndarray]], k: int, *, largest: bool = True
+) -> tuple[np.ndarray, np.ndarray]:
+    """Merge partial top-k results (global token indices) exactly; order of ``parts`` is free.
+
+    Each part is (values [k_i, width], index [k_i, width]) with index -1 for empty slots.
+    """
+    values = np.concatenate([p[0] for p in parts], axis=0)
+    index = np.concatenate([p[1] for p in parts], axis=0)
+    empty = index < 0
+    score = np.where(empty, -np.inf, values if largest else -values)
+    tiebreak = np.where(empty, np.iinfo(np.int64).max, index)
+    order = np.lexsort((tiebreak, -score), axis=0)[:k]
+    return np.take_along_axis(values, order, axis=0), np.take_along_axis(index, order, axis=0)

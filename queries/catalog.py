@@ -1,0 +1,139 @@
+"""SQL over a store: a locked-down DuckDB connection with the index's tables as views.
+
+The connection can read the store's own index files and nothing else: external access is off
+(no other files, no network, no ATTACH, no INSTALL/LOAD), Python replacement scans are off, and
+the configuration is locked. User SQL is one SELECT (or EXPLAIN) statement; anything else is
+refused before it runs, and a query past its time limit is interrupted.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+from typing import Any
+
+import duckdb
+
+from storage.errors import QueryError, StoreError
+from storage.store import Store
+
+TABLES = ("tokens", "vocab", "top_examples")
+
+_MACROS = """
+CREATE MACRO top_with_context(h, n, k := 20, w := 8) AS TABLE
+SELECT e.rank, e.activation, e.seq_id, e.pos,
+       coalesce(string_agg(v.token, '' ORDER BY t.pos) FILTER (WHERE t.pos < e.pos), '') AS before,
+       any_value(v.token) FILTER (WHERE t.pos = e.pos) AS token,
+       coalesce(string_agg(v.token, '' ORDER BY t.pos) FILTER (WHERE t.pos > e.pos), '') AS after
+FROM top_examples e
+JOIN tokens t ON t.seq_id = e.seq_id AND t.pos BETWEEN e.pos - w AND e.pos + w AND t.kind <> 'pad'
+JOIN vocab v ON v.token_id = t.token_id
+WHERE e.hook = h AND e.neuron = n AND e.rank <= k
+GROUP BY ALL
+ORDER BY e.rank;
+"""
+
+_ALLOWED = {duckdb.StatementType.SELECT, duckdb.StatementType.EXPLAIN}
+
+
+@dataclass(frozen=True)
+class Result:
+    columns: list[str]
+    rows: list[tuple[Any, ...]]
+
+    def records(self) -> list[dict[str, Any]]:
+        return [dict(zip(self.columns, row)) for row in self.rows]
+
+
+class Catalog:
+    """The query side of a store. ``Catalog(url).sql("SELECT ...")``; see also :meth:`top`."""
+
+    def __init__(self, store_url: str, *, timeout: float = 60.0):
+        self.store = Store.open(store_url)
+        if not self.store.status.get("complete"):
+            raise StoreError(f"{store_url}: the job has not finished; run it again to complete it, then query.")
+        self.timeout = timeout
+        self.model = self.store.model
+        self.con = self._connect()
+
+    def _connect(self) -> duckdb.DuckDBPyConnection:
+        con = duckdb.connect(":memory:", config={"python_enable_replacements": False})
+        for table in TABLES:
+            url = self.store.table_url(table)
+            con.execute(f"CREATE VIEW {table} AS SELECT * FROM read_parquet({_literal(url)})")
+        con.execute(_MACROS)
+        con.execute(f"SET allowed_directories = [{_literal(self.store.index_url)}]")
+        con.execute("SET autoinstall_known_extensions = false")
+        con.execute("SET autoload_known_extensions = false")
+        con.execute("SET enable_external_access = false")
+        con.execute("SET lock_configuration = true")
+        return con
+
+    def close(self) -> None:
+        self.con.close()
+
+    def __enter__(self) -> Catalog:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # -- SQL ------------------------------------------------------------------------------
+
+    def sql(self, query: str, params: list[Any] | None = None) -> Result:
+        """Run one read-only statement (user SQL is welcome: anything else is refused)."""
+        statements = _parse(query)
+        if len(statements) != 1:
+            raise QueryError(f"One statement at a time, please; got {len(statements)}.")
+        if statements[0].type not in _ALLOWED:
+            kind = statements[0].type.name
+            raise QueryError(f"Only SELECT queries are allowed (the store is read-only); this is {_article(kind)} {kind} statement.")
+        timer = threading.Timer(self.timeout, self.con.interrupt)
+        timer.start()
+        try:
+            cursor = self.con.execute(query, params or [])
+            columns = [d[0] for d in cursor.description]
+            return Result(columns, cursor.fetchall())
+        except duckdb.InterruptException:
+            raise QueryError(f"The query ran past {self.timeout:g} s and was interrupted.") from None
+        except duckdb.PermissionException as err:
+            raise QueryError(f"Refused: the query may only read this store's tables. ({_first_line(err)})") from None
+        except duckdb.Error as err:
+            raise QueryError(_first_line(err)) from None
+        finally:
+            timer.cancel()
+
+    # -- neuron questions -----------------------------------------------------------------
+
+    def check_neuron(self, hook: str, neuron: int) -> None:
+        widths = self.model["hook_widths"]
+        if hook not in widths:
+            raise QueryError(f"{hook} was not recorded in this store; recorded hooks: {', '.join(widths)}.")
+        if not 0 <= neuron < widths[hook]:
+            raise QueryError(f"neuron {neuron} is out of range: {hook} has {widths[hook]} neurons (0..{widths[hook] - 1}).")
+
+    def top(self, hook: str, neuron: int, k: int = 20, window: int = 8) -> Result:
+        """The k examples that most activate ``neuron``, each with ``window`` tokens either side."""
+        self.check_neuron(hook, neuron)
+        if k <= 0 or window < 0:
+            raise QueryError("k must be positive and window non-negative.")
+        return self.sql("SELECT * FROM top_with_context(?, ?, k := ?, w := ?)", [hook, neuron, k, window])
+
+
+def _parse(query: str) -> list:
+    try:
+        return duckdb.extract_statements(query)
+    except duckdb.Error as err:
+        raise QueryError(_first_line(err)) from None
+
+
+def _article(word: str) -> str:
+    return "an" if word[:1] in "AEIOU" else "a"
+
+
+def _literal(text: str) -> str:
+    return "'" + text.replace("'", "''") + "'"
+
+
+def _first_line(err: Exception) -> str:
+    return str(err).strip().splitlines()[0]

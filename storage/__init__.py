@@ -1,0 +1,25 @@
+"""The store: a Zarr v3 group holding a job's spec, tokens, dense activations, per-shard partial
+statistics and the Parquet index. The bottom layer: it imports nothing else of actscope."""
+
+from storage.errors import (
+    ActscopeError,
+    CorpusError,
+    JobSpecError,
+    ModelError,
+    QueryError,
+    StoreError,
+)
+from storage.spec import DatasetSpec, JobSpec
+from storage.store import Store
+
+__all__ = [
+    "ActscopeError",
+    "CorpusError",
+    "DatasetSpec",
+    "JobSpec",
+    "JobSpecError",
+    "ModelError",
+    "QueryError",
+    "Store",
+    "StoreError",
+]
