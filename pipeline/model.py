@@ -82,6 +82,20 @@ def _load_failure(model: str, err: Exception) -> str:
     )
 
 
+def prefer_sdpa(bridge, hooks: list[str]) -> bool:
+    """Put attention back on PyTorch's SDPA kernel, Hugging Face's own default, when no hook
+    inside attention is recorded (the bridge boots in eager mode so that such hooks fire).
+    Models whose bridge reimplements attention (GPT-2's) are unaffected. True if switched."""
+    if any(".attn." in hook for hook in hooks):
+        return False
+    model = bridge.original_model
+    try:
+        model.set_attn_implementation("sdpa")
+    except (AttributeError, ValueError, ImportError):
+        return False
+    return model.config._attn_implementation == "sdpa"
+
+
 def validate_hooks(bridge, hooks: list[str]) -> None:
     """Raise ModelError naming every unknown hook with the closest valid names."""
     valid = sorted(bridge.hook_dict)

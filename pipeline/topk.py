@@ -38,22 +38,55 @@ class RunningTopK:
 
     ``update`` takes one batch of activations with the shard-local index of its first token and
     a mask of the tokens that count; ``result`` decodes values and indices, -1 where fewer than
-    k tokens counted.
+    k tokens counted. Batches must come in token order.
+
+    Only *candidates* are ranked: tokens strictly above the neuron's current k-th value. A later
+    token equal to the k-th value loses the tie (its index is larger), and one below it can never
+    enter, so this is exact; after the first batch of a shard few tokens are candidates, and the
+    cost falls from a top-k over every activation to one comparison pass.
     """
 
     def __init__(self, k: int, width: int, device: torch.device, *, largest: bool = True):
         self.k = k
         self.sign = 1.0 if largest else -1.0
         self.keys = torch.full((k, width), EXCLUDED, dtype=torch.int64, device=device)
+        self.threshold = torch.full((width,), -torch.inf, dtype=torch.float32, device=device)
+        self.empty = True
 
     def update(self, acts: torch.Tensor, first_index: int, counted: torch.Tensor) -> None:
-        n_tokens = acts.shape[0]
+        n_tokens, width = acts.shape
         if first_index + n_tokens > MAX_SHARD_TOKENS:
             raise ValueError("a shard holds more than 2**32 tokens; use smaller shards")
-        index = torch.arange(first_index, first_index + n_tokens, device=acts.device, dtype=torch.int64)
-        keys = (ordered_bits(acts * self.sign) << 32) | (_LOW - index).unsqueeze(1)
-        keys = keys.masked_fill_(~counted.unsqueeze(1), EXCLUDED)
+        signed = acts.float() * self.sign if self.sign < 0 else acts.float()
+        counted = counted.unsqueeze(1)
+        if self.empty and n_tokens > self.k:
+            # First batch: a float top-k's k-th value bounds the answer from below; keeping every
+            # value >= it (ties included) leaves the exact key ranking to few candidates.
+            floor = torch.topk(signed.masked_fill(~counted, -torch.inf), self.k, dim=0, sorted=False).values
+            candidate = (signed >= floor.min(0).values) & counted
+        else:
+            candidate = (signed > self.threshold) & counted
+        self.empty = False
+        per_neuron = candidate.sum(0)
+        most = int(per_neuron.max())
+        if most == 0:
+            return
+        if most * 4 > n_tokens:
+            # Many candidates (the first batch of a shard): rank every activation.
+            index = torch.arange(first_index, first_index + n_tokens, device=acts.device, dtype=torch.int64)
+            keys = (ordered_bits(signed) << 32) | (_LOW - index).unsqueeze(1)
+            keys = keys.masked_fill_(~candidate, EXCLUDED)
+        else:
+            # Few: gather them into a [most, width] block, one column per neuron.
+            neuron, token = candidate.T.nonzero(as_tuple=True)  # sorted by neuron, then token
+            starts = torch.cumsum(per_neuron, 0) - per_neuron
+            row = torch.arange(len(neuron), device=acts.device) - starts[neuron]
+            values = signed[token, neuron]
+            keys = torch.full((most, width), EXCLUDED, dtype=torch.int64, device=acts.device)
+            keys[row, neuron] = (ordered_bits(values) << 32) | (_LOW - (first_index + token))
         self.keys = torch.topk(torch.cat([self.keys, keys]), self.k, dim=0, sorted=True).values
+        kth = self.keys[-1]
+        self.threshold = torch.where(kth == EXCLUDED, -torch.inf, unordered_bits(kth >> 32))
 
     def result(self) -> tuple[np.ndarray, np.ndarray]:
         """(values [k, width] float32, shard-local token index [k, width] int64, -1 = none)."""

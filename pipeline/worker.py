@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from pipeline.model import HookedForward, load_model, resolve_device
+from pipeline.model import HookedForward, load_model, prefer_sdpa, resolve_device
 from pipeline.topk import RunningTopK
 from storage.store import PAD, TEXT, Store
 
@@ -37,6 +37,7 @@ class ShardWorker:
         self.spec = self.store.spec
         self.device = resolve_device(self.spec.device)
         self.model = load_model(self.spec, self.device)
+        prefer_sdpa(self.model, self.spec.hooks)
         self.forward = HookedForward(self.model, self.spec.hooks)
         self.widths = {h: int(w) for h, w in self.store.model["hook_widths"].items()}
         self._writer = ThreadPoolExecutor(max_workers=2, thread_name_prefix="dense-writer")

@@ -70,7 +70,7 @@ class JobSpec(_Frozen):
     workers: PositiveInt | Literal["auto"] = Field(
         1, description="Ray workers (one model each); auto = one per GPU, else one per CPU."
     )
-    shard_size: PositiveInt = Field(64, description="Sequences per shard, the unit of work and retry.")
+    shard_size: PositiveInt = Field(256, description="Sequences per shard, the unit of work and retry.")
     batch_size: PositiveInt = Field(16, description="Sequences per forward pass.")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto = cuda when available.")
     dtype: Literal["float32", "float16", "bfloat16"] = Field(

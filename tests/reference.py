@@ -1,0 +1,62 @@
+"""Ground truth computed directly, without the pipeline: plain ``transformers`` forward passes with
+PyTorch hooks on the Hugging Face modules, and brute-force numpy statistics."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from transformers import AutoModel
+
+
+def _site(model, hook: str):
+    """The Hugging Face module whose output is the TransformerLens hook ``hook``."""
+    parts = hook.split(".")
+    layer = int(parts[1])
+    base = getattr(model, "transformer", None) or getattr(model, "encoder", None) or model
+    if hasattr(base, "h"):  # GPT-2
+        block = base.h[layer]
+        return {"mlp.hook_post": block.mlp.act, "hook_resid_post": block}[".".join(parts[2:])]
+    block = base.layer[layer]  # BERT
+    return {"mlp.hook_post": block.intermediate.intermediate_act_fn, "hook_resid_post": block}[".".join(parts[2:])]
+
+
+@torch.no_grad()
+def activations(model_dir: str, hooks: list[str], tokens: np.ndarray, attention: np.ndarray) -> dict[str, np.ndarray]:
+    """{hook: [n_seq, ctx, width] float32} from a plain transformers forward, eager attention."""
+    model = AutoModel.from_pretrained(model_dir, attn_implementation="eager").eval()
+    captured: dict[str, list[torch.Tensor]] = {h: [] for h in hooks}
+    handles = []
+    for hook in hooks:
+        def save(module, args, output, hook=hook):
+            captured[hook].append((output[0] if isinstance(output, tuple) else output).detach().clone())
+        handles.append(_site(model, hook).register_forward_hook(save))
+    try:
+        for b0 in range(0, len(tokens), 16):
+            model(
+                input_ids=torch.from_numpy(tokens[b0:b0 + 16].astype(np.int64)),
+                attention_mask=torch.from_numpy(attention[b0:b0 + 16].astype(np.int64)),
+            )
+    finally:
+        for handle in handles:
+            handle.remove()
+    return {h: torch.cat(v).float().numpy() for h, v in captured.items()}
+
+
+def brute_top_k(acts: np.ndarray, counted: np.ndarray, k: int, largest: bool = True):
+    """(values [k', width], token index [k', width]) per neuron: sort by value, ties by index."""
+    flat = acts.reshape(-1, acts.shape[-1])
+    index = np.flatnonzero(counted.reshape(-1))
+    chosen = flat[index]
+    score = chosen if largest else -chosen
+    order = np.lexsort((np.broadcast_to(index[:, None], chosen.shape), -score), axis=0)[:k]
+    return np.take_along_axis(chosen, order, axis=0), index[order]
+
+
+def assert_same_top_k(got_values, got_index, ref_acts, ref_values, tol=1e-5):
+    """The pipeline picked the true top-k: its values equal the reference's rank by rank, and each
+    picked token's reference activation equals the recorded value. Index order may differ only
+    between reference values closer than ``tol`` (float noise between two exact computations)."""
+    flat = ref_acts.reshape(-1, ref_acts.shape[-1])
+    np.testing.assert_allclose(got_values, ref_values, atol=tol, rtol=0)
+    picked = np.take_along_axis(flat, got_index, axis=0)
+    np.testing.assert_allclose(picked, got_values, atol=tol, rtol=0)

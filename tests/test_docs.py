@@ -1,0 +1,32 @@
+"""The README documents every job field, every command and every table column."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from jobs.cli import app
+from storage.spec import DatasetSpec, JobSpec
+
+README = (Path(__file__).parent.parent / "README.md").read_text()
+
+
+@pytest.mark.parametrize("field", [*JobSpec.model_fields, *(f"dataset.{f}" for f in DatasetSpec.model_fields)])
+def test_every_job_field_is_documented(field):
+    if field == "dataset":
+        return
+    assert f"| `{field}` |" in README
+
+
+@pytest.mark.parametrize("command", [c.name or c.callback.__name__ for c in app.registered_commands])
+def test_every_command_is_documented(command):
+    assert f"`actscope {command}" in README
+
+
+def test_the_minimal_job_in_the_readme_is_valid():
+    import yaml
+
+    block = README.split("## A job\n\n```yaml\n", 1)[1].split("```", 1)[0]
+    spec = JobSpec.from_dict(yaml.safe_load(block))
+    assert spec.hooks == ["blocks.0.mlp.hook_post", "blocks.1.hook_resid_post"]

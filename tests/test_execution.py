@@ -1,0 +1,119 @@
+"""Execution on a real local Ray: the same tables whatever the number of workers, and after a kill."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pyarrow.parquet as pq
+import pytest
+
+from jobs.jobfile import load_job
+from jobs.runner import run_job
+from pipeline.worker import ShardWorker
+from storage.store import Store
+from tests.conftest import tree_digest
+
+TABLES = ("tokens", "vocab", "top_examples")
+
+
+def tables(store_url: str) -> dict:
+    store = Store.open(store_url)
+    return {name: pq.read_table(store.table_url(name)).to_pydict() for name in TABLES}
+
+
+def arrays_digest(store_url: str) -> str:
+    """Digest of the token arrays, dense activations and shard partials (not the attrs, which
+    record how the run went)."""
+    root = store_url
+    return "".join(
+        tree_digest(os.path.join(root, part)) for part in ("tokens", "doc_ids", "kinds", "acts", "shards")
+        if os.path.exists(os.path.join(root, part))
+    )
+
+
+@pytest.mark.slow
+def test_one_and_two_ray_workers_give_identical_results(make_job, ray_session):
+    one = load_job(make_job("one", workers=1))
+    two = load_job(make_job("two", workers=2))
+    s1 = run_job(one)
+    s2 = run_job(two)
+    assert (s1.workers, s2.workers) == (1, 2)
+    assert s2.shards_run == s2.shards_total > 2
+    assert tables(one.store) == tables(two.store)
+    # Same bytes on disk too: partials, dense chunks and tokens (shard files are written by
+    # whichever worker got the shard, so equal bytes mean the work is worker-independent).
+    assert arrays_digest(one.store) == arrays_digest(two.store)
+
+
+@pytest.mark.slow
+def test_rerun_resumes_and_a_shard_written_twice_is_harmless(make_job, ray_session):
+    spec = load_job(make_job("again", workers=2))
+    run_job(spec)
+    before = tables(spec.store)
+    digest = arrays_digest(spec.store)
+    again = run_job(spec)
+    assert again.shards_run == 0 and again.resumed
+    worker = ShardWorker(spec.store)
+    assert worker(0).skipped
+    # Force a second write of a committed shard, as a retried task would.
+    store = Store.open(spec.store, writable=True)
+    store.group["shards/000000"].attrs["committed"] = False
+    assert not worker(0).skipped
+    assert arrays_digest(spec.store) == digest
+    assert tables(spec.store) == before
+
+
+def test_partially_done_job_resumes_to_identical_tables(make_job):
+    clean = load_job(make_job("clean"))
+    run_job(clean, use_ray=False)
+    partial = load_job(make_job("partial"))
+    # Run plan + tokenize, then only some shards, as a crashed job would have.
+    from jobs import runner
+
+    existing, model, tokenizer = runner.plan(partial)
+    store = Store.create(partial.store, spec=partial, fingerprint=model["fingerprint"], model=model)
+    from pipeline.corpus import tokenize_corpus
+    from pipeline.model import Framing
+
+    n_seq = tokenize_corpus(store, partial, tokenizer, Framing.from_tokenizer(tokenizer))
+    for hook in partial.dense:
+        store.create_dense(hook, model["hook_widths"][hook], n_seq)
+    store.update_status(tokenized=True, n_seq=n_seq)
+    worker = ShardWorker(partial.store)
+    for shard in (0, 2):
+        worker(shard)
+    # A half-written shard with no commit record: its files exist, but it must be redone.
+    store.group["shards"].require_group("000001").create_array("junk", shape=(2,), dtype="int8")
+    summary = run_job(partial, use_ray=False)
+    assert summary.resumed and summary.shards_skipped == 2 and summary.shards_run == summary.shards_total - 2
+    assert tables(partial.store) == tables(clean.store)
+
+
+@pytest.mark.slow
+def test_killed_run_resumes_to_identical_tables(make_job, tmp_path):
+    clean = load_job(make_job("clean-kill", shard_size=2, dataset={"max_tokens": 8000}))
+    run_job(clean, use_ray=False)
+    job = make_job("killed", shard_size=2, dataset={"max_tokens": 8000})
+    spec = load_job(job)
+    cmd = [sys.executable, "-m", "jobs.cli", "run", str(job), "--local"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            if Store.exists(spec.store) and Store.open(spec.store).status["tokenized"]:
+                if len(Store.open(spec.store).committed_shards()) >= 5:
+                    break
+            time.sleep(0.05)
+        os.killpg(proc.pid, signal.SIGKILL)
+    finally:
+        proc.wait()
+    store = Store.open(spec.store)
+    assert not store.status["complete"], "the job finished before it could be killed"
+    assert 5 <= len(store.committed_shards()) < store.n_shards
+    summary = run_job(spec, use_ray=False)
+    assert summary.resumed and summary.shards_skipped >= 5
+    assert tables(spec.store) == tables(clean.store)

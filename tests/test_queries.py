@@ -1,0 +1,85 @@
+"""The SQL layer answers from the store: context windows, formats, the Python API."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from transformers import AutoTokenizer
+from typer.testing import CliRunner
+
+import queries
+from jobs.cli import app
+from jobs.jobfile import load_job
+from jobs.runner import run_job
+from storage.store import PAD, Store
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory, tiny_model, corpus_dir):
+    import yaml
+
+    root = tmp_path_factory.mktemp("queries")
+    job = {
+        "model": str(tiny_model),
+        "dataset": {"path": "text", "data_files": [str(corpus_dir / "*.txt")], "max_tokens": 3000},
+        "hooks": ["blocks.1.mlp.hook_post"],
+        "context_length": 32,
+        "top_k": 5,
+        "store": str(root / "s.zarr"),
+    }
+    (root / "job.yaml").write_text(yaml.safe_dump(job))
+    spec = load_job(root / "job.yaml")
+    run_job(spec, use_ray=False)
+    return spec
+
+
+def test_top_context_is_the_decoded_window(finished, tiny_model):
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    store = Store.open(finished.store)
+    data = store.read_tokens(0, store.n_seq)
+    with queries.connect(finished.store) as catalog:
+        rows = catalog.top("blocks.1.mlp.hook_post", 7, k=5, window=3).records()
+    assert [r["rank"] for r in rows] == [1, 2, 3, 4, 5]
+    assert all(a["activation"] >= b["activation"] for a, b in zip(rows, rows[1:]))
+    for row in rows:
+        seq, pos = row["seq_id"], row["pos"]
+        lo, hi = max(pos - 3, 0), pos + 4
+        ids = [t for t, kind in zip(data["tokens"][seq, lo:hi], data["kinds"][seq, lo:hi]) if kind != PAD]
+        decoded = [tokenizer.decode([t]) for t in ids]
+        assert row["token"] == tokenizer.decode([int(data["tokens"][seq, pos])])
+        assert row["before"] + row["token"] + row["after"] == "".join(decoded)
+
+
+def test_query_formats(finished):
+    runner = CliRunner()
+    sql = "SELECT hook, count(*) AS n FROM top_examples GROUP BY hook"
+    as_json = runner.invoke(app, ["query", finished.store, sql, "--format", "json"])
+    assert as_json.exit_code == 0, as_json.output
+    assert json.loads(as_json.output) == [{"hook": "blocks.1.mlp.hook_post", "n": 5 * 256}]
+    as_csv = runner.invoke(app, ["query", finished.store, sql, "-f", "csv"])
+    assert as_csv.output.splitlines() == ["hook,n", "blocks.1.mlp.hook_post,1280"]
+    top = runner.invoke(app, ["top", finished.store, "blocks.1.mlp.hook_post", "3", "-k", "2", "-f", "json"])
+    assert [r["rank"] for r in json.loads(top.output)] == [1, 2]
+    status = runner.invoke(app, ["status", finished.store])
+    assert "complete" in status.output and "256 neurons" in status.output
+
+
+def test_tables_have_the_contract_columns(finished):
+    with queries.connect(finished.store) as catalog:
+        def columns(table):
+            return [r[0] for r in catalog.sql(f"DESCRIBE {table}").rows]
+
+        assert columns("tokens")[:4] == ["seq_id", "pos", "token_id", "doc_id"]
+        assert columns("vocab")[:2] == ["token_id", "token"]
+        assert columns("top_examples") == ["hook", "neuron", "rank", "activation", "seq_id", "pos"]
+
+
+def test_incomplete_store_is_not_queried(make_job):
+    spec = load_job(make_job("incomplete"))
+    from jobs import runner
+
+    _, model, _ = runner.plan(spec)
+    Store.create(spec.store, spec=spec, fingerprint=model["fingerprint"], model=model)
+    with pytest.raises(Exception, match="has not finished"):
+        queries.connect(spec.store)

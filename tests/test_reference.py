@@ -1,0 +1,105 @@
+"""The pipeline's results against ground truth computed directly with ``transformers`` + numpy."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from jobs.jobfile import load_job
+from jobs.runner import run_job
+from queries import connect
+from storage.store import PAD, TEXT, Store
+from tests.reference import activations, assert_same_top_k, brute_top_k
+
+
+def _top_from_tables(store_url: str, hook: str, width: int, k: int, ctx: int):
+    """The top_examples table as [k, width] arrays of values and token indices."""
+    with connect(store_url) as catalog:
+        rows = catalog.sql(
+            "SELECT neuron, rank, activation, seq_id * ? + pos FROM top_examples WHERE hook = ? ORDER BY neuron, rank",
+            [ctx, hook],
+        ).rows
+    values = np.full((k, width), np.nan, dtype=np.float32)
+    index = np.full((k, width), -1, dtype=np.int64)
+    for neuron, rank, value, token in rows:
+        values[rank - 1, neuron], index[rank - 1, neuron] = value, token
+    return values, index
+
+
+@pytest.fixture(scope="module")
+def gpt2_run(tmp_path_factory, tiny_model, corpus_dir):
+    import yaml
+
+    root = tmp_path_factory.mktemp("gpt2-run")
+    job = {
+        "model": str(tiny_model),
+        "dataset": {"path": "text", "data_files": [str(corpus_dir / "*.txt")], "max_tokens": 5000},
+        "context_length": 32,
+        "hooks": ["blocks.0.mlp.hook_post", "blocks.1.hook_resid_post", "blocks.1.mlp.hook_post"],
+        "dense": ["blocks.0.mlp.hook_post", "blocks.1.hook_resid_post"],
+        "top_k": 6,
+        "store": str(root / "store.zarr"),
+        "shard_size": 8,
+        "batch_size": 5,  # batches straddle nothing: they never cross a shard, and need not divide it
+    }
+    (root / "job.yaml").write_text(yaml.safe_dump(job))
+    spec = load_job(root / "job.yaml")
+    run_job(spec, use_ray=False)
+    store = Store.open(spec.store)
+    data = store.read_tokens(0, store.n_seq)
+    ref = activations(str(tiny_model), spec.hooks, data["tokens"], data["kinds"] != PAD)
+    return spec, store, data, ref
+
+
+def test_top_k_of_every_neuron_equals_brute_force(gpt2_run):
+    spec, store, data, ref = gpt2_run
+    counted = data["kinds"] == TEXT
+    for hook in spec.hooks:
+        width = store.model["hook_widths"][hook]
+        values, index = _top_from_tables(spec.store, hook, width, spec.top_k, spec.context_length)
+        ref_values, _ = brute_top_k(ref[hook], counted, spec.top_k)
+        assert_same_top_k(values, index, ref[hook], ref_values)
+
+
+def test_special_tokens_and_padding_are_never_examples(gpt2_run):
+    spec, store, data, _ = gpt2_run
+    with connect(spec.store) as catalog:
+        kinds = catalog.sql(
+            "SELECT DISTINCT t.kind FROM top_examples e JOIN tokens t USING (seq_id, pos)"
+        ).rows
+    assert kinds == [("text",)]
+    assert (data["kinds"] == PAD).any(), "the corpus should end in a padded sequence"
+
+
+def test_dense_arrays_equal_a_direct_forward_pass(gpt2_run):
+    spec, store, data, ref = gpt2_run
+    real = data["kinds"] != PAD
+    for hook in spec.dense:
+        dense = store.dense(hook)[...].astype(np.float32)
+        assert dense.shape == ref[hook].shape
+        np.testing.assert_allclose(dense[real], ref[hook][real], atol=2e-3, rtol=1e-3)  # fp16 storage
+
+
+def test_top_values_are_the_dense_values_at_their_tokens(gpt2_run):
+    spec, store, data, _ = gpt2_run
+    hook = spec.dense[0]
+    width = store.model["hook_widths"][hook]
+    values, index = _top_from_tables(spec.store, hook, width, spec.top_k, spec.context_length)
+    dense = store.dense(hook)[...].reshape(-1, width)
+    np.testing.assert_allclose(np.take_along_axis(dense, index, 0), values.astype(np.float16), rtol=0, atol=0)
+
+
+def test_encoder_model_with_cls_sep_framing(tmp_path, minilm, corpus_dir, make_job):
+    """A real pretrained BERT encoder: [CLS] ... [SEP] framing, attention mask on padding."""
+    path = make_job(model=minilm, hooks=["blocks.1.mlp.hook_post"], dense=[], dataset={"max_tokens": 700}, top_k=4)
+    spec = load_job(path)
+    run_job(spec, use_ray=False)
+    store = Store.open(spec.store)
+    data = store.read_tokens(0, store.n_seq)
+    assert (data["tokens"][:, 0] == 101).all()  # [CLS]
+    assert (data["kinds"] == PAD).any()
+    ref = activations(minilm, spec.hooks, data["tokens"], data["kinds"] != PAD)
+    hook = spec.hooks[0]
+    values, index = _top_from_tables(spec.store, hook, 1536, spec.top_k, spec.context_length)
+    ref_values, _ = brute_top_k(ref[hook], data["kinds"] == TEXT, spec.top_k)
+    assert_same_top_k(values, index, ref[hook], ref_values, tol=1e-4)

@@ -1,0 +1,72 @@
+"""The device top-k and its merge: exact, tie-broken by token index, independent of splitting."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from pipeline.topk import RunningTopK, merge_topk, ordered_bits, unordered_bits
+from tests.reference import brute_top_k
+
+
+def _acts(draw, n_tokens, width):
+    # Small integers make ties common, as ReLU zeros do in real models; then some signs and zeros.
+    values = draw(st.lists(st.integers(-3, 3), min_size=n_tokens * width, max_size=n_tokens * width))
+    return np.asarray(values, dtype=np.float32).reshape(n_tokens, width) * np.float32(0.5)
+
+
+@st.composite
+def problems(draw):
+    n_tokens = draw(st.integers(1, 40))
+    width = draw(st.integers(1, 5))
+    acts = _acts(draw, n_tokens, width)
+    counted = np.asarray(draw(st.lists(st.booleans(), min_size=n_tokens, max_size=n_tokens)))
+    k = draw(st.integers(1, 8))
+    cuts = sorted(draw(st.lists(st.integers(1, max(n_tokens - 1, 1)), max_size=4, unique=True)))
+    return acts, counted, k, [c for c in cuts if c < n_tokens]
+
+
+def _shard_topk(acts, counted, k, first, largest, batch):
+    top = RunningTopK(k, acts.shape[1], torch.device("cpu"), largest=largest)
+    for b0 in range(0, len(acts), batch):
+        top.update(torch.from_numpy(acts[b0:b0 + batch]), b0, torch.from_numpy(counted[b0:b0 + batch]))
+    values, index = top.result()
+    return values, np.where(index >= 0, index + first, -1)
+
+
+@settings(max_examples=150, deadline=None)
+@given(problems(), st.booleans(), st.integers(1, 7))
+def test_split_merge_equals_brute_force(problem, largest, batch):
+    acts, counted, k, cuts = problem
+    bounds = [0, *cuts, len(acts)]
+    parts = [
+        _shard_topk(acts[a:b], counted[a:b], k, a, largest, batch) for a, b in zip(bounds, bounds[1:])
+    ]
+    rng = np.random.default_rng(len(cuts))
+    parts = [parts[i] for i in rng.permutation(len(parts))]  # merge order must not matter
+    values, index = merge_topk(parts, k, largest=largest)
+    ref_values, ref_index = brute_top_k(acts, counted, k, largest=largest)
+    n = ref_values.shape[0]
+    np.testing.assert_array_equal(values[:n], ref_values)
+    np.testing.assert_array_equal(index[:n], ref_index)
+    assert (index[n:] == -1).all()
+
+
+def test_ordered_bits_is_monotonic_and_invertible():
+    x = np.array([-np.inf, -3e38, -1.5, -1e-40, -0.0, 0.0, 1e-40, 2.0, 3e38, np.inf], dtype=np.float32)
+    keys = ordered_bits(torch.from_numpy(x)).numpy()
+    assert (np.diff(keys) >= 0).all()
+    assert keys[4] == keys[5]  # -0.0 and 0.0 are one value
+    back = unordered_bits(ordered_bits(torch.from_numpy(x))).numpy()
+    np.testing.assert_array_equal(back, x + np.float32(0.0))
+
+
+def test_bottom_k_finds_the_most_negative():
+    acts = torch.tensor([[0.0], [-2.0], [1.0], [-2.0], [-5.0]])
+    top = RunningTopK(3, 1, torch.device("cpu"), largest=False)
+    top.update(acts, 0, torch.ones(5, dtype=torch.bool))
+    values, index = top.result()
+    assert values[:, 0].tolist() == [-5.0, -2.0, -2.0]
+    assert index[:, 0].tolist() == [4, 1, 3]
