@@ -73,35 +73,37 @@ def minilm() -> str:
     return str(gt.get_model_path())
 
 
+def write_job(root: Path, name: str, tiny: Path, corpus_dir: Path, **overrides) -> Path:
+    """Write ``root/name.yaml``: the DESIGN.md minimal job on the test corpus, with overrides
+    (a dict merges into a dict field; None removes the field). Its store is ``root/name.zarr``."""
+    job = {
+        "model": str(tiny),
+        "dataset": {"path": "text", "data_files": [str(corpus_dir / "*.txt")], "text_column": "text", "max_tokens": 6000},
+        "context_length": CONTEXT,
+        "hooks": ["blocks.0.mlp.hook_post", "blocks.1.hook_resid_post"],
+        "dense": ["blocks.0.mlp.hook_post"],
+        "top_k": 8,
+        "store": str(root / f"{name}.zarr"),
+        "workers": 1,
+        "shard_size": 16,
+        "batch_size": 8,
+    }
+    for key, value in overrides.items():
+        if isinstance(value, dict) and isinstance(job.get(key), dict):
+            job[key] = {**job[key], **value}
+        elif value is None:
+            job.pop(key, None)
+        else:
+            job[key] = value
+    path = root / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(job))
+    return path
+
+
 @pytest.fixture
 def make_job(tmp_path, tiny_model, corpus_dir):
-    """Write a job file (the DESIGN.md minimal form, with overrides) and return its path."""
-
-    def make(name: str = "job", **overrides) -> Path:
-        job = {
-            "model": str(tiny_model),
-            "dataset": {"path": "text", "data_files": [str(corpus_dir / "*.txt")], "text_column": "text", "max_tokens": 6000},
-            "context_length": CONTEXT,
-            "hooks": ["blocks.0.mlp.hook_post", "blocks.1.hook_resid_post"],
-            "dense": ["blocks.0.mlp.hook_post"],
-            "top_k": 8,
-            "store": str(tmp_path / f"{name}.zarr"),
-            "workers": 1,
-            "shard_size": 16,
-            "batch_size": 8,
-        }
-        for key, value in overrides.items():
-            if isinstance(value, dict) and isinstance(job.get(key), dict):
-                job[key] = {**job[key], **value}
-            elif value is None:
-                job.pop(key, None)
-            else:
-                job[key] = value
-        path = tmp_path / f"{name}.yaml"
-        path.write_text(yaml.safe_dump(job))
-        return path
-
-    return make
+    """``make_job(name, **overrides)``: write_job into this test's folder."""
+    return lambda name="job", **overrides: write_job(tmp_path, name, tiny_model, corpus_dir, **overrides)
 
 
 @pytest.fixture(scope="session")

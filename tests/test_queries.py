@@ -13,23 +13,16 @@ from jobs.cli import app
 from jobs.jobfile import load_job
 from jobs.runner import run_job
 from storage.store import PAD, Store
+from tests.conftest import write_job
 
 
 @pytest.fixture(scope="module")
 def finished(tmp_path_factory, tiny_model, corpus_dir):
-    import yaml
-
     root = tmp_path_factory.mktemp("queries")
-    job = {
-        "model": str(tiny_model),
-        "dataset": {"path": "text", "data_files": [str(corpus_dir / "*.txt")], "max_tokens": 3000},
-        "hooks": ["blocks.1.mlp.hook_post"],
-        "context_length": 32,
-        "top_k": 5,
-        "store": str(root / "s.zarr"),
-    }
-    (root / "job.yaml").write_text(yaml.safe_dump(job))
-    spec = load_job(root / "job.yaml")
+    path = write_job(
+        root, "s", tiny_model, corpus_dir, dataset={"max_tokens": 3000}, hooks=["blocks.1.mlp.hook_post"], dense=[], top_k=5
+    )
+    spec = load_job(path)
     run_job(spec, use_ray=False)
     return spec
 

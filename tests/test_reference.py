@@ -9,6 +9,7 @@ from jobs.jobfile import load_job
 from jobs.runner import run_job
 from queries import connect
 from storage.store import PAD, TEXT, Store
+from tests.conftest import write_job
 from tests.reference import activations, assert_same_top_k, brute_top_k
 
 
@@ -28,22 +29,16 @@ def _top_from_tables(store_url: str, hook: str, width: int, k: int, ctx: int):
 
 @pytest.fixture(scope="module")
 def gpt2_run(tmp_path_factory, tiny_model, corpus_dir):
-    import yaml
-
     root = tmp_path_factory.mktemp("gpt2-run")
-    job = {
-        "model": str(tiny_model),
-        "dataset": {"path": "text", "data_files": [str(corpus_dir / "*.txt")], "max_tokens": 5000},
-        "context_length": 32,
-        "hooks": ["blocks.0.mlp.hook_post", "blocks.1.hook_resid_post", "blocks.1.mlp.hook_post"],
-        "dense": ["blocks.0.mlp.hook_post", "blocks.1.hook_resid_post"],
-        "top_k": 6,
-        "store": str(root / "store.zarr"),
-        "shard_size": 8,
-        "batch_size": 5,  # batches straddle nothing: they never cross a shard, and need not divide it
-    }
-    (root / "job.yaml").write_text(yaml.safe_dump(job))
-    spec = load_job(root / "job.yaml")
+    path = write_job(
+        root, "job", tiny_model, corpus_dir,
+        dataset={"max_tokens": 5000},
+        hooks=["blocks.0.mlp.hook_post", "blocks.1.hook_resid_post", "blocks.1.mlp.hook_post"],
+        dense=["blocks.0.mlp.hook_post", "blocks.1.hook_resid_post"],
+        top_k=6, shard_size=8,
+        batch_size=5,  # batches never cross a shard, and need not divide it
+    )
+    spec = load_job(path)
     run_job(spec, use_ray=False)
     store = Store.open(spec.store)
     data = store.read_tokens(0, store.n_seq)
