@@ -70,7 +70,9 @@ class RichReporter:
         self.task = None
 
     def phase(self, name, total_tokens, done_tokens=0):
-        if self.task is not None:
+        if self.task is not None:  # the last phase is done: show it full
+            finished = self.progress.tasks[self.task]
+            self.progress.update(self.task, total=finished.completed or finished.total)
             self.progress.stop_task(self.task)
         self.task = self.progress.add_task(name, total=total_tokens, completed=done_tokens, rate="")
         self._start = done_tokens
@@ -176,7 +178,7 @@ def top(
     for column in ("rank", "activation", "seq", "pos", "context"):
         table.add_column(column, justify="right" if column != "context" else "left")
     for row in result.records():
-        mark = "[bold reverse]{}[/]" if out.is_terminal else "[[{}]]"
+        mark = "[bold reverse]{}[/]" if out.is_terminal else "⟦{}⟧"
         context = _visible(row["before"]) + mark.format(_visible(row["token"])) + _visible(row["after"])
         table.add_row(str(row["rank"]), f"{row['activation']:.4f}", str(row["seq_id"]), str(row["pos"]), context)
     out.print(table)
@@ -216,7 +218,7 @@ def demo(
         summary = run_job(spec, reporter=reporter)
     err.print(f"[green]done:[/] {summary.store}: {summary.n_tokens:,} tokens, {summary.tokens_per_second:,.0f} tokens/s.")
     with __import__("queries").connect(spec.store) as catalog:
-        hook = spec.hooks[-1]
+        hook = spec.hooks[1]
         best = catalog.sql(
             "SELECT neuron FROM top_examples WHERE hook = ? AND rank = 1 ORDER BY activation DESC LIMIT 1", [hook]
         ).rows[0][0]

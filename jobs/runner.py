@@ -137,7 +137,7 @@ def run_job(
 
     if not store.status["tokenized"]:
         t = time.perf_counter()
-        reporter.phase("tokenize", spec.dataset.max_tokens)
+        reporter.phase("tokenize", None)
         framing = Framing.from_tokenizer(tokenizer)
         n_seq = tokenize_corpus(store, spec, tokenizer, framing, progress=reporter.advance)
         for hook in spec.dense:
@@ -162,10 +162,11 @@ def run_job(
 
     if not store.status["complete"] or pending:
         t = time.perf_counter()
-        reporter.phase("reduce", None)
+        reporter.phase("reduce", n_tokens)
         merged = merge_shards(store)
         build_index(store, merged, tokenizer)
         store.update_status(complete=True)
+        reporter.advance(n_tokens)
         phases["reduce+index"] = time.perf_counter() - t
 
     return RunSummary(

@@ -40,13 +40,27 @@ def tokens_table(store: Store) -> pa.Table:
     )
 
 
+def running_text(tokenizer) -> list[str]:
+    """Each token's text as it appears inside running text, leading space included, so that a
+    window's tokens concatenate into readable text. Decoding a token alone loses that space for
+    WordPiece ("##" pieces glue, whole words do not) and SentencePiece; decoding it after an
+    anchor token and removing the anchor's text keeps it, for every tokenizer family."""
+    ids = list(range(len(tokenizer)))
+    anchor = tokenizer("a", add_special_tokens=False)["input_ids"][:1]
+    alone = tokenizer.batch_decode([[i] for i in ids], clean_up_tokenization_spaces=False)
+    if not anchor:
+        return alone
+    prefix = tokenizer.decode(anchor, clean_up_tokenization_spaces=False)
+    paired = tokenizer.batch_decode([anchor + [i] for i in ids], clean_up_tokenization_spaces=False)
+    return [p[len(prefix):] if p.startswith(prefix) else a for p, a in zip(paired, alone)]
+
+
 def vocab_table(tokenizer) -> pa.Table:
-    size = len(tokenizer)
-    ids = list(range(size))
+    ids = list(range(len(tokenizer)))
     return pa.table(
         {
             "token_id": pa.array(ids, pa.int32()),
-            "token": tokenizer.batch_decode([[i] for i in ids], clean_up_tokenization_spaces=False),
+            "token": running_text(tokenizer),
             "piece": tokenizer.convert_ids_to_tokens(ids),
         }
     )

@@ -39,9 +39,20 @@ def test_top_context_is_the_decoded_window(finished, tiny_model):
         seq, pos = row["seq_id"], row["pos"]
         lo, hi = max(pos - 3, 0), pos + 4
         ids = [t for t, kind in zip(data["tokens"][seq, lo:hi], data["kinds"][seq, lo:hi]) if kind != PAD]
-        decoded = [tokenizer.decode([t]) for t in ids]
-        assert row["token"] == tokenizer.decode([int(data["tokens"][seq, pos])])
-        assert row["before"] + row["token"] + row["after"] == "".join(decoded)
+        assert row["before"] + row["token"] + row["after"] == tokenizer.decode(ids)
+
+
+@pytest.mark.parametrize("which", ["tiny_model", "minilm"])
+def test_vocab_tokens_concatenate_into_the_text(which, request):
+    """Byte-level BPE and WordPiece alike: a run of `vocab.token` reads as the decoded text."""
+    from pipeline.index import running_text
+
+    tokenizer = AutoTokenizer.from_pretrained(request.getfixturevalue(which))
+    text = "the parser returns a new object, and raises ValueError otherwise"
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    tokens = running_text(tokenizer)
+    joined = "".join(tokens[i] for i in ids)
+    assert joined.strip() == tokenizer.decode(ids, clean_up_tokenization_spaces=False).strip()
 
 
 def test_query_formats(finished):
