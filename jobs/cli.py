@@ -188,14 +188,11 @@ def top(
 @friendly
 def hooks(model: Annotated[str, typer.Argument(help="A Hugging Face model directory or hub id.")]):
     """List a model's hook names that can be recorded (one vector per token)."""
-    from pipeline.model import load_model, per_token_hooks
-    from storage.spec import DatasetSpec, JobSpec
-
-    spec = JobSpec(model=model, dataset=DatasetSpec(path="text"), hooks=["blocks.0.hook_resid_post"], store="-")
     import torch
 
-    bridge = load_model(spec, torch.device("cpu"))
-    for name in per_token_hooks(bridge):
+    from pipeline.model import load_model, per_token_hooks
+
+    for name in per_token_hooks(load_model(model, torch.device("cpu"))):
         out.print(name, highlight=False)
 
 

@@ -17,7 +17,7 @@ from typing import Protocol
 from pipeline.corpus import check_corpus, tokenize_corpus
 from pipeline.fingerprint import fingerprint
 from pipeline.index import build_index
-from pipeline.model import Framing, hook_widths, load_model, load_tokenizer, validate_hooks
+from pipeline.model import Framing, hook_widths, load_job_model, load_tokenizer, validate_hooks
 from pipeline.reduce import merge_shards
 from pipeline.worker import ShardResult, ShardWorker
 from storage.errors import StoreError
@@ -67,9 +67,9 @@ def plan(spec: JobSpec, *, overwrite: bool = False) -> tuple[Store | None, dict,
     Returns (the existing store to resume, or None to create one; the model description;
     the tokenizer).
     """
-    tokenizer = load_tokenizer(spec)
+    tokenizer = load_tokenizer(spec.model, spec.model_revision)
     framing = Framing.from_tokenizer(tokenizer)
-    bridge = load_model(spec, _planning_device(), tokenizer=tokenizer)
+    bridge = load_job_model(spec, _planning_device(), tokenizer=tokenizer)
     validate_hooks(bridge, spec.hooks)
     model = {
         "name": spec.model,

@@ -31,36 +31,39 @@ def resolve_device(requested: str) -> torch.device:
     return torch.device(requested)
 
 
-def load_tokenizer(spec: JobSpec):
+def load_tokenizer(model: str, revision: str | None = None):
     from transformers import AutoTokenizer
 
     _quiet_transformers()
     try:
-        return AutoTokenizer.from_pretrained(spec.model, revision=spec.model_revision)
+        return AutoTokenizer.from_pretrained(model, revision=revision)
     except (OSError, ValueError) as err:
-        raise ModelError(_load_failure(spec.model, err)) from None
+        raise ModelError(_load_failure(model, err)) from None
 
 
-def load_model(spec: JobSpec, device: torch.device, tokenizer=None):
-    """Boot the bridge on ``device`` in the job's dtype, in eval mode."""
+def load_model(
+    model: str, device: torch.device, *, dtype: str = "float32", revision: str | None = None, tokenizer=None
+):
+    """Boot the bridge over a Hugging Face directory or hub id, on ``device``, in eval mode."""
     from transformer_lens.model_bridge import TransformerBridge
 
-    tokenizer = tokenizer if tokenizer is not None else load_tokenizer(spec)
+    tokenizer = tokenizer if tokenizer is not None else load_tokenizer(model, revision)
     _quiet_transformers()
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             bridge = TransformerBridge.boot_transformers(
-                spec.model,
-                device=device,
-                dtype=_DTYPES[spec.dtype],
-                tokenizer=tokenizer,
-                revision=spec.model_revision,
+                model, device=device, dtype=_DTYPES[dtype], tokenizer=tokenizer, revision=revision
             )
     except (OSError, ValueError) as err:
-        raise ModelError(_load_failure(spec.model, err)) from None
+        raise ModelError(_load_failure(model, err)) from None
     bridge.eval()
     return bridge
+
+
+def load_job_model(spec: JobSpec, device: torch.device, tokenizer=None):
+    """The job's model, in the job's dtype."""
+    return load_model(spec.model, device, dtype=spec.dtype, revision=spec.model_revision, tokenizer=tokenizer)
 
 
 def _quiet_transformers() -> None:

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from pipeline.model import HookedForward, load_model, prefer_sdpa, resolve_device
+from pipeline.model import HookedForward, load_job_model, prefer_sdpa, resolve_device
 from pipeline.topk import RunningTopK
 from storage.store import PAD, TEXT, Store
 
@@ -36,7 +36,7 @@ class ShardWorker:
         self.store = Store.open(store_url, writable=True)
         self.spec = self.store.spec
         self.device = resolve_device(self.spec.device)
-        self.model = load_model(self.spec, self.device)
+        self.model = load_job_model(self.spec, self.device)
         prefer_sdpa(self.model, self.spec.hooks)
         self.forward = HookedForward(self.model, self.spec.hooks)
         self.widths = {h: int(w) for h, w in self.store.model["hook_widths"].items()}

@@ -101,10 +101,6 @@ class JobSpec(_Frozen):
             raise ValueError(f"dense lists hooks that are not in hooks: {', '.join(missing)}")
         return self
 
-    @property
-    def context_tokens_per_shard(self) -> int:
-        return self.shard_size * self.context_length
-
     def result_fields(self) -> dict[str, Any]:
         """The fields that determine the job's results (everything but execution details)."""
         return self.model_dump(mode="json", exclude=set(EXECUTION_FIELDS))

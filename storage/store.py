@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import os
 import posixpath
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -210,9 +210,6 @@ class Store:
 
     def shard_record(self, shard: int) -> dict[str, Any]:
         return dict(self.group[f"shards/{shard_key(shard)}"].attrs)
-
-    def iter_shards(self) -> Iterator[int]:
-        return iter(range(self.n_shards))
 
     # -- the index ------------------------------------------------------------------------
 

@@ -146,3 +146,12 @@ def test_neuron_and_hook_out_of_range(existing):
     _fails(["top", str(store), "blocks.0.mlp.hook_post", "--", "-1"], "out of range")
     _fails(["top", str(store), "blocks.1.mlp.hook_post", "3"], "was not recorded", "blocks.0.mlp.hook_post")
     _fails(["status", "/nonexistent/store.zarr"], "No actscope store")
+
+
+def test_hooks_lists_recordable_hook_names(tiny_model):
+    result = runner.invoke(app, ["hooks", str(tiny_model)])
+    assert result.exit_code == 0, result.output
+    names = result.output.split()
+    assert "blocks.1.mlp.hook_post" in names and "blocks.0.hook_resid_post" in names
+    assert not any(n.endswith("hook_pattern") for n in names)
+    _fails(["hooks", "/nonexistent/model"], "does not exist")
