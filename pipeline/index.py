@@ -1,6 +1,7 @@
 """Write the job's results as Parquet tables under ``<store>/index/``.
 
-Tables (contract, see README): ``tokens``, ``vocab``, ``top_examples``. Rows are sorted by their
+Tables (contract, see README): ``tokens``, ``vocab``, ``top_examples``, ``bottom_examples``,
+``neuron_stats``. Rows are sorted by their
 natural key with row groups of 32k rows, so DuckDB reads one neuron's rows from a few groups.
 """
 
@@ -11,6 +12,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from pipeline.moments import describe
 from storage.store import Store
 
 ROW_GROUP = 32768
@@ -87,8 +89,21 @@ def examples_table(merged: dict[str, dict[str, np.ndarray]], ctx: int, prefix: s
     return pa.table(table)
 
 
+def stats_table(merged: dict[str, dict[str, np.ndarray]]) -> pa.Table:
+    parts = []
+    for hook in sorted(merged):
+        described = describe(merged[hook])
+        width = len(described["mean"])
+        columns = {"hook": pa.array([hook] * width).dictionary_encode(), "neuron": np.arange(width, dtype=np.int32)}
+        columns.update({name: described[name] for name in ("count", "mean", "std", "min", "max", "frac_active", "skew", "kurtosis")})
+        parts.append(pa.table(columns))
+    return pa.concat_tables(parts).unify_dictionaries().combine_chunks()
+
+
 def build_index(store: Store, merged: dict[str, dict[str, np.ndarray]], tokenizer) -> None:
     ctx = store.spec.context_length
     write_table(store, "tokens", tokens_table(store))
     write_table(store, "vocab", vocab_table(tokenizer))
     write_table(store, "top_examples", examples_table(merged, ctx, "top"))
+    write_table(store, "bottom_examples", examples_table(merged, ctx, "bottom"))
+    write_table(store, "neuron_stats", stats_table(merged))

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from pipeline.model import HookedForward, load_job_model, prefer_sdpa, resolve_device
+from pipeline.moments import RunningMoments
 from pipeline.topk import RunningTopK
 from storage.store import PAD, TEXT, Store
 
@@ -67,7 +68,14 @@ class ShardWorker:
         kinds = torch.from_numpy(data["kinds"]).to(self.device)
         counted = kinds != PAD if spec.include_special_tokens else kinds == TEXT
         attention = (kinds != PAD).long()
-        top = {h: RunningTopK(spec.top_k, self.widths[h], self.device) for h in spec.hooks}
+        reducers = {
+            h: {
+                "top": RunningTopK(spec.top_k, self.widths[h], self.device),
+                "bottom": RunningTopK(spec.top_k, self.widths[h], self.device, largest=False),
+                "stats": RunningMoments(self.widths[h], self.device, spec.threshold(h)),
+            }
+            for h in spec.hooks
+        }
         dense = {h: np.empty((last - first, ctx, self.widths[h]), dtype=np.float16) for h in spec.dense}
         for b0 in range(0, last - first, spec.batch_size):
             b1 = min(b0 + spec.batch_size, last - first)
@@ -75,12 +83,16 @@ class ShardWorker:
             mask = counted[b0:b1].reshape(-1)
             for hook, act in acts.items():
                 flat = act.reshape(-1, act.shape[-1])
-                top[hook].update(flat, b0 * ctx, mask)
+                for reducer in reducers[hook].values():
+                    reducer.update(flat, b0 * ctx, mask)
                 if hook in dense:
                     dense[hook][b0:b1] = act.to(torch.float16).cpu().numpy()
         offset = first * ctx
         partials = {}
-        for hook, reducer in top.items():
-            values, index = reducer.result()
-            partials[hook] = {"top_values": values, "top_index": np.where(index >= 0, index + offset, -1)}
+        for hook, parts in reducers.items():
+            partials[hook] = parts["stats"].result()
+            for side in ("top", "bottom"):
+                values, index = parts[side].result()
+                partials[hook][f"{side}_values"] = values
+                partials[hook][f"{side}_index"] = np.where(index >= 0, index + offset, -1)
         return partials, dense

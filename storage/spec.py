@@ -76,6 +76,10 @@ class JobSpec(_Frozen):
     dtype: Literal["float32", "float16", "bfloat16"] = Field(
         "float32", description="Model weights and activations' dtype."
     )
+    thresholds: dict[str, float] = Field(
+        default_factory=dict,
+        description="Per hook, the activation above which a neuron counts as active (default 0).",
+    )
     include_special_tokens: bool = Field(
         False, description="Count BOS/EOS/CLS/SEP positions in statistics (padding never counts)."
     )
@@ -95,11 +99,15 @@ class JobSpec(_Frozen):
         return hooks
 
     @model_validator(mode="after")
-    def _dense_subset_of_hooks(self) -> JobSpec:
-        missing = [h for h in self.dense if h not in self.hooks]
-        if missing:
-            raise ValueError(f"dense lists hooks that are not in hooks: {', '.join(missing)}")
+    def _hook_options_name_hooks(self) -> JobSpec:
+        for option in ("dense", "thresholds"):
+            missing = [h for h in getattr(self, option) if h not in self.hooks]
+            if missing:
+                raise ValueError(f"{option} lists hooks that are not in hooks: {', '.join(missing)}")
         return self
+
+    def threshold(self, hook: str) -> float:
+        return self.thresholds.get(hook, 0.0)
 
     def result_fields(self) -> dict[str, Any]:
         """The fields that determine the job's results (everything but execution details)."""

@@ -98,3 +98,57 @@ def test_encoder_model_with_cls_sep_framing(tmp_path, minilm, corpus_dir, make_j
     values, index = _top_from_tables(spec.store, hook, 1536, spec.top_k, spec.context_length)
     ref_values, _ = brute_top_k(ref[hook], data["kinds"] == TEXT, spec.top_k)
     assert_same_top_k(values, index, ref[hook], ref_values, tol=1e-4)
+
+
+def _table(store_url: str, table: str, hook: str) -> dict:
+    with connect(store_url) as catalog:
+        result = catalog.sql(f"SELECT * FROM {table} WHERE hook = ? ORDER BY neuron", [hook])
+    return {c: np.array([r[i] for r in result.rows]) for i, c in enumerate(result.columns)}
+
+
+def test_bottom_k_of_every_neuron_equals_brute_force(gpt2_run):
+    spec, store, data, ref = gpt2_run
+    counted = data["kinds"] == TEXT
+    for hook in spec.hooks:
+        width = store.model["hook_widths"][hook]
+        with connect(spec.store) as catalog:
+            rows = catalog.sql(
+                "SELECT neuron, rank, activation, seq_id * ? + pos FROM bottom_examples WHERE hook = ?",
+                [spec.context_length, hook],
+            ).rows
+        values = np.full((spec.top_k, width), np.nan, dtype=np.float32)
+        index = np.full((spec.top_k, width), -1, dtype=np.int64)
+        for neuron, rank, value, token in rows:
+            values[rank - 1, neuron], index[rank - 1, neuron] = value, token
+        ref_values, _ = brute_top_k(ref[hook], counted, spec.top_k, largest=False)
+        assert_same_top_k(values, index, ref[hook], ref_values)
+
+
+def test_neuron_stats_equal_numpy(gpt2_run):
+    from scipy import stats as sps
+
+    spec, store, data, ref = gpt2_run
+    counted = (data["kinds"] == TEXT).reshape(-1)
+    for hook in spec.hooks:
+        x = ref[hook].reshape(-1, ref[hook].shape[-1])[counted].astype(np.float64)
+        got = _table(spec.store, "neuron_stats", hook)
+        assert (got["count"] == counted.sum()).all()
+        np.testing.assert_allclose(got["mean"], x.mean(0), atol=1e-6)
+        np.testing.assert_allclose(got["std"], x.std(0), rtol=1e-5, atol=1e-7)
+        np.testing.assert_allclose(got["min"], x.min(0), atol=1e-5)
+        np.testing.assert_allclose(got["max"], x.max(0), atol=1e-5)
+        np.testing.assert_allclose(got["skew"], sps.skew(x, axis=0), rtol=1e-4, atol=1e-4)
+        np.testing.assert_allclose(got["kurtosis"], sps.kurtosis(x, axis=0), rtol=1e-4, atol=1e-4)
+        active = (x > 0).mean(0)
+        # An activation within float noise of the threshold may fall either side.
+        near = (np.abs(x) < 1e-5).sum(0) / len(x)
+        assert (np.abs(got["frac_active"] - active) <= near + 1e-12).all()
+
+
+def test_dead_neurons_and_thresholds(make_job):
+    """A threshold above every activation makes every neuron dead; SQL finds them."""
+    spec = load_job(make_job("dead", hooks=["blocks.0.mlp.hook_post"], dense=[], thresholds={"blocks.0.mlp.hook_post": 1e9}))
+    run_job(spec, use_ray=False)
+    with connect(spec.store) as catalog:
+        dead = catalog.sql("SELECT count(*) FROM neuron_stats WHERE frac_active = 0").rows[0][0]
+    assert dead == 256

@@ -70,3 +70,36 @@ def test_bottom_k_finds_the_most_negative():
     values, index = top.result()
     assert values[:, 0].tolist() == [-5.0, -2.0, -2.0]
     assert index[:, 0].tolist() == [4, 1, 3]
+
+
+@settings(max_examples=80, deadline=None)
+@given(problems(), st.integers(1, 7))
+def test_moments_merge_over_any_split_equals_numpy(problem, batch):
+    from pipeline.moments import RunningMoments, describe, merge_moments
+
+    acts, counted, _, cuts = problem
+    acts = acts + np.float32(100.0)  # a large mean: raw power sums would lose the kurtosis
+    bounds = [0, *cuts, len(acts)]
+    parts = []
+    for a, b in zip(bounds, bounds[1:]):
+        moments = RunningMoments(acts.shape[1], torch.device("cpu"), threshold=100.0)
+        for b0 in range(a, b, batch):
+            b1 = min(b0 + batch, b)
+            moments.update(torch.from_numpy(acts[b0:b1]), b0, torch.from_numpy(counted[b0:b1]))
+        parts.append(moments.result())
+    got = describe(merge_moments(parts))
+    x = acts[counted].astype(np.float64)
+    assert (got["count"] == len(x)).all()
+    if len(x) == 0:
+        return
+    np.testing.assert_allclose(got["mean"], x.mean(0), rtol=1e-12)
+    np.testing.assert_allclose(got["std"], x.std(0), atol=1e-9)
+    np.testing.assert_array_equal(got["min"], x.min(0).astype(np.float32))
+    np.testing.assert_array_equal(got["max"], x.max(0).astype(np.float32))
+    np.testing.assert_array_equal(got["frac_active"], (x > 100.0).mean(0))
+    spread = x.std(0) > 1e-6
+    if spread.any():
+        centred = x[:, spread] - x[:, spread].mean(0)
+        m2, m3, m4 = (centred**2).mean(0), (centred**3).mean(0), (centred**4).mean(0)
+        np.testing.assert_allclose(got["skew"][spread], m3 / m2**1.5, rtol=1e-7, atol=1e-7)
+        np.testing.assert_allclose(got["kurtosis"][spread], m4 / m2**2 - 3, rtol=1e-7, atol=1e-7)

@@ -1,0 +1,108 @@
+"""Moments, range and density of every neuron, on the device, merged exactly across shards.
+
+Per neuron: count, mean and the central sums M2, M3, M4 (float64), min, max, and the number of
+tokens above the site's threshold. Batches and shards combine with the pairwise formulas of Chan
+et al. and Pébay (2008), which stay accurate where raw power sums cancel catastrophically (a
+kurtosis from sum(x^4) is useless once the mean is large against the spread).
+
+Shapes: ``acts`` is [tokens, neurons]; every statistic is [neurons].
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+FIELDS = ("count", "mean", "m2", "m3", "m4", "min", "max", "n_active")
+
+
+def combine(a: dict, b: dict) -> dict:
+    """Merge two sets of statistics (torch tensors or numpy arrays alike)."""
+    na, nb = a["count"], b["count"]
+    n = na + nb
+    if isinstance(n, np.ndarray):
+        safe = np.where(n > 0, n, 1).astype(np.float64)
+        minimum, maximum = np.fmin(a["min"], b["min"]), np.fmax(a["max"], b["max"])
+    else:
+        safe = torch.where(n > 0, n, 1).double()
+        minimum, maximum = torch.fmin(a["min"], b["min"]), torch.fmax(a["max"], b["max"])
+    na, nb = na * 1.0, nb * 1.0
+    delta = b["mean"] - a["mean"]
+    mean = a["mean"] + delta * nb / safe
+    m2 = a["m2"] + b["m2"] + delta**2 * na * nb / safe
+    m3 = (
+        a["m3"] + b["m3"]
+        + delta**3 * na * nb * (na - nb) / safe**2
+        + 3 * delta * (na * b["m2"] - nb * a["m2"]) / safe
+    )
+    m4 = (
+        a["m4"] + b["m4"]
+        + delta**4 * na * nb * (na * na - na * nb + nb * nb) / safe**3
+        + 6 * delta**2 * (na * na * b["m2"] + nb * nb * a["m2"]) / safe**2
+        + 4 * delta * (na * b["m3"] - nb * a["m3"]) / safe
+    )
+    return {
+        "count": a["count"] + b["count"], "mean": mean, "m2": m2, "m3": m3, "m4": m4,
+        "min": minimum, "max": maximum, "n_active": a["n_active"] + b["n_active"],
+    }
+
+
+class RunningMoments:
+    """Statistics of each neuron over the counted tokens seen so far."""
+
+    def __init__(self, width: int, device: torch.device, threshold: float = 0.0):
+        self.threshold = threshold
+        zeros = torch.zeros(width, dtype=torch.float64, device=device)
+        self.state = {
+            "count": torch.zeros(width, dtype=torch.int64, device=device),
+            "mean": zeros, "m2": zeros, "m3": zeros, "m4": zeros,
+            "min": torch.full((width,), torch.nan, dtype=torch.float32, device=device),
+            "max": torch.full((width,), torch.nan, dtype=torch.float32, device=device),
+            "n_active": torch.zeros(width, dtype=torch.int64, device=device),
+        }
+
+    def update(self, acts: torch.Tensor, first_index: int, counted: torch.Tensor) -> None:
+        x = acts[counted]
+        n = x.shape[0]
+        if n == 0:
+            return
+        x64 = x.double()
+        mean = x64.mean(0)
+        d = x64 - mean
+        d2 = d * d
+        batch = {
+            "count": torch.full_like(self.state["count"], n),
+            "mean": mean, "m2": d2.sum(0), "m3": (d2 * d).sum(0), "m4": (d2 * d2).sum(0),
+            "min": x.float().amin(0), "max": x.float().amax(0),
+            "n_active": (x > self.threshold).sum(0),
+        }
+        self.state = combine(self.state, batch)
+
+    def result(self) -> dict[str, np.ndarray]:
+        return {name: value.cpu().numpy() for name, value in self.state.items()}
+
+
+def merge_moments(parts: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """Fold shards' statistics in the order given (the reducer passes shard order, so the result
+    is the same bits whatever the number of workers)."""
+    merged = parts[0]
+    for part in parts[1:]:
+        merged = combine(merged, part)
+    return merged
+
+
+def describe(stats: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """count, mean, std (population), min, max, frac_active, skew and excess kurtosis (the
+    definitions of scipy.stats.skew and kurtosis with their defaults: biased, Fisher)."""
+    n = stats["count"].astype(np.float64)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        var = stats["m2"] / n
+        skew = np.sqrt(n) * stats["m3"] / stats["m2"] ** 1.5
+        kurtosis = n * stats["m4"] / stats["m2"] ** 2 - 3.0
+        frac_active = stats["n_active"] / n
+    flat = stats["m2"] <= 0
+    return {
+        "count": stats["count"], "mean": stats["mean"], "std": np.sqrt(var),
+        "min": stats["min"], "max": stats["max"], "frac_active": frac_active,
+        "skew": np.where(flat, np.nan, skew), "kurtosis": np.where(flat, np.nan, kurtosis),
+    }
