@@ -1,7 +1,8 @@
 """Moments, range and density of every neuron, on the device, merged exactly across shards.
 
-Per neuron: count, mean and the central sums M2, M3, M4 (float64), min, max, and the number of
-tokens above the site's threshold. Batches and shards combine with the pairwise formulas of Chan
+Per neuron: count, mean and the central sums M2, M3, M4, min, max, and the number of tokens
+above the site's threshold. Each batch's sums are taken in float32 around the batch's own mean;
+everything after that is float64. Batches and shards combine with the pairwise formulas of Chan
 et al. and Pébay (2008), which stay accurate where raw power sums cancel catastrophically (a
 kurtosis from sum(x^4) is useless once the mean is large against the spread).
 
@@ -62,18 +63,20 @@ class RunningMoments:
         }
 
     def update(self, acts: torch.Tensor, first_index: int, counted: torch.Tensor) -> None:
-        x = acts[counted]
+        x = (acts if bool(counted.all()) else acts[counted]).float()
         n = x.shape[0]
         if n == 0:
             return
-        x64 = x.double()
-        mean = x64.mean(0)
-        d = x64 - mean
+        # One batch's central sums in float32 around its own mean (a few thousand terms, summed
+        # pairwise: relative error ~1e-6); batches and shards then combine in float64.
+        mean = x.mean(0)
+        d = x - mean
         d2 = d * d
         batch = {
             "count": torch.full_like(self.state["count"], n),
-            "mean": mean, "m2": d2.sum(0), "m3": (d2 * d).sum(0), "m4": (d2 * d2).sum(0),
-            "min": x.float().amin(0), "max": x.float().amax(0),
+            "mean": mean.double(), "m2": d2.sum(0).double(),
+            "m3": (d2 * d).sum(0).double(), "m4": (d2 * d2).sum(0).double(),
+            "min": x.amin(0), "max": x.amax(0),
             "n_active": (x > self.threshold).sum(0),
         }
         self.state = combine(self.state, batch)

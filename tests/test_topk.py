@@ -92,8 +92,9 @@ def test_moments_merge_over_any_split_equals_numpy(problem, batch):
     assert (got["count"] == len(x)).all()
     if len(x) == 0:
         return
-    np.testing.assert_allclose(got["mean"], x.mean(0), rtol=1e-12)
-    np.testing.assert_allclose(got["std"], x.std(0), atol=1e-9)
+    # Batch sums are float32 (then float64 across batches): agreement to float32 precision.
+    np.testing.assert_allclose(got["mean"], x.mean(0), rtol=1e-7)
+    np.testing.assert_allclose(got["std"], x.std(0), atol=1e-5)
     np.testing.assert_array_equal(got["min"], x.min(0).astype(np.float32))
     np.testing.assert_array_equal(got["max"], x.max(0).astype(np.float32))
     np.testing.assert_array_equal(got["frac_active"], (x > 100.0).mean(0))
@@ -101,5 +102,5 @@ def test_moments_merge_over_any_split_equals_numpy(problem, batch):
     if spread.any():
         centred = x[:, spread] - x[:, spread].mean(0)
         m2, m3, m4 = (centred**2).mean(0), (centred**3).mean(0), (centred**4).mean(0)
-        np.testing.assert_allclose(got["skew"][spread], m3 / m2**1.5, rtol=1e-7, atol=1e-7)
-        np.testing.assert_allclose(got["kurtosis"][spread], m4 / m2**2 - 3, rtol=1e-7, atol=1e-7)
+        np.testing.assert_allclose(got["skew"][spread], m3 / m2**1.5, rtol=1e-4, atol=1e-4)
+        np.testing.assert_allclose(got["kurtosis"][spread], m4 / m2**2 - 3, rtol=1e-4, atol=1e-4)
