@@ -1,7 +1,7 @@
 """Write the job's results as Parquet tables under ``<store>/index/``.
 
 Tables (contract, see README): ``tokens``, ``vocab``, ``top_examples``, ``bottom_examples``,
-``neuron_stats``. Rows are sorted by their
+``neuron_stats``, ``histograms``. Rows are sorted by their
 natural key with row groups of 32k rows, so DuckDB reads one neuron's rows from a few groups.
 """
 
@@ -12,6 +12,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from pipeline.histogram import bin_edges, quantiles
 from pipeline.moments import describe
 from storage.store import Store
 
@@ -89,6 +90,26 @@ def examples_table(merged: dict[str, dict[str, np.ndarray]], ctx: int, prefix: s
     return pa.table(table)
 
 
+QUANTILES = {"p50": 0.5, "p90": 0.9, "p99": 0.99}
+
+
+def histogram_table(merged: dict[str, dict[str, np.ndarray]]) -> pa.Table:
+    """The non-empty bins of every neuron: hook, neuron, bin, lo, hi, count."""
+    lo, hi = bin_edges()
+    parts = []
+    for hook in sorted(merged):
+        neuron, b = np.nonzero(merged[hook]["hist"])
+        parts.append(pa.table({
+            "hook": pa.array([hook] * len(b)).dictionary_encode(),
+            "neuron": neuron.astype(np.int32),
+            "bin": b.astype(np.int16),
+            "lo": lo[b],
+            "hi": hi[b],
+            "count": merged[hook]["hist"][neuron, b],
+        }))
+    return pa.concat_tables(parts).unify_dictionaries().combine_chunks()
+
+
 def stats_table(merged: dict[str, dict[str, np.ndarray]]) -> pa.Table:
     parts = []
     for hook in sorted(merged):
@@ -96,6 +117,9 @@ def stats_table(merged: dict[str, dict[str, np.ndarray]]) -> pa.Table:
         width = len(described["mean"])
         columns = {"hook": pa.array([hook] * width).dictionary_encode(), "neuron": np.arange(width, dtype=np.int32)}
         columns.update({name: described[name] for name in ("count", "mean", "std", "min", "max", "frac_active", "skew", "kurtosis")})
+        stats = merged[hook]
+        for name, row in zip(QUANTILES, quantiles(stats["hist"], tuple(QUANTILES.values()), stats["min"], stats["max"])):
+            columns[name] = row
         parts.append(pa.table(columns))
     return pa.concat_tables(parts).unify_dictionaries().combine_chunks()
 
@@ -107,3 +131,4 @@ def build_index(store: Store, merged: dict[str, dict[str, np.ndarray]], tokenize
     write_table(store, "top_examples", examples_table(merged, ctx, "top"))
     write_table(store, "bottom_examples", examples_table(merged, ctx, "bottom"))
     write_table(store, "neuron_stats", stats_table(merged))
+    write_table(store, "histograms", histogram_table(merged))

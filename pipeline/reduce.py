@@ -33,6 +33,7 @@ def merge_shards(store: Store) -> dict[str, dict[str, np.ndarray]]:
 
 def _merge(a: dict, b: dict, k: int) -> dict:
     out = merge_moments([{f: a[f] for f in FIELDS}, {f: b[f] for f in FIELDS}])
+    out["hist"] = a["hist"] + b["hist"]
     for side, largest in (("top", True), ("bottom", False)):
         pairs = [(x[f"{side}_values"], x[f"{side}_index"]) for x in (a, b)]
         out[f"{side}_values"], out[f"{side}_index"] = merge_topk(pairs, k, largest=largest)

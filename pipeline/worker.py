@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from pipeline.model import HookedForward, load_job_model, prefer_sdpa, resolve_device
+from pipeline.histogram import RunningHistogram
 from pipeline.moments import RunningMoments
 from pipeline.topk import RunningTopK
 from storage.store import PAD, TEXT, Store
@@ -73,6 +74,7 @@ class ShardWorker:
                 "top": RunningTopK(spec.top_k, self.widths[h], self.device),
                 "bottom": RunningTopK(spec.top_k, self.widths[h], self.device, largest=False),
                 "stats": RunningMoments(self.widths[h], self.device, spec.threshold(h)),
+                "hist": RunningHistogram(self.widths[h], self.device),
             }
             for h in spec.hooks
         }
@@ -90,7 +92,7 @@ class ShardWorker:
         offset = first * ctx
         partials = {}
         for hook, parts in reducers.items():
-            partials[hook] = parts["stats"].result()
+            partials[hook] = {**parts["stats"].result(), **parts["hist"].result()}
             for side in ("top", "bottom"):
                 values, index = parts[side].result()
                 partials[hook][f"{side}_values"] = values

@@ -17,7 +17,7 @@ import duckdb
 from storage.errors import QueryError, StoreError
 from storage.store import Store
 
-TABLES = ("tokens", "vocab", "top_examples", "bottom_examples", "neuron_stats")
+TABLES = ("tokens", "vocab", "top_examples", "bottom_examples", "neuron_stats", "histograms")
 
 _MACROS = """
 CREATE MACRO top_with_context(h, n, k := 20, w := 8) AS TABLE

@@ -152,3 +152,33 @@ def test_dead_neurons_and_thresholds(make_job):
     with connect(spec.store) as catalog:
         dead = catalog.sql("SELECT count(*) FROM neuron_stats WHERE frac_active = 0").rows[0][0]
     assert dead == 256
+
+
+def test_histograms_and_quantiles_equal_numpy(gpt2_run):
+    from pipeline.histogram import ZERO, _magnitude_edges
+
+    spec, store, data, ref = gpt2_run
+    counted = (data["kinds"] == TEXT).reshape(-1)
+    mag = _magnitude_edges()
+    for hook in spec.hooks:
+        x = ref[hook].reshape(-1, ref[hook].shape[-1])[counted]
+        # Independent binning: search the edges (the pipeline reads float bits).
+        m = np.clip(np.searchsorted(mag, np.abs(x), side="right") - 1, 0, len(mag) - 2)
+        expected_bin = np.where(np.abs(x) < mag[0], ZERO, np.where(x > 0, ZERO + 1 + m, ZERO - 1 - m))
+        with connect(spec.store) as catalog:
+            rows = catalog.sql("SELECT neuron, bin, count FROM histograms WHERE hook = ?", [hook]).rows
+        got = np.zeros((x.shape[1], 2 * ZERO + 1), dtype=np.int64)
+        for neuron, b, count in rows:
+            got[neuron, b] = count
+        expected = np.zeros_like(got)
+        np.add.at(expected, (np.broadcast_to(np.arange(x.shape[1]), x.shape), expected_bin), 1)
+        assert (got.sum(1) == len(x)).all()
+        # Two exact computations may differ by float noise only for values at a bin edge.
+        near_edge = (np.abs(np.abs(x)[..., None] - mag).min(-1) < 1e-5 * np.maximum(np.abs(x), 1e-3)).sum()
+        assert np.abs(got - expected).sum() <= 2 * near_edge
+        stats = _table(spec.store, "neuron_stats", hook)
+        for name, q in (("p50", 0.5), ("p90", 0.9), ("p99", 0.99)):
+            truth = np.quantile(x, q, axis=0)
+            # Within one bin: the bin's width at the true quantile (12.5 % of it, or the zero bin).
+            width = np.maximum(np.abs(truth) * 0.125, 2 * mag[0]) + 1e-6
+            assert (np.abs(stats[name] - truth) <= width).all(), name

@@ -104,3 +104,17 @@ def test_moments_merge_over_any_split_equals_numpy(problem, batch):
         m2, m3, m4 = (centred**2).mean(0), (centred**3).mean(0), (centred**4).mean(0)
         np.testing.assert_allclose(got["skew"][spread], m3 / m2**1.5, rtol=1e-4, atol=1e-4)
         np.testing.assert_allclose(got["kurtosis"][spread], m4 / m2**2 - 3, rtol=1e-4, atol=1e-4)
+
+
+def test_histogram_bins_at_their_edges():
+    from pipeline.histogram import N_BINS, ZERO, bin_edges, bin_index
+
+    lo, hi = bin_edges()
+    assert len(lo) == len(hi) == N_BINS and (lo < hi).all() and (hi[:-1] == lo[1:]).all()
+    values = torch.tensor([0.0, -0.0, 2.0**-9, -(2.0**-9), 2.0**-8, -(2.0**-8), 1.0, 1.125, 1.124, -1.0, 1e9, -1e9])
+    index = bin_index(values).numpy()
+    assert index[:4].tolist() == [ZERO] * 4
+    for v, b in zip(values.numpy(), index):
+        assert lo[b] <= v <= hi[b] and (v < hi[b] or v < 0), (v, b, lo[b], hi[b])
+    assert index[-2] == N_BINS - 1 and index[-1] == 0
+    assert index[6] + 1 == index[7] == index[8] + 1  # 1.0 and 1.125 bound one eighth of an octave
