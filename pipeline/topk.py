@@ -58,14 +58,18 @@ class RunningTopK:
         if first_index + n_tokens > MAX_SHARD_TOKENS:
             raise ValueError("a shard holds more than 2**32 tokens; use smaller shards")
         signed = acts.float() * self.sign if self.sign < 0 else acts.float()
+        every = bool(counted.all())
         counted = counted.unsqueeze(1)
         if self.empty and n_tokens > self.k:
             # First batch: a float top-k's k-th value bounds the answer from below; keeping every
             # value >= it (ties included) leaves the exact key ranking to few candidates.
-            floor = torch.topk(signed.masked_fill(~counted, -torch.inf), self.k, dim=0, sorted=False).values
-            candidate = (signed >= floor.min(0).values) & counted
+            scored = signed if every else signed.masked_fill(~counted, -torch.inf)
+            floor = torch.topk(scored, self.k, dim=0, sorted=False).values
+            candidate = signed >= floor.min(0).values
         else:
-            candidate = (signed > self.threshold) & counted
+            candidate = signed > self.threshold
+        if not every:
+            candidate &= counted
         self.empty = False
         per_neuron = candidate.sum(0)
         most = int(per_neuron.max())
