@@ -57,17 +57,19 @@ class RunningTopK:
         n_tokens, width = acts.shape
         if first_index + n_tokens > MAX_SHARD_TOKENS:
             raise ValueError("a shard holds more than 2**32 tokens; use smaller shards")
-        signed = acts.float() * self.sign if self.sign < 0 else acts.float()
+        x = acts.float()
+        largest = self.sign > 0
         every = bool(counted.all())
         counted = counted.unsqueeze(1)
         if self.empty and n_tokens > self.k:
-            # First batch: a float top-k's k-th value bounds the answer from below; keeping every
-            # value >= it (ties included) leaves the exact key ranking to few candidates.
-            scored = signed if every else signed.masked_fill(~counted, -torch.inf)
-            floor = torch.topk(scored, self.k, dim=0, sorted=False).values
-            candidate = signed >= floor.min(0).values
+            # First batch: a float top-k's k-th value bounds the answer; keeping every value at or
+            # beyond it (ties included) leaves the exact key ranking to few candidates.
+            scored = x if every else x.masked_fill(~counted, -torch.inf if largest else torch.inf)
+            kth = torch.topk(scored, self.k, dim=0, largest=largest, sorted=False).values
+            candidate = x >= kth.min(0).values if largest else x <= kth.max(0).values
         else:
-            candidate = signed > self.threshold
+            # Bottom-k keeps its threshold negated; compare without negating the batch.
+            candidate = x > self.threshold if largest else x < -self.threshold
         if not every:
             candidate &= counted
         self.empty = False
@@ -76,16 +78,16 @@ class RunningTopK:
         if most == 0:
             return
         if most * 4 > n_tokens:
-            # Many candidates (the first batch of a shard): rank every activation.
+            # Many candidates: rank every activation.
             index = torch.arange(first_index, first_index + n_tokens, device=acts.device, dtype=torch.int64)
-            keys = (ordered_bits(signed) << 32) | (_LOW - index).unsqueeze(1)
+            keys = (ordered_bits(x * self.sign) << 32) | (_LOW - index).unsqueeze(1)
             keys = keys.masked_fill_(~candidate, EXCLUDED)
         else:
             # Few: gather them into a [most, width] block, one column per neuron.
             neuron, token = candidate.T.nonzero(as_tuple=True)  # sorted by neuron, then token
             starts = torch.cumsum(per_neuron, 0) - per_neuron
             row = torch.arange(len(neuron), device=acts.device) - starts[neuron]
-            values = signed[token, neuron]
+            values = x[token, neuron] * self.sign
             keys = torch.full((most, width), EXCLUDED, dtype=torch.int64, device=acts.device)
             keys[row, neuron] = (ordered_bits(values) << 32) | (_LOW - (first_index + token))
         self.keys = torch.topk(torch.cat([self.keys, keys]), self.k, dim=0, sorted=True).values
