@@ -65,8 +65,8 @@ class RunningHistogram:
         self.lut = _lookup_table(device)
         self.offset = torch.arange(width, device=device, dtype=torch.int32) * N_BINS
 
-    def update(self, acts: torch.Tensor, first_index: int, counted: torch.Tensor) -> None:
-        x = acts if bool(counted.all()) else acts[counted]
+    def update(self, acts: torch.Tensor, first_index: int, counted: torch.Tensor | None) -> None:
+        x = acts if counted is None else acts[counted]
         if x.shape[0]:
             top = (x.float().view(torch.int32) >> _SHIFT) + 2048
             index = self.lut[top] + self.offset

@@ -62,8 +62,8 @@ class RunningMoments:
             "n_active": torch.zeros(width, dtype=torch.int64, device=device),
         }
 
-    def update(self, acts: torch.Tensor, first_index: int, counted: torch.Tensor) -> None:
-        x = (acts if bool(counted.all()) else acts[counted]).float()
+    def update(self, acts: torch.Tensor, first_index: int, counted: torch.Tensor | None) -> None:
+        x = (acts if counted is None else acts[counted]).float()
         n = x.shape[0]
         if n == 0:
             return

@@ -37,7 +37,7 @@ class RunningTopK:
     """The k largest (``largest=True``) or smallest values of each neuron seen so far.
 
     ``update`` takes one batch of activations with the shard-local index of its first token and
-    a mask of the tokens that count; ``result`` decodes values and indices, -1 where fewer than
+    a mask of the tokens that count (None: all of them, decided once per batch by the caller); ``result`` decodes values and indices, -1 where fewer than
     k tokens counted. Batches must come in token order.
 
     Only *candidates* are ranked: tokens strictly above the neuron's current k-th value. A later
@@ -53,14 +53,14 @@ class RunningTopK:
         self.threshold = torch.full((width,), -torch.inf, dtype=torch.float32, device=device)
         self.empty = True
 
-    def update(self, acts: torch.Tensor, first_index: int, counted: torch.Tensor) -> None:
+    def update(self, acts: torch.Tensor, first_index: int, counted: torch.Tensor | None) -> None:
         n_tokens, width = acts.shape
         if first_index + n_tokens > MAX_SHARD_TOKENS:
             raise ValueError("a shard holds more than 2**32 tokens; use smaller shards")
         x = acts.float()
         largest = self.sign > 0
-        every = bool(counted.all())
-        counted = counted.unsqueeze(1)
+        every = counted is None
+        counted = None if every else counted.unsqueeze(1)
         if self.empty and n_tokens > self.k:
             # First batch: a float top-k's k-th value bounds the answer; keeping every value at or
             # beyond it (ties included) leaves the exact key ranking to few candidates.

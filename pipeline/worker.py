@@ -83,8 +83,9 @@ class ShardWorker:
             b1 = min(b0 + spec.batch_size, last - first)
             acts = self.forward(tokens[b0:b1], attention[b0:b1])
             mask = counted[b0:b1].reshape(-1)
+            mask = None if bool(mask.all()) else mask  # decided once per batch: one host sync
             for hook, act in acts.items():
-                flat = act.reshape(-1, act.shape[-1])
+                flat = act.reshape(-1, act.shape[-1]).float()  # converted once for every reducer
                 for reducer in reducers[hook].values():
                     reducer.update(flat, b0 * ctx, mask)
                 if hook in dense:
