@@ -96,31 +96,36 @@ QUANTILES = {"p50": 0.5, "p90": 0.9, "p99": 0.99}
 def histogram_table(merged: dict[str, dict[str, np.ndarray]]) -> pa.Table:
     """The non-empty bins of every neuron: hook, neuron, bin, lo, hi, count."""
     lo, hi = bin_edges()
-    parts = []
-    for hook in sorted(merged):
-        neuron, b = np.nonzero(merged[hook]["hist"])
-        parts.append(pa.table({
-            "hook": pa.array([hook] * len(b)).dictionary_encode(),
-            "neuron": neuron.astype(np.int32),
-            "bin": b.astype(np.int16),
-            "lo": lo[b],
-            "hi": hi[b],
-            "count": merged[hook]["hist"][neuron, b],
-        }))
-    return pa.concat_tables(parts).unify_dictionaries().combine_chunks()
+
+    def rows(hook, stats):
+        neuron, b = np.nonzero(stats["hist"])
+        return {"neuron": neuron.astype(np.int32), "bin": b.astype(np.int16), "lo": lo[b], "hi": hi[b], "count": stats["hist"][neuron, b]}
+
+    return _per_hook(merged, rows)
 
 
 def stats_table(merged: dict[str, dict[str, np.ndarray]]) -> pa.Table:
+    """One row per neuron: moments, range, density, and quantiles read from the histogram."""
+
+    def rows(hook, stats):
+        described = describe(stats)
+        columns = {"neuron": np.arange(len(described["mean"]), dtype=np.int32)}
+        columns.update({name: described[name] for name in ("count", "mean", "std", "min", "max", "frac_active", "skew", "kurtosis")})
+        qs = quantiles(stats["hist"], tuple(QUANTILES.values()), stats["min"], stats["max"])
+        columns.update(zip(QUANTILES, qs))
+        return columns
+
+    return _per_hook(merged, rows)
+
+
+def _per_hook(merged: dict[str, dict[str, np.ndarray]], rows) -> pa.Table:
+    """One table over every hook: ``rows(hook, stats)`` gives a hook's columns; a dictionary-
+    encoded ``hook`` column goes first, hooks in sorted order."""
     parts = []
     for hook in sorted(merged):
-        described = describe(merged[hook])
-        width = len(described["mean"])
-        columns = {"hook": pa.array([hook] * width).dictionary_encode(), "neuron": np.arange(width, dtype=np.int32)}
-        columns.update({name: described[name] for name in ("count", "mean", "std", "min", "max", "frac_active", "skew", "kurtosis")})
-        stats = merged[hook]
-        for name, row in zip(QUANTILES, quantiles(stats["hist"], tuple(QUANTILES.values()), stats["min"], stats["max"])):
-            columns[name] = row
-        parts.append(pa.table(columns))
+        columns = rows(hook, merged[hook])
+        n = len(next(iter(columns.values())))
+        parts.append(pa.table({"hook": pa.array([hook] * n).dictionary_encode(), **columns}))
     return pa.concat_tables(parts).unify_dictionaries().combine_chunks()
 
 
