@@ -153,9 +153,10 @@ def run_job(
     t = time.perf_counter()
     reporter.phase("activate", n_tokens, sum(store.shard_range(s)[1] - store.shard_range(s)[0] for s in done) * spec.context_length)
     results = []
-    if pending:
+    logits = spec.computes("logits") and not store.has_logits()
+    if pending or logits:
         execute = _execute_on_ray if use_ray else _execute_here
-        for result in execute(spec.store, pending, n_workers, address):
+        for result in execute(spec.store, pending, n_workers, address, logits):
             results.append(result)
             reporter.advance(result.n_tokens)
     phases["activate"] = time.perf_counter() - t
@@ -202,10 +203,12 @@ def _worker_count(spec: JobSpec, override: int | None, use_ray: bool, address: s
     return int(resources.get("GPU", 0)) or int(resources.get("CPU", 1))
 
 
-def _execute_here(store_url: str, shards: list[int], n_workers: int, address: str | None):
+def _execute_here(store_url: str, shards: list[int], n_workers: int, address: str | None, logits: bool):
     worker = ShardWorker(store_url)
     for shard in shards:
         yield worker(shard)
+    if logits:
+        worker.write_logit_effects()
 
 
 def _ensure_ray(address: str | None) -> bool:
@@ -224,8 +227,9 @@ def _ensure_ray(address: str | None) -> bool:
     return True
 
 
-def _execute_on_ray(store_url: str, shards: list[int], n_workers: int, address: str | None):
-    """Shards to a pool of actors, one model each; only shard ids and small results travel."""
+def _execute_on_ray(store_url: str, shards: list[int], n_workers: int, address: str | None, logits: bool):
+    """Shards to a pool of actors, one model each; only shard ids and small results travel.
+    Then one actor computes the logit effects from its copy of the weights (on its device)."""
     import ray
     from ray.util import ActorPool
 
@@ -242,8 +246,10 @@ def _execute_on_ray(store_url: str, shards: list[int], n_workers: int, address: 
             options = {"num_cpus": min(1.0, cpus / n_workers) * 0.99}
             threads = max(1, (os.cpu_count() or 1) // n_workers)
         actor = ray.remote(max_restarts=3, max_task_retries=3, **options)(ShardWorker)
-        pool = ActorPool([actor.remote(store_url, threads=threads) for _ in range(n_workers)])
-        yield from pool.map_unordered(lambda a, shard: a.__call__.remote(shard), shards)
+        actors = [actor.remote(store_url, threads=threads) for _ in range(n_workers)]
+        yield from ActorPool(actors).map_unordered(lambda a, shard: a.__call__.remote(shard), shards)
+        if logits:
+            ray.get(actors[0].write_logit_effects.remote())
     finally:
         if started:
             ray.shutdown()

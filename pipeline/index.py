@@ -1,7 +1,9 @@
 """Write the job's results as Parquet tables under ``<store>/index/``.
 
 Tables (contract, see README): ``tokens``, ``vocab``, ``top_examples``, ``bottom_examples``,
-``neuron_stats``, ``histograms``. Rows are sorted by their
+``neuron_stats``, ``histograms``, ``band_samples``, ``random_samples``, ``token_stats``,
+``logit_effects``. A statistic the job left out gives an empty table with the same columns, so
+every query runs on every store. Rows are sorted by their
 natural key with row groups of 32k rows, so DuckDB reads one neuron's rows from a few groups.
 """
 
@@ -12,6 +14,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from pipeline import sampling
 from pipeline.histogram import bin_edges, quantiles
 from pipeline.moments import describe
 from storage.store import Store
@@ -69,25 +72,99 @@ def vocab_table(tokenizer) -> pa.Table:
     )
 
 
+_HOOK = pa.dictionary(pa.int32(), pa.string())
+_EXAMPLE = [("neuron", pa.int32()), ("rank", pa.int16()), ("activation", pa.float32()), ("seq_id", pa.int64()), ("pos", pa.int32())]
+SCHEMAS = {
+    "examples": pa.schema([("hook", _HOOK), *_EXAMPLE]),
+    "histograms": pa.schema([("hook", _HOOK), ("neuron", pa.int32()), ("bin", pa.int16()), ("lo", pa.float64()), ("hi", pa.float64()), ("count", pa.int64())]),
+    "band_samples": pa.schema([("hook", _HOOK), ("neuron", pa.int32()), ("band", pa.int16()), ("lo", pa.float64()), ("hi", pa.float64()), *_EXAMPLE[1:]]),
+    "random_samples": pa.schema([("hook", _HOOK), *_EXAMPLE]),
+    "token_stats": pa.schema([("hook", _HOOK), ("neuron", pa.int32()), ("rank", pa.int16()), ("token_id", pa.int32()), ("mean_activation", pa.float64()), ("count", pa.int64())]),
+    "logit_effects": pa.schema([("hook", _HOOK), ("neuron", pa.int32()), ("direction", pa.string()), ("rank", pa.int16()), ("token_id", pa.int32()), ("effect", pa.float32())]),
+}
+
+
+def _ranked(index: np.ndarray, ctx: int, values: np.ndarray) -> dict[str, np.ndarray]:
+    """Rows of a [rank, neuron] table of token indices (-1 = empty), by neuron then rank."""
+    rank, neuron = np.nonzero(index >= 0)
+    order = np.lexsort((rank, neuron))
+    rank, neuron = rank[order], neuron[order]
+    token = index[rank, neuron]
+    return {
+        "neuron": neuron.astype(np.int32),
+        "rank": (rank + 1).astype(np.int16),
+        "activation": values[rank, neuron].astype(np.float32),
+        "seq_id": token // ctx,
+        "pos": (token % ctx).astype(np.int32),
+    }
+
+
 def examples_table(merged: dict[str, dict[str, np.ndarray]], ctx: int, prefix: str) -> pa.Table:
     """One row per (hook, neuron, rank) that has an example; rank 1 is the most extreme."""
-    columns = {k: [] for k in ("hook", "neuron", "rank", "activation", "seq_id", "pos")}
-    for hook in sorted(merged):
-        values, index = merged[hook][f"{prefix}_values"], merged[hook][f"{prefix}_index"]
-        k, width = values.shape
-        rank, neuron = np.nonzero(index >= 0)
+    return _per_hook(merged, lambda hook, m: _ranked(m[f"{prefix}_index"], ctx, m[f"{prefix}_values"]), SCHEMAS["examples"], f"{prefix}_index")
+
+
+def band_samples_table(merged: dict[str, dict[str, np.ndarray]], ctx: int) -> pa.Table:
+    """The sampled examples of each (neuron, band), rank 1 first (lowest sampling priority)."""
+    lo, hi = sampling.band_edges()
+
+    def rows(hook, m):
+        index, value = m["band_index"], m["band_value"]  # [bands, width, s]
+        band, neuron, slot = np.nonzero(index >= 0)
+        token = index[band, neuron, slot]
+        return {
+            "neuron": neuron.astype(np.int32), "band": band.astype(np.int16), "lo": lo[band], "hi": hi[band],
+            "rank": (slot + 1).astype(np.int16), "activation": value[band, neuron, slot],
+            "seq_id": token // ctx, "pos": (token % ctx).astype(np.int32),
+        }
+
+    return _per_hook(merged, rows, SCHEMAS["band_samples"], "band_index")
+
+
+def random_samples_table(merged: dict[str, dict[str, np.ndarray]], ctx: int) -> pa.Table:
+    """Every neuron's value on the job's random tokens (the same tokens for every neuron)."""
+
+    def rows(hook, m):
+        index = np.broadcast_to(m["random_index"][:, None], m["random_value"].shape)
+        return _ranked(np.ascontiguousarray(index), ctx, m["random_value"])
+
+    return _per_hook(merged, rows, SCHEMAS["random_samples"], "random_index")
+
+
+def token_stats_table(merged: dict[str, dict[str, np.ndarray]]) -> pa.Table:
+    """Each neuron's vocabulary tokens of highest mean activation, rank 1 first."""
+
+    def rows(hook, m):
+        rank, neuron = np.nonzero(m["token_top_ids"] >= 0)
         order = np.lexsort((rank, neuron))
         rank, neuron = rank[order], neuron[order]
-        token = index[rank, neuron]
-        columns["hook"].append(np.full(len(rank), hook, dtype=object))
-        columns["neuron"].append(neuron.astype(np.int32))
-        columns["rank"].append((rank + 1).astype(np.int16))
-        columns["activation"].append(values[rank, neuron].astype(np.float32))
-        columns["seq_id"].append(token // ctx)
-        columns["pos"].append((token % ctx).astype(np.int32))
-    table = {name: np.concatenate(parts) for name, parts in columns.items()}
-    table["hook"] = pa.array(table["hook"], pa.string()).dictionary_encode()
-    return pa.table(table)
+        return {
+            "neuron": neuron.astype(np.int32), "rank": (rank + 1).astype(np.int16),
+            "token_id": m["token_top_ids"][rank, neuron].astype(np.int32),
+            "mean_activation": m["token_top_mean"][rank, neuron], "count": m["token_top_count"][rank, neuron],
+        }
+
+    return _per_hook(merged, rows, SCHEMAS["token_stats"], "token_top_ids")
+
+
+def logit_effects_table(logits: dict[str, dict[str, np.ndarray]]) -> pa.Table:
+    """Each neuron's most promoted and most suppressed output tokens, rank 1 strongest."""
+
+    def rows(hook, m):
+        k, width = m["promote_ids"].shape
+        parts = []
+        for direction in ("promote", "suppress"):
+            rank, neuron = np.divmod(np.arange(k * width), width)
+            parts.append({
+                "neuron": neuron.astype(np.int32), "direction": np.full(k * width, direction),
+                "rank": (rank + 1).astype(np.int16), "token_id": m[f"{direction}_ids"].reshape(-1),
+                "effect": m[f"{direction}_values"].reshape(-1),
+            })
+        columns = {name: np.concatenate([p[name] for p in parts]) for name in parts[0]}
+        order = np.lexsort((columns["rank"], columns["direction"], columns["neuron"]))
+        return {name: c[order] for name, c in columns.items()}
+
+    return _per_hook(logits, rows, SCHEMAS["logit_effects"], "promote_ids")
 
 
 QUANTILES = {"p50": 0.5, "p90": 0.9, "p99": 0.99}
@@ -101,7 +178,7 @@ def histogram_table(merged: dict[str, dict[str, np.ndarray]]) -> pa.Table:
         neuron, b = np.nonzero(stats["hist"])
         return {"neuron": neuron.astype(np.int32), "bin": b.astype(np.int16), "lo": lo[b], "hi": hi[b], "count": stats["hist"][neuron, b]}
 
-    return _per_hook(merged, rows)
+    return _per_hook(merged, rows, SCHEMAS["histograms"], "hist")
 
 
 def stats_table(merged: dict[str, dict[str, np.ndarray]]) -> pa.Table:
@@ -111,21 +188,30 @@ def stats_table(merged: dict[str, dict[str, np.ndarray]]) -> pa.Table:
         described = describe(stats)
         columns = {"neuron": np.arange(len(described["mean"]), dtype=np.int32)}
         columns.update({name: described[name] for name in ("count", "mean", "std", "min", "max", "frac_active", "skew", "kurtosis")})
-        qs = quantiles(stats["hist"], tuple(QUANTILES.values()), stats["min"], stats["max"])
-        columns.update(zip(QUANTILES, qs))
+        if "hist" in stats:
+            qs = quantiles(stats["hist"], tuple(QUANTILES.values()), stats["min"], stats["max"])
+            columns.update(zip(QUANTILES, qs))
+        else:  # no histogram, no quantiles: NULL
+            columns.update({name: pa.nulls(len(columns["neuron"]), pa.float64()) for name in QUANTILES})
         return columns
 
     return _per_hook(merged, rows)
 
 
-def _per_hook(merged: dict[str, dict[str, np.ndarray]], rows) -> pa.Table:
+def _per_hook(merged: dict[str, dict[str, np.ndarray]], rows, schema: pa.Schema | None = None, needs: str | None = None) -> pa.Table:
     """One table over every hook: ``rows(hook, stats)`` gives a hook's columns; a dictionary-
-    encoded ``hook`` column goes first, hooks in sorted order."""
+    encoded ``hook`` column goes first, hooks in sorted order. Hooks without the ``needs`` array
+    are skipped; with none left, the table is empty with ``schema``'s columns."""
     parts = []
     for hook in sorted(merged):
+        if needs is not None and needs not in merged[hook]:
+            continue
         columns = rows(hook, merged[hook])
         n = len(next(iter(columns.values())))
-        parts.append(pa.table({"hook": pa.array([hook] * n).dictionary_encode(), **columns}))
+        table = pa.table({"hook": pa.array([hook] * n).dictionary_encode(), **columns})
+        parts.append(table.cast(schema) if schema is not None else table)
+    if not parts:
+        return schema.empty_table()
     return pa.concat_tables(parts).unify_dictionaries().combine_chunks()
 
 
@@ -137,3 +223,7 @@ def build_index(store: Store, merged: dict[str, dict[str, np.ndarray]], tokenize
     write_table(store, "bottom_examples", examples_table(merged, ctx, "bottom"))
     write_table(store, "neuron_stats", stats_table(merged))
     write_table(store, "histograms", histogram_table(merged))
+    write_table(store, "band_samples", band_samples_table(merged, ctx))
+    write_table(store, "random_samples", random_samples_table(merged, ctx))
+    write_table(store, "token_stats", token_stats_table(merged))
+    write_table(store, "logit_effects", logit_effects_table(store.read_logits()))

@@ -104,17 +104,76 @@ class RunningTopK:
         return values.cpu().numpy(), index.cpu().numpy()
 
 
+class RunningTopKPerDocument:
+    """The k most extreme *documents* of each neuron: a document ranks by its best token, and
+    appears at most once (Neuroscope's convention). Same keys and tie-breaking as
+    :class:`RunningTopK`.
+
+    Per batch, each document's best key per neuron comes from one ``scatter_reduce`` over its
+    (contiguous) tokens; documents never interleave in the token stream, so only the batch's
+    first document can already hold a running entry, and it is folded in before the top-k.
+    """
+
+    def __init__(self, k: int, width: int, device: torch.device, *, largest: bool = True):
+        self.k = k
+        self.sign = 1.0 if largest else -1.0
+        self.keys = torch.full((k, width), EXCLUDED, dtype=torch.int64, device=device)
+        self.docs = torch.full((k, width), -1, dtype=torch.int64, device=device)
+
+    def update(self, acts: torch.Tensor, first_index: int, counted: torch.Tensor | None, docs: torch.Tensor) -> None:
+        n_tokens, width = acts.shape
+        index = torch.arange(first_index, first_index + n_tokens, device=acts.device, dtype=torch.int64)
+        keys = (ordered_bits(acts * self.sign) << 32) | (_LOW - index).unsqueeze(1)
+        if counted is not None:
+            keys.masked_fill_(~counted.unsqueeze(1), EXCLUDED)
+        seg_docs, segment = torch.unique_consecutive(docs, return_inverse=True)
+        best = torch.full((len(seg_docs), width), EXCLUDED, dtype=torch.int64, device=acts.device)
+        best.scatter_reduce_(0, segment.unsqueeze(1).expand(n_tokens, width), keys, "amax")
+        carried = self.docs == seg_docs[0]
+        best[0] = torch.maximum(best[0], torch.where(carried, self.keys, EXCLUDED).amax(0))
+        keys = torch.cat([self.keys.masked_fill(carried, EXCLUDED), best])
+        docs = torch.cat([self.docs, seg_docs.unsqueeze(1).expand(len(seg_docs), width)])
+        top = torch.topk(keys, self.k, dim=0, sorted=True)
+        self.keys, self.docs = top.values, docs.gather(0, top.indices)
+
+    result = RunningTopK.result
+
+
 def merge_topk(
-    parts: list[tuple[np.ndarray, np.ndarray]], k: int, *, largest: bool = True
-) -> tuple[np.ndarray, np.ndarray]:
+    parts: list[tuple[np.ndarray, np.ndarray]], k: int, *, largest: bool = True, docs: list[np.ndarray] | None = None
+) -> tuple[np.ndarray, ...]:
     """Merge partial top-k results (global token indices) exactly; order of ``parts`` is free.
 
-    Each part is (values [k_i, width], index [k_i, width]) with index -1 for empty slots.
+    Each part is (values [k_i, width], index [k_i, width]) with index -1 for empty slots. With
+    ``docs`` (each part's document ids), a document keeps only its best entry, and the merged
+    document ids come back third.
     """
+    docs = None if docs is None else np.concatenate(docs, axis=0)
     values = np.concatenate([p[0] for p in parts], axis=0)
     index = np.concatenate([p[1] for p in parts], axis=0)
     empty = index < 0
     score = np.where(empty, -np.inf, values if largest else -values)
     tiebreak = np.where(empty, np.iinfo(np.int64).max, index)
-    order = np.lexsort((tiebreak, -score), axis=0)[:k]
-    return np.take_along_axis(values, order, axis=0), np.take_along_axis(index, order, axis=0)
+    order = np.lexsort((tiebreak, -score), axis=0)
+    if docs is None:
+        order = order[:k]
+        return np.take_along_axis(values, order, axis=0), np.take_along_axis(index, order, axis=0)
+    order, drop = _first_per_document(np.take_along_axis(docs, order, 0), empty, order)
+    order, drop = order[:k], drop[:k]
+    values = np.where(drop, np.nan, np.take_along_axis(values, order, axis=0))
+    index = np.where(drop, -1, np.take_along_axis(index, order, axis=0))
+    return values, index, np.where(drop, -1, np.take_along_axis(docs, order, axis=0))
+
+
+def _first_per_document(docs: np.ndarray, empty: np.ndarray, order: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``order`` (best first, per column) with every later entry of an already-seen document
+    moved behind the rest, and the mask of those moved (and empty) entries in the new order."""
+    rank = np.arange(len(order))[:, None]
+    column = np.broadcast_to(np.arange(order.shape[1]), order.shape)
+    grouped = np.lexsort((rank.repeat(order.shape[1], 1).ravel(), docs.ravel(), column.ravel()))
+    dup = np.zeros(order.size, dtype=bool)
+    same = (docs.ravel()[grouped][1:] == docs.ravel()[grouped][:-1]) & (column.ravel()[grouped][1:] == column.ravel()[grouped][:-1])
+    dup[grouped[1:][same]] = True
+    dup = dup.reshape(order.shape) | np.take_along_axis(empty, order, 0)
+    behind = np.argsort(dup, axis=0, kind="stable")
+    return np.take_along_axis(order, behind, 0), np.take_along_axis(dup, behind, 0)

@@ -16,10 +16,15 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from pipeline.model import HookedForward, load_job_model, prefer_sdpa, resolve_device
+from pipeline import sampling
 from pipeline.histogram import RunningHistogram
+from pipeline.logits import logit_effects
+from pipeline.model import HookedForward, load_job_model, prefer_sdpa, resolve_device
 from pipeline.moments import RunningMoments
-from pipeline.topk import RunningTopK
+from pipeline.sampling import RunningBandSamples, RunningRandomSamples
+from pipeline.tokenstats import RunningTokenSums
+from pipeline.topk import RunningTopK, RunningTopKPerDocument
+from storage.spec import JobSpec
 from storage.store import PAD, TEXT, Store
 
 
@@ -64,38 +69,98 @@ class ShardWorker:
 
     def _reduce(self, first: int, last: int):
         spec, ctx = self.spec, self.spec.context_length
-        data = self.store.read_tokens(first, last)
+        data = self.store.read_tokens(first, last, ("tokens", "kinds", "doc_ids"))
         tokens = torch.from_numpy(data["tokens"].astype(np.int64)).to(self.device)
         kinds = torch.from_numpy(data["kinds"]).to(self.device)
+        docs = torch.from_numpy(data["doc_ids"]).to(self.device).reshape(-1)
         counted = kinds != PAD if spec.include_special_tokens else kinds == TEXT
         attention = (kinds != PAD).long()
-        reducers = {
-            h: {
-                "top": RunningTopK(spec.top_k, self.widths[h], self.device),
-                "bottom": RunningTopK(spec.top_k, self.widths[h], self.device, largest=False),
-                "stats": RunningMoments(self.widths[h], self.device, spec.threshold(h)),
-                "hist": RunningHistogram(self.widths[h], self.device),
-            }
-            for h in spec.hooks
-        }
+        offset = first * ctx  # global index of the shard's first token
+        shard = torch.arange(offset, offset + tokens.numel(), device=self.device)
+        priority = sampling.priority(shard, spec.seed)
+        stats = {h: HookStatistics(spec, h, self.widths[h], tokens.reshape(-1), counted.reshape(-1)) for h in spec.hooks}
         dense = {h: np.empty((last - first, ctx, self.widths[h]), dtype=np.float16) for h in spec.dense}
         for b0 in range(0, last - first, spec.batch_size):
             b1 = min(b0 + spec.batch_size, last - first)
             acts = self.forward(tokens[b0:b1], attention[b0:b1])
+            span = slice(b0 * ctx, b1 * ctx)
             mask = counted[b0:b1].reshape(-1)
-            mask = None if bool(mask.all()) else mask  # decided once per batch: one host sync
+            batch = Batch(
+                first=b0 * ctx,
+                counted=None if bool(mask.all()) else mask,  # decided once per batch: one host sync
+                global_index=shard[span],
+                token_ids=tokens[b0:b1].reshape(-1),
+                docs=docs[span],
+                priority=priority[span],
+            )
             for hook, act in acts.items():
-                flat = act.reshape(-1, act.shape[-1]).float()  # converted once for every reducer
-                for reducer in reducers[hook].values():
-                    reducer.update(flat, b0 * ctx, mask)
+                stats[hook].update(act.reshape(-1, act.shape[-1]).float(), batch)  # float32 once
                 if hook in dense:
                     dense[hook][b0:b1] = act.to(torch.float16).cpu().numpy()
-        offset = first * ctx
-        partials = {}
-        for hook, parts in reducers.items():
-            partials[hook] = {**parts["stats"].result(), **parts["hist"].result()}
-            for side in ("top", "bottom"):
-                values, index = parts[side].result()
-                partials[hook][f"{side}_values"] = values
-                partials[hook][f"{side}_index"] = np.where(index >= 0, index + offset, -1)
-        return partials, dense
+        return {hook: s.result(offset) for hook, s in stats.items()}, dense
+
+    def write_logit_effects(self) -> bool:
+        """Compute the logit effects of every hook from the weights, once per job; True if the
+        store now has them (False: the model has no unembedding to compute them with)."""
+        if not self.spec.computes("logits"):
+            return False
+        if not self.store.has_logits():
+            self.store.write_logits(logit_effects(self.model, self.spec.hooks, self.spec.top_logits))
+        return True
+
+
+@dataclass(frozen=True)
+class Batch:
+    """One forward pass's tokens, flattened: what the reducers need besides the activations."""
+
+    first: int  # shard-local index of the first token
+    counted: torch.Tensor | None  # [n] bool, None when every token counts
+    global_index: torch.Tensor  # [n] int64, the tokens' indices in the job
+    token_ids: torch.Tensor  # [n] int64
+    docs: torch.Tensor  # [n] int64
+    priority: torch.Tensor  # [n] int64, the sampling priority of each token
+
+
+class HookStatistics:
+    """Every statistic the job asks for, of one hook over one shard, updated batch by batch."""
+
+    def __init__(self, spec: JobSpec, hook: str, width: int, shard_tokens: torch.Tensor, shard_counted: torch.Tensor):
+        device = shard_tokens.device
+        self.per_document = spec.examples == "document"
+        extremes = RunningTopKPerDocument if self.per_document else RunningTopK
+        self.extremes = {"top": extremes(spec.top_k, width, device)}
+        if spec.computes("bottom"):
+            self.extremes["bottom"] = extremes(spec.top_k, width, device, largest=False)
+        self.others = {"stats": RunningMoments(width, device, spec.threshold(hook))}
+        if spec.computes("histogram"):
+            self.others["hist"] = RunningHistogram(width, device)
+        if spec.computes("samples"):
+            self.others["band"] = RunningBandSamples(spec.samples_per_band, width, device)
+            self.others["random"] = RunningRandomSamples(spec.random_samples, width, device)
+        if spec.computes("tokens"):
+            self.others["tokens"] = RunningTokenSums(shard_tokens, shard_counted, width)
+
+    def update(self, x: torch.Tensor, batch: Batch) -> None:
+        for extreme in self.extremes.values():
+            if self.per_document:
+                extreme.update(x, batch.first, batch.counted, batch.docs)
+            else:
+                extreme.update(x, batch.first, batch.counted)
+        for name, reducer in self.others.items():
+            if name in ("stats", "hist"):
+                reducer.update(x, batch.first, batch.counted)
+            else:
+                reducer.update(x, batch)
+
+    def result(self, offset: int) -> dict[str, np.ndarray]:
+        """The shard's partial statistics, token indices made global."""
+        out = {}
+        for side, extreme in self.extremes.items():
+            values, index = extreme.result()
+            out[f"{side}_values"] = values
+            out[f"{side}_index"] = np.where(index >= 0, index + offset, -1)
+            if self.per_document:
+                out[f"{side}_doc"] = extreme.docs.cpu().numpy()
+        for reducer in self.others.values():
+            out.update(reducer.result())
+        return out

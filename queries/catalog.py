@@ -17,7 +17,10 @@ import duckdb
 from storage.errors import QueryError, StoreError
 from storage.store import Store
 
-TABLES = ("tokens", "vocab", "top_examples", "bottom_examples", "neuron_stats", "histograms")
+TABLES = (
+    "tokens", "vocab", "top_examples", "bottom_examples", "neuron_stats", "histograms",
+    "band_samples", "random_samples", "token_stats", "logit_effects",
+)
 
 _MACROS = """
 CREATE MACRO top_with_context(h, n, k := 20, w := 8) AS TABLE

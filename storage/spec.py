@@ -25,6 +25,11 @@ EXECUTION_FIELDS = frozenset({"store", "workers", "batch_size", "device"})
 _NOT_PER_TOKEN = re.compile(r"\.hook_(pattern|attn_scores)$")
 
 
+#: Statistics a job may switch off (top examples and moments are always computed).
+OPTIONAL_STATISTICS = ("bottom", "histogram", "samples", "tokens", "logits")
+Statistic = Literal["bottom", "histogram", "samples", "tokens", "logits"]
+
+
 class _Frozen(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, strict=False)
 
@@ -83,6 +88,21 @@ class JobSpec(_Frozen):
     include_special_tokens: bool = Field(
         False, description="Count BOS/EOS/CLS/SEP positions in statistics (padding never counts)."
     )
+    statistics: list[Statistic] = Field(
+        default_factory=lambda: list(OPTIONAL_STATISTICS),
+        description="Optional statistics to compute (all by default); top examples and moments always are.",
+    )
+    examples: Literal["token", "document"] = Field(
+        "token", description="Top and bottom examples: any tokens, or at most one per document (as Neuroscope)."
+    )
+    samples_per_band: PositiveInt = Field(4, description="Sampled examples kept per activation band (octave).")
+    random_samples: PositiveInt = Field(16, description="Uniformly sampled counted tokens, with every neuron's value.")
+    seed: int = Field(0, ge=0, lt=2**32, description="Seed of the deterministic sampling.")
+    top_tokens: PositiveInt = Field(10, description="Vocabulary tokens kept per neuron, by mean activation.")
+    min_token_count: PositiveInt = Field(
+        4, description="Occurrences a token needs before its mean activation can rank."
+    )
+    top_logits: PositiveInt = Field(10, description="Output tokens kept per neuron, promoted and suppressed.")
 
     @field_validator("hooks", "dense")
     @classmethod
@@ -105,6 +125,14 @@ class JobSpec(_Frozen):
             if missing:
                 raise ValueError(f"{option} lists hooks that are not in hooks: {', '.join(missing)}")
         return self
+
+    @field_validator("statistics")
+    @classmethod
+    def _unique_statistics(cls, names: list[str]) -> list[str]:
+        return sorted(set(names), key=OPTIONAL_STATISTICS.index)
+
+    def computes(self, statistic: str) -> bool:
+        return statistic in self.statistics
 
     def threshold(self, hook: str) -> float:
         return self.thresholds.get(hook, 0.0)

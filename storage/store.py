@@ -180,19 +180,7 @@ class Store:
 
     def write_partial(self, shard: int, arrays: Mapping[str, Mapping[str, np.ndarray]], record: Mapping[str, Any]) -> None:
         """Write one shard's partial statistics, then its commit record (last, atomically)."""
-        group = self.group["shards"].require_group(shard_key(shard))
-        if group.attrs.get("committed"):
-            return
-        for hook, stats in arrays.items():
-            for name, value in stats.items():
-                group.create_array(
-                    f"{hook}/{name}",
-                    data=np.ascontiguousarray(value),
-                    chunks=value.shape,
-                    compressors=_ZSTD,
-                    overwrite=True,
-                )
-        group.attrs.update({**record, "committed": True})
+        _write_committed(self.group["shards"].require_group(shard_key(shard)), arrays, record)
 
     def is_committed(self, shard: int) -> bool:
         try:
@@ -211,6 +199,20 @@ class Store:
     def shard_record(self, shard: int) -> dict[str, Any]:
         return dict(self.group[f"shards/{shard_key(shard)}"].attrs)
 
+    # -- logit effects (from the weights, once per job) -----------------------------------
+
+    def write_logits(self, arrays: Mapping[str, Mapping[str, np.ndarray]]) -> None:
+        _write_committed(self.group.require_group("logits"), arrays, {"hooks": sorted(arrays)})
+
+    def has_logits(self) -> bool:
+        return "logits" in self.group and bool(self.group["logits"].attrs.get("committed"))
+
+    def read_logits(self) -> dict[str, dict[str, np.ndarray]]:
+        if not self.has_logits():
+            return {}
+        group = self.group["logits"]
+        return {hook: {name: a[...] for name, a in group[hook].arrays()} for hook in group.attrs["hooks"]}
+
     # -- the index ------------------------------------------------------------------------
 
     @property
@@ -219,3 +221,20 @@ class Store:
 
     def table_url(self, table: str) -> str:
         return _join(self.index_url, f"{table}.parquet")
+
+
+def _write_committed(group: zarr.Group, arrays: Mapping[str, Mapping[str, np.ndarray]], record: Mapping[str, Any]) -> None:
+    """Write ``{hook: {name: array}}`` under ``group``, then its commit record (last,
+    atomically); a committed group is left as it is."""
+    if group.attrs.get("committed"):
+        return
+    for hook, stats in arrays.items():
+        for name, value in stats.items():
+            group.create_array(
+                f"{hook}/{name}",
+                data=np.ascontiguousarray(value),
+                chunks=tuple(max(d, 1) for d in value.shape),
+                compressors=_ZSTD,
+                overwrite=True,
+            )
+    group.attrs.update({**record, "committed": True})

@@ -60,3 +60,24 @@ def assert_same_top_k(got_values, got_index, ref_acts, ref_values, tol=1e-5):
     np.testing.assert_allclose(got_values, ref_values, atol=tol, rtol=0)
     picked = np.take_along_axis(flat, got_index, axis=0)
     np.testing.assert_allclose(picked, got_values, atol=tol, rtol=0)
+
+
+def priority(index: int, seed: int) -> int:
+    """The sampling priority of a token, in plain Python integers (independent of numpy/torch)."""
+    m = 0xFFFFFFFF
+    x = (index ^ ((seed * 0x9E3779B1) & m)) & m
+    x = (((x >> 16) ^ x) * 0x45D9F3B) & m
+    x = (((x >> 16) ^ x) * 0x45D9F3B) & m
+    return (x >> 16) ^ x
+
+
+def band(value: float) -> int:
+    """The octave band of a value: 16 + e for |x| in [2**(e-8), 2**(e-7)) positive, mirrored for
+    negative values; -1 below 2**-8 (the near-zero bin)."""
+    import math
+
+    mag = abs(value)
+    if mag < 2.0**-8:
+        return -1
+    octave = min(math.floor(math.log2(mag)) + 8, 15)
+    return 16 + octave if value > 0 else 15 - octave

@@ -1,0 +1,176 @@
+"""Deterministic, mergeable samples: a few examples per activation band, and random tokens.
+
+Every token gets a *priority*, a seeded bijective hash of its global index (the same on any shard
+split, any worker, any retry). A sample is "the tokens of lowest priority" in some set, which is a
+uniform random sample of that set (bottom-k sampling) and merges exactly: the lowest priorities of
+a union are the lowest of the parts' lowest.
+
+- **Band samples**: for each neuron, ``samples_per_band`` tokens from each *band*, the octaves of
+  |activation| over [2**-8, 2**8) of each sign (16 per sign, band 16 + e holds (2**(e-8),
+  2**(e-7)] for positive values). Bands are fixed before any data is seen, so a shard decides each
+  token's band alone; equal-width bands of (0, max] (as some dashboards draw) would need the final
+  max before the pass. Octaves also show weak activations, which one width-max/10 band lumps.
+- **Random samples**: the ``random_samples`` counted tokens of lowest priority, one set for the
+  whole job, with every neuron's value on them: what each neuron does on a typical token.
+
+Shapes: band samples are [bands, width, s]; random samples [r] tokens and [r, width] values.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from pipeline.histogram import E_MAX, E_MIN, PER_OCTAVE_BITS, ZERO, bin_index
+
+_M32 = 0xFFFFFFFF
+#: Priority of an empty slot: above every real priority (which fit in 32 bits).
+EMPTY = 1 << 33
+N_OCTAVES = E_MAX - E_MIN
+N_BANDS = 2 * N_OCTAVES
+
+
+def priority(index, seed: int):
+    """A 32-bit bijective mix of ``index`` (torch or numpy int64), seeded; the low 32 bits of the
+    index decide it, so priorities are distinct below 2**32 tokens (ties then break by index)."""
+    x = (index ^ ((seed * 0x9E3779B1) & _M32)) & _M32
+    x = (((x >> 16) ^ x) * 0x45D9F3B) & _M32
+    x = (((x >> 16) ^ x) * 0x45D9F3B) & _M32
+    return (x >> 16) ^ x
+
+
+def band_of_bin(bins):
+    """Histogram bin → band (-1 for the near-zero bin): the bin's octave, per sign."""
+    octave = (bins - ZERO - 1) >> PER_OCTAVE_BITS  # positive side: 0..N_OCTAVES-1
+    negative = (ZERO - 1 - bins) >> PER_OCTAVE_BITS
+    if isinstance(bins, np.ndarray):
+        return np.where(bins > ZERO, N_OCTAVES + octave, np.where(bins < ZERO, N_OCTAVES - 1 - negative, -1))
+    return torch.where(bins > ZERO, N_OCTAVES + octave, torch.where(bins < ZERO, N_OCTAVES - 1 - negative, -1))
+
+
+def band_edges() -> tuple[np.ndarray, np.ndarray]:
+    """(lo, hi) of each band by value; the outermost bands reach to -inf and +inf."""
+    mag = 2.0 ** np.arange(E_MIN, E_MAX + 1)
+    lo = np.concatenate([-mag[::-1][:-1], mag[:-1]])
+    hi = np.concatenate([-mag[::-1][1:], mag[1:]])
+    lo[0], hi[-1] = -np.inf, np.inf
+    return lo, hi
+
+
+def _band_table(device: torch.device) -> torch.Tensor:
+    """The band of each of the 4096 top-12-bit patterns of a float32 (as the histogram's table)."""
+    top = torch.arange(-2048, 2048, dtype=torch.int32) << (23 - PER_OCTAVE_BITS)
+    return band_of_bin(bin_index(top.view(torch.float32))).to(torch.int64).to(device)
+
+
+def _first_per_group(groups: torch.Tensor, keep: int) -> torch.Tensor:
+    """Mask of the first ``keep`` entries of each run of equal values in sorted ``groups``."""
+    start = torch.searchsorted(groups, groups, right=False)
+    return torch.arange(len(groups), device=groups.device) - start < keep
+
+
+class RunningBandSamples:
+    """For each (band, neuron), the ``size`` counted tokens of lowest priority seen so far."""
+
+    def __init__(self, size: int, width: int, device: torch.device):
+        self.size, self.width = size, width
+        cells = N_BANDS * width
+        self.prio = torch.full((cells, size), EMPTY, dtype=torch.int64, device=device)
+        self.index = torch.full((cells, size), -1, dtype=torch.int64, device=device)
+        self.value = torch.full((cells, size), torch.nan, dtype=torch.float32, device=device)
+        self.lut = _band_table(device)
+        self.column = torch.arange(width, device=device)
+        self.fresh = True
+
+    def update(self, x: torch.Tensor, batch) -> None:
+        if self.fresh:
+            # Every cell is empty: go through the first batch in order of priority, so cells fill
+            # with its lowest priorities first and most of the later chunks' tokens are skipped.
+            self.fresh = False
+            order = torch.argsort(batch.priority)
+            for chunk in torch.split(order, 256):
+                self._update(x[chunk], batch.priority[chunk], batch.global_index[chunk], None if batch.counted is None else batch.counted[chunk])
+        else:
+            self._update(x, batch.priority, batch.global_index, batch.counted)
+
+    def _update(self, x, prio, index, counted) -> None:
+        band = self.lut[(x.view(torch.int32) >> (23 - PER_OCTAVE_BITS)) + 2048]
+        if counted is not None:
+            band = band.masked_fill(~counted.unsqueeze(1), -1)
+        cell = band * self.width + self.column
+        threshold = self.prio[:, -1][cell.clamp(min=0)]
+        token, neuron = ((band >= 0) & (prio.unsqueeze(1) < threshold)).nonzero(as_tuple=True)
+        if len(token) == 0:
+            return
+        new_cell = cell[token, neuron]
+        touched = torch.unique(new_cell)
+        cells = torch.cat([touched.repeat_interleave(self.size), new_cell])
+        prios = torch.cat([self.prio[touched].reshape(-1), prio[token]])
+        indices = torch.cat([self.index[touched].reshape(-1), index[token]])
+        values = torch.cat([self.value[touched].reshape(-1), x[token, neuron]])
+        order = torch.argsort((cells << 34) | prios)  # cell, then priority (distinct per token)
+        cells, prios, indices, values = cells[order], prios[order], indices[order], values[order]
+        kept = _first_per_group(cells, self.size)
+        slot = torch.arange(len(cells), device=cells.device) - torch.searchsorted(cells, cells)
+        cells, slot = cells[kept], slot[kept]
+        self.prio[touched] = EMPTY
+        self.index[touched] = -1
+        self.value[touched] = torch.nan
+        self.prio[cells, slot] = prios[kept]
+        self.index[cells, slot] = indices[kept]
+        self.value[cells, slot] = values[kept]
+
+    def result(self) -> dict[str, np.ndarray]:
+        shape = (N_BANDS, self.width, self.size)
+        return {
+            "band_index": self.index.reshape(shape).cpu().numpy(),
+            "band_value": self.value.reshape(shape).cpu().numpy(),
+        }
+
+
+class RunningRandomSamples:
+    """The ``size`` counted tokens of lowest priority, and every neuron's value on them."""
+
+    def __init__(self, size: int, width: int, device: torch.device):
+        self.size = size
+        self.prio = torch.full((size,), EMPTY, dtype=torch.int64, device=device)
+        self.index = torch.full((size,), -1, dtype=torch.int64, device=device)
+        self.value = torch.full((size, width), torch.nan, dtype=torch.float32, device=device)
+
+    def update(self, x: torch.Tensor, batch) -> None:
+        chosen = batch.priority < self.prio[-1]
+        if batch.counted is not None:
+            chosen &= batch.counted
+        token = chosen.nonzero(as_tuple=True)[0]
+        if len(token) == 0:
+            return
+        prio = torch.cat([self.prio, batch.priority[token]])
+        order = torch.argsort(prio)[: self.size]
+        self.prio = prio[order]
+        self.index = torch.cat([self.index, batch.global_index[token]])[order]
+        self.value = torch.cat([self.value, x[token]])[order]
+
+    def result(self) -> dict[str, np.ndarray]:
+        return {"random_index": self.index.cpu().numpy(), "random_value": self.value.cpu().numpy()}
+
+
+def _lowest(prio: np.ndarray, index: np.ndarray, keep: int, axis: int) -> np.ndarray:
+    """Order along ``axis`` by (priority, index), empty slots last; the first ``keep``."""
+    order = np.lexsort((index, prio), axis=axis)
+    return np.take(order, np.arange(keep), axis=axis)
+
+
+def merge_band_samples(a: dict, b: dict, seed: int) -> dict:
+    index = np.concatenate([a["band_index"], b["band_index"]], axis=2)
+    value = np.concatenate([a["band_value"], b["band_value"]], axis=2)
+    prio = np.where(index >= 0, priority(index, seed), EMPTY)
+    order = _lowest(prio, index, a["band_index"].shape[2], axis=2)
+    return {"band_index": np.take_along_axis(index, order, 2), "band_value": np.take_along_axis(value, order, 2)}
+
+
+def merge_random_samples(a: dict, b: dict, seed: int) -> dict:
+    index = np.concatenate([a["random_index"], b["random_index"]])
+    value = np.concatenate([a["random_value"], b["random_value"]])
+    prio = np.where(index >= 0, priority(index, seed), EMPTY)
+    order = _lowest(prio, index, len(a["random_index"]), axis=0)
+    return {"random_index": index[order], "random_value": value[order]}

@@ -1,0 +1,164 @@
+"""Samples, token statistics, logit effects and per-document examples against ground truth:
+a plain ``transformers`` forward (or the model's weights) and brute force in numpy."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from jobs.jobfile import load_job
+from jobs.runner import run_job
+from queries import connect
+from storage.store import PAD, TEXT, Store
+from tests.conftest import write_job
+from tests.reference import activations, band, priority
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory, tiny_model, corpus_dir):
+    root = tmp_path_factory.mktemp("stats-run")
+    path = write_job(
+        root, "job", tiny_model, corpus_dir,
+        dataset={"max_tokens": 4000},
+        hooks=["blocks.0.mlp.hook_post", "blocks.1.hook_resid_post"], dense=[],
+        top_k=5, shard_size=8, batch_size=5, samples_per_band=3, random_samples=7, seed=11,
+        top_tokens=4, min_token_count=3, top_logits=5,
+    )
+    spec = load_job(path)
+    run_job(spec, use_ray=False)
+    store = Store.open(spec.store)
+    data = store.read_tokens(0, store.n_seq, ("tokens", "kinds", "doc_ids"))
+    ref = activations(str(tiny_model), spec.hooks, data["tokens"], data["kinds"] != PAD)
+    return spec, data, ref
+
+
+def _rows(store_url: str, sql: str, *params) -> list[tuple]:
+    with connect(store_url) as catalog:
+        return catalog.sql(sql, list(params)).rows
+
+
+def test_band_samples_are_the_lowest_priority_tokens_of_each_band(run):
+    spec, data, ref = run
+    ctx = spec.context_length
+    counted = np.flatnonzero((data["kinds"] == TEXT).reshape(-1))
+    prio = {int(i): priority(int(i), spec.seed) for i in counted}
+    for hook in spec.hooks:
+        x = ref[hook].reshape(-1, ref[hook].shape[-1])
+        got = {}
+        for neuron, b, rank, value, token in _rows(
+            spec.store, "SELECT neuron, band, rank, activation, seq_id * ? + pos FROM band_samples WHERE hook = ?", ctx, hook
+        ):
+            got.setdefault((neuron, b), []).append((rank, token))
+            assert abs(x[token, neuron] - value) < 1e-5
+        expected, near_edge = {}, 0
+        for neuron in range(x.shape[1]):
+            cells = {}
+            for i in counted:
+                v = float(x[i, neuron])
+                near_edge += v != 0 and abs(np.log2(abs(v)) - round(np.log2(abs(v)))) < 1e-5
+                if (b := band(v)) >= 0:
+                    cells.setdefault(b, []).append(int(i))
+            for b, tokens in cells.items():
+                expected[(neuron, b)] = sorted(tokens, key=lambda i: prio[i])[: spec.samples_per_band]
+        got = {cell: [t for _, t in sorted(v)] for cell, v in got.items()}
+        wrong = sum(got.get(c) != e for c, e in expected.items()) + len(set(got) - set(expected))
+        assert wrong <= 2 * near_edge  # a value within float noise of a band edge may go either way
+        assert len(expected) > 2 * x.shape[1]  # several bands per neuron
+
+
+def test_random_samples_are_the_lowest_priority_tokens(run):
+    spec, data, ref = run
+    ctx = spec.context_length
+    counted = np.flatnonzero((data["kinds"] == TEXT).reshape(-1))
+    chosen = sorted(counted.tolist(), key=lambda i: priority(i, spec.seed))[: spec.random_samples]
+    for hook in spec.hooks:
+        x = ref[hook].reshape(-1, ref[hook].shape[-1])
+        rows = _rows(spec.store, "SELECT neuron, rank, activation, seq_id * ? + pos FROM random_samples WHERE hook = ? ORDER BY neuron, rank", ctx, hook)
+        assert len(rows) == x.shape[1] * spec.random_samples
+        for neuron, rank, value, token in rows:
+            assert token == chosen[rank - 1]
+            assert abs(x[token, neuron] - value) < 1e-5
+
+
+def test_token_stats_equal_brute_force_means(run):
+    spec, data, ref = run
+    counted = (data["kinds"] == TEXT).reshape(-1)
+    ids = data["tokens"].reshape(-1)[counted]
+    for hook in spec.hooks:
+        x = ref[hook].reshape(-1, ref[hook].shape[-1])[counted].astype(np.float64)
+        vocab = np.unique(ids)
+        counts = np.array([(ids == t).sum() for t in vocab])
+        means = np.stack([x[ids == t].mean(0) for t in vocab])  # [tokens, width]
+        eligible = counts >= spec.min_token_count
+        rows = _rows(spec.store, "SELECT neuron, rank, token_id, mean_activation, count FROM token_stats WHERE hook = ? ORDER BY neuron, rank", hook)
+        assert len(rows) == x.shape[1] * spec.top_tokens
+        for neuron, rank, token, mean, count in rows:
+            j = np.searchsorted(vocab, token)
+            assert vocab[j] == token and counts[j] == count and eligible[j]
+            assert abs(means[j, neuron] - mean) < 1e-5
+            truth = np.sort(means[eligible, neuron])[::-1][rank - 1]
+            assert abs(truth - mean) < 1e-5  # the rank-th best mean, whichever token ties
+
+
+def test_logit_effects_equal_the_weights(run, tiny_model):
+    from transformers import GPT2LMHeadModel
+
+    spec, _, _ = run
+    model = GPT2LMHeadModel.from_pretrained(tiny_model)
+    gamma = model.transformer.ln_f.weight.detach().double()
+    w_u = model.lm_head.weight.detach().double().T  # [d_model, vocab]
+    sites = {
+        "blocks.0.mlp.hook_post": model.transformer.h[0].mlp.c_proj.weight.detach().double(),  # Conv1D: [d_mlp, d_model]
+        "blocks.1.hook_resid_post": torch.eye(model.config.n_embd, dtype=torch.float64),
+    }
+    for hook, direction in sites.items():
+        centred = direction - direction.mean(1, keepdim=True)
+        effect = ((centred * gamma) @ w_u).numpy()
+        rows = _rows(spec.store, "SELECT neuron, direction, rank, token_id, effect FROM logit_effects WHERE hook = ?", hook)
+        assert len(rows) == 2 * spec.top_logits * effect.shape[0]
+        for neuron, side, rank, token, value in rows:
+            order = np.argsort(-effect[neuron] if side == "promote" else effect[neuron])
+            assert token == order[rank - 1]
+            assert abs(effect[neuron, token] - value) < 1e-4
+
+
+def test_no_logit_effects_without_a_causal_lm_head(make_job, minilm):
+    spec = load_job(make_job(model=minilm, hooks=["blocks.0.mlp.hook_post"], dense=[], dataset={"max_tokens": 300}, top_k=2))
+    run_job(spec, use_ray=False)
+    assert _rows(spec.store, "SELECT count(*) FROM logit_effects") == [(0,)]
+
+
+def test_one_example_per_document(make_job, tiny_model):
+    spec = load_job(make_job("perdoc", examples="document", top_k=4, shard_size=4, batch_size=3, dense=[], statistics=["bottom"]))
+    run_job(spec, use_ray=False)
+    store = Store.open(spec.store)
+    data = store.read_tokens(0, store.n_seq, ("tokens", "kinds", "doc_ids"))
+    ref = activations(str(tiny_model), spec.hooks, data["tokens"], data["kinds"] != PAD)
+    counted = (data["kinds"] == TEXT).reshape(-1)
+    docs = data["doc_ids"].reshape(-1)
+    for table, sign in (("top_examples", 1), ("bottom_examples", -1)):
+        for hook in spec.hooks:
+            x = ref[hook].reshape(-1, ref[hook].shape[-1])
+            rows = _rows(spec.store, f"SELECT e.neuron, e.rank, e.activation, t.doc_id FROM {table} e JOIN tokens t USING (seq_id, pos) WHERE hook = ? ORDER BY neuron, rank", hook)
+            per_neuron = {}
+            for neuron, rank, value, doc in rows:
+                per_neuron.setdefault(neuron, []).append((value, doc))
+            for neuron in range(x.shape[1]):
+                best = {}
+                for i in np.flatnonzero(counted):
+                    best[docs[i]] = max(best.get(docs[i], -np.inf), sign * x[i, neuron])
+                truth = sorted(best.values(), reverse=True)[: spec.top_k]
+                got = per_neuron[neuron]
+                assert len({d for _, d in got}) == len(got)  # one example per document
+                np.testing.assert_allclose([sign * v for v, _ in got], truth, atol=1e-5)
+                for value, doc in got:
+                    assert abs(best[doc] - sign * value) < 1e-5  # the document's best token
+
+
+def test_statistics_can_be_switched_off(make_job):
+    spec = load_job(make_job("lean", statistics=[], dense=[]))
+    run_job(spec, use_ray=False)
+    for table in ("bottom_examples", "histograms", "band_samples", "random_samples", "token_stats", "logit_effects"):
+        assert _rows(spec.store, f"SELECT count(*) FROM {table}") == [(0,)], table
+    assert _rows(spec.store, "SELECT count(*) > 0, bool_and(p50 IS NULL) FROM neuron_stats") == [(True, True)]
