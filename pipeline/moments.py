@@ -77,7 +77,7 @@ class RunningMoments:
             "mean": mean.double(), "m2": d2.sum(0).double(),
             "m3": (d2 * d).sum(0).double(), "m4": (d2 * d2).sum(0).double(),
             "min": x.amin(0), "max": x.amax(0),
-            "n_active": (x > self.threshold).sum(0),
+            "n_active": (x > self.threshold).sum(0, dtype=torch.int32).long(),  # int32: half the time
         }
         self.state = combine(self.state, batch)
 

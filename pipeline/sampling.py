@@ -5,7 +5,10 @@ split, any worker, any retry). A sample is "the tokens of lowest priority" in so
 uniform random sample of that set (bottom-k sampling) and merges exactly: the lowest priorities of
 a union are the lowest of the parts' lowest.
 
-- **Band samples**: for each neuron, ``samples_per_band`` tokens from each *band*, the octaves of
+- **Band samples**: for each neuron, ``samples_per_band`` tokens from each *band* (among the
+  tokens whose priority falls in the lowest ``band_sample_rate`` of the range: a seeded 1-in-8
+  subsample by default, which cuts the cost per batch eightfold; top and bottom examples cover
+  the rare extreme bands exactly), the octaves of
   |activation| over [2**-8, 2**8) of each sign (16 per sign, band 16 + e holds (2**(e-8),
   2**(e-7)] for positive values). Bands are fixed before any data is seen, so a shard decides each
   token's band alone; equal-width bands of (0, max] (as some dashboards draw) would need the final
@@ -70,10 +73,12 @@ def _first_per_group(groups: torch.Tensor, keep: int) -> torch.Tensor:
 
 
 class RunningBandSamples:
-    """For each (band, neuron), the ``size`` counted tokens of lowest priority seen so far."""
+    """For each (band, neuron), the ``size`` eligible counted tokens of lowest priority seen so
+    far; a token is eligible when its priority is below ``rate * 2**32``."""
 
-    def __init__(self, size: int, width: int, device: torch.device):
+    def __init__(self, size: int, width: int, device: torch.device, rate: float = 1.0):
         self.size, self.width = size, width
+        self.cut = int(rate * 2**32)
         cells = N_BANDS * width
         self.prio = torch.full((cells, size), EMPTY, dtype=torch.int64, device=device)
         self.index = torch.full((cells, size), -1, dtype=torch.int64, device=device)
@@ -83,20 +88,20 @@ class RunningBandSamples:
         self.fresh = True
 
     def update(self, x: torch.Tensor, batch) -> None:
-        if self.fresh:
-            # Every cell is empty: go through the first batch in order of priority, so cells fill
-            # with its lowest priorities first and most of the later chunks' tokens are skipped.
-            self.fresh = False
-            order = torch.argsort(batch.priority)
-            for chunk in torch.split(order, 256):
-                self._update(x[chunk], batch.priority[chunk], batch.global_index[chunk], None if batch.counted is None else batch.counted[chunk])
-        else:
-            self._update(x, batch.priority, batch.global_index, batch.counted)
+        eligible = batch.priority < self.cut
+        if batch.counted is not None:
+            eligible &= batch.counted
+        rows = eligible.nonzero(as_tuple=True)[0]
+        # In order of priority, so that an empty cell fills with the lowest priorities first and
+        # later chunks' tokens are mostly skipped.
+        rows = rows[torch.argsort(batch.priority[rows])]
+        chunks = torch.split(rows, 256) if self.fresh else (rows,)
+        self.fresh = False
+        for chunk in chunks:
+            self._update(x[chunk], batch.priority[chunk], batch.global_index[chunk])
 
-    def _update(self, x, prio, index, counted) -> None:
+    def _update(self, x, prio, index) -> None:
         band = self.lut[(x.view(torch.int32) >> (23 - PER_OCTAVE_BITS)) + 2048]
-        if counted is not None:
-            band = band.masked_fill(~counted.unsqueeze(1), -1)
         cell = band * self.width + self.column
         threshold = self.prio[:, -1][cell.clamp(min=0)]
         token, neuron = ((band >= 0) & (prio.unsqueeze(1) < threshold)).nonzero(as_tuple=True)

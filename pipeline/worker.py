@@ -135,7 +135,7 @@ class HookStatistics:
         if spec.computes("histogram"):
             self.others["hist"] = RunningHistogram(width, device)
         if spec.computes("samples"):
-            self.others["band"] = RunningBandSamples(spec.samples_per_band, width, device)
+            self.others["band"] = RunningBandSamples(spec.samples_per_band, width, device, spec.band_sample_rate)
             self.others["random"] = RunningRandomSamples(spec.random_samples, width, device)
         if spec.computes("tokens"):
             self.others["tokens"] = RunningTokenSums(shard_tokens, shard_counted, width)

@@ -96,6 +96,9 @@ class JobSpec(_Frozen):
         "token", description="Top and bottom examples: any tokens, or at most one per document (as Neuroscope)."
     )
     samples_per_band: PositiveInt = Field(4, description="Sampled examples kept per activation band (octave).")
+    band_sample_rate: float = Field(
+        0.125, gt=0, le=1, description="Fraction of tokens (a seeded hash decides which) eligible as band samples."
+    )
     random_samples: PositiveInt = Field(16, description="Uniformly sampled counted tokens, with every neuron's value.")
     seed: int = Field(0, ge=0, lt=2**32, description="Seed of the deterministic sampling.")
     top_tokens: PositiveInt = Field(10, description="Vocabulary tokens kept per neuron, by mean activation.")

@@ -14,10 +14,9 @@ import pytest
 from jobs.jobfile import load_job
 from jobs.runner import run_job
 from pipeline.worker import ShardWorker
+from queries.catalog import TABLES  # every table must match
 from storage.store import Store
 from tests.conftest import tree_digest
-
-from queries.catalog import TABLES  # noqa: E402 - every table must match
 
 
 def tables(store_url: str) -> dict:

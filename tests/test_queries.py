@@ -87,3 +87,17 @@ def test_incomplete_store_is_not_queried(make_job):
     Store.create(spec.store, spec=spec, fingerprint=model["fingerprint"], model=model)
     with pytest.raises(Exception, match="has not finished"):
         queries.connect(spec.store)
+
+
+def test_every_table_and_column_is_documented_in_the_readme(finished):
+    from pathlib import Path
+
+    from queries.catalog import TABLES
+
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    rows = {line.split("|")[1].strip(" `"): line for line in readme.splitlines() if line.startswith("| `")}
+    with queries.connect(finished.store) as catalog:
+        for table in TABLES:
+            assert table in rows, f"README documents no table {table}"
+            for column in catalog.sql(f"SELECT * FROM {table} LIMIT 0").columns:
+                assert f"`{column}`" in rows[table], f"README's {table} row lacks {column}"
