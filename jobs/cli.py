@@ -186,6 +186,38 @@ def top(
 
 @app.command()
 @friendly
+def coact(
+    store: Annotated[str, typer.Argument(help="The store (path or URL).")],
+    hook: Annotated[str, typer.Argument(help="A recorded hook, e.g. blocks.1.mlp.hook_post.")],
+    neuron: Annotated[int, typer.Argument(help="Neuron index within the hook.")],
+    k: Annotated[int, typer.Option("-k", min=1, help="How many partners.")] = 10,
+    by: Annotated[str, typer.Option("--by", help="Ranking: pearson (|correlation|) or jaccard.")] = "pearson",
+    format: Annotated[Format, typer.Option("--format", "-f")] = Format.table,
+):
+    """The neurons that fire together with a neuron, with their top tokens."""
+    import queries
+
+    with queries.connect(store) as catalog:
+        result = catalog.coact(hook, neuron, k=k, ranking=by)
+    if format is not Format.table:
+        _print_result(result, format)
+        return
+    table = Table(title=f"{hook} neuron {neuron}: partners by {by}")
+    for column in ("rank", "hook", "neuron", "pearson", "jaccard", "P(b|a)", "lift", "n_both", "top tokens"):
+        table.add_column(column, justify="left" if column in ("hook", "top tokens") else "right")
+    for row in result.records():
+        numbers = [_number(row[c]) for c in ("pearson", "jaccard", "p_b_given_a", "lift")]
+        tokens = _visible(row["top_tokens"] or "")
+        table.add_row(str(row["rank"]), row["hook"], str(row["neuron"]), *numbers, str(row["n_both"]), tokens)
+    out.print(table)
+
+
+def _number(value) -> str:
+    return "—" if value is None or value != value else f"{value:.3f}"
+
+
+@app.command()
+@friendly
 def hooks(model: Annotated[str, typer.Argument(help="A Hugging Face model directory or hub id.")]):
     """List a model's hook names that can be recorded (one vector per token)."""
     import torch

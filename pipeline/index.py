@@ -2,7 +2,7 @@
 
 Tables (contract, see README): ``tokens``, ``vocab``, ``top_examples``, ``bottom_examples``,
 ``neuron_stats``, ``histograms``, ``band_samples``, ``random_samples``, ``token_stats``,
-``logit_effects``. A statistic the job left out gives an empty table with the same columns, so
+``logit_effects``, ``coactivation``. A statistic the job left out gives an empty table with the same columns, so
 every query runs on every store. Rows are sorted by their
 natural key with row groups of 32k rows, so DuckDB reads one neuron's rows from a few groups.
 """
@@ -15,6 +15,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline import sampling
+from pipeline.coactivation import coactivation_table
 from pipeline.histogram import bin_edges, quantiles
 from pipeline.moments import describe
 from storage.store import Store
@@ -80,6 +81,11 @@ SCHEMAS = {
     "band_samples": pa.schema([("hook", _HOOK), ("neuron", pa.int32()), ("band", pa.int16()), ("lo", pa.float64()), ("hi", pa.float64()), *_EXAMPLE[1:]]),
     "random_samples": pa.schema([("hook", _HOOK), *_EXAMPLE]),
     "token_stats": pa.schema([("hook", _HOOK), ("neuron", pa.int32()), ("rank", pa.int16()), ("token_id", pa.int32()), ("mean_activation", pa.float64()), ("count", pa.int64())]),
+    "coactivation": pa.schema([
+        ("hook_a", _HOOK), ("neuron_a", pa.int32()), ("hook_b", _HOOK), ("neuron_b", pa.int32()), ("ranking", pa.string()),
+        ("rank", pa.int16()), ("pearson", pa.float32()), ("jaccard", pa.float32()), ("p_b_given_a", pa.float32()),
+        ("lift", pa.float32()), ("n_both", pa.int64()),
+    ]),
     "logit_effects": pa.schema([("hook", _HOOK), ("neuron", pa.int32()), ("direction", pa.string()), ("rank", pa.int16()), ("token_id", pa.int32()), ("effect", pa.float32())]),
 }
 
@@ -227,3 +233,4 @@ def build_index(store: Store, merged: dict[str, dict[str, np.ndarray]], tokenize
     write_table(store, "random_samples", random_samples_table(merged, ctx))
     write_table(store, "token_stats", token_stats_table(merged))
     write_table(store, "logit_effects", logit_effects_table(store.read_logits()))
+    write_table(store, "coactivation", coactivation_table(store, store.spec))

@@ -17,6 +17,8 @@ import numpy as np
 import torch
 
 from pipeline import sampling
+from pipeline.coactivation import GROUP as COACTIVATION
+from pipeline.coactivation import RunningCoactivation
 from pipeline.histogram import RunningHistogram
 from pipeline.logits import logit_effects
 from pipeline.model import HookedForward, load_job_model, prefer_sdpa, resolve_device
@@ -79,6 +81,7 @@ class ShardWorker:
         shard = torch.arange(offset, offset + tokens.numel(), device=self.device)
         priority = sampling.priority(shard, spec.seed)
         stats = {h: HookStatistics(spec, h, self.widths[h], tokens.reshape(-1), counted.reshape(-1)) for h in spec.hooks}
+        coact = RunningCoactivation(spec, self.widths, self.device) if spec.coactivation_hooks() else None
         dense = {h: np.empty((last - first, ctx, self.widths[h]), dtype=np.float16) for h in spec.dense}
         for b0 in range(0, last - first, spec.batch_size):
             b1 = min(b0 + spec.batch_size, last - first)
@@ -93,11 +96,17 @@ class ShardWorker:
                 docs=docs[span],
                 priority=priority[span],
             )
-            for hook, act in acts.items():
-                stats[hook].update(act.reshape(-1, act.shape[-1]).float(), batch)  # float32 once
+            flat = {hook: act.reshape(-1, act.shape[-1]).float() for hook, act in acts.items()}  # float32 once
+            for hook, x in flat.items():
+                stats[hook].update(x, batch)
                 if hook in dense:
-                    dense[hook][b0:b1] = act.to(torch.float16).cpu().numpy()
-        return {hook: s.result(offset) for hook, s in stats.items()}, dense
+                    dense[hook][b0:b1] = acts[hook].to(torch.float16).cpu().numpy()
+            if coact is not None:
+                coact.update(flat, batch)
+        partials = {hook: s.result(offset) for hook, s in stats.items()}
+        if coact is not None:
+            partials[COACTIVATION] = coact.result()
+        return partials, dense
 
     def write_logit_effects(self) -> bool:
         """Compute the logit effects of every hook from the weights, once per job; True if the

@@ -19,7 +19,7 @@ from storage.store import Store
 
 TABLES = (
     "tokens", "vocab", "top_examples", "bottom_examples", "neuron_stats", "histograms",
-    "band_samples", "random_samples", "token_stats", "logit_effects",
+    "band_samples", "random_samples", "token_stats", "logit_effects", "coactivation",
 )
 
 _MACROS = """
@@ -121,6 +121,26 @@ class Catalog:
         if k <= 0 or window < 0:
             raise QueryError("k must be positive and window non-negative.")
         return self.sql("SELECT * FROM top_with_context(?, ?, k := ?, w := ?)", [hook, neuron, k, window])
+
+
+    def coact(self, hook: str, neuron: int, k: int = 10, ranking: str = "pearson", tokens: int = 3) -> Result:
+        """The k strongest co-activation partners of ``neuron`` by ``ranking`` (pearson: by
+        |correlation|; jaccard), each with its statistics and its top tokens by mean activation."""
+        self.check_neuron(hook, neuron)
+        if ranking not in ("pearson", "jaccard"):
+            raise QueryError("ranking must be pearson or jaccard.")
+        return self.sql(
+            """
+            SELECT c.rank, c.hook_b AS hook, c.neuron_b AS neuron, c.pearson, c.jaccard, c.p_b_given_a,
+                   c.lift, c.n_both,
+                   (SELECT string_agg(v.token, ' | ' ORDER BY s.rank) FROM token_stats s JOIN vocab v USING (token_id)
+                    WHERE s.hook = c.hook_b AND s.neuron = c.neuron_b AND s.rank <= ?) AS top_tokens
+            FROM coactivation c
+            WHERE c.hook_a = ? AND c.neuron_a = ? AND c.ranking = ? AND c.rank <= ?
+            ORDER BY c.rank
+            """,
+            [tokens, hook, neuron, ranking, k],
+        )
 
 
 def _parse(query: str) -> list:

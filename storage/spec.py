@@ -26,8 +26,8 @@ _NOT_PER_TOKEN = re.compile(r"\.hook_(pattern|attn_scores)$")
 
 
 #: Statistics a job may switch off (top examples and moments are always computed).
-OPTIONAL_STATISTICS = ("bottom", "histogram", "samples", "tokens", "logits")
-Statistic = Literal["bottom", "histogram", "samples", "tokens", "logits"]
+OPTIONAL_STATISTICS = ("bottom", "histogram", "samples", "tokens", "logits", "coactivation")
+Statistic = Literal["bottom", "histogram", "samples", "tokens", "logits", "coactivation"]
 
 
 class _Frozen(BaseModel):
@@ -55,6 +55,19 @@ class DatasetSpec(_Frozen):
     @classmethod
     def _one_or_many(cls, value: Any) -> Any:
         return [value] if isinstance(value, str) else value
+
+
+class CoactivationSpec(_Frozen):
+    """Which neuron pairs co-activation covers, and on how many tokens."""
+
+    stride: PositiveInt = Field(
+        16, description="Use a hashed 1-in-stride subsample of the counted tokens (1 = every token)."
+    )
+    pairs: Literal["all", "within", "adjacent"] = Field(
+        "all", description="Site pairs: all, within (same hook), adjacent (same or next layer)."
+    )
+    partners: PositiveInt = Field(10, description="Partners kept per neuron and ranking.")
+    hooks: list[str] | None = Field(None, description="Hooks taking part (default: every hook).")
 
 
 class JobSpec(_Frozen):
@@ -106,6 +119,9 @@ class JobSpec(_Frozen):
         4, description="Occurrences a token needs before its mean activation can rank."
     )
     top_logits: PositiveInt = Field(10, description="Output tokens kept per neuron, promoted and suppressed.")
+    coactivation: CoactivationSpec = Field(
+        default_factory=CoactivationSpec, description="Co-activation of neuron pairs (see its fields)."
+    )
 
     @field_validator("hooks", "dense")
     @classmethod
@@ -123,8 +139,9 @@ class JobSpec(_Frozen):
 
     @model_validator(mode="after")
     def _hook_options_name_hooks(self) -> JobSpec:
-        for option in ("dense", "thresholds"):
-            missing = [h for h in getattr(self, option) if h not in self.hooks]
+        for option in ("dense", "thresholds", "coactivation.hooks"):
+            value = self.coactivation.hooks or [] if option == "coactivation.hooks" else getattr(self, option)
+            missing = [h for h in value if h not in self.hooks]
             if missing:
                 raise ValueError(f"{option} lists hooks that are not in hooks: {', '.join(missing)}")
         return self
@@ -136,6 +153,13 @@ class JobSpec(_Frozen):
 
     def computes(self, statistic: str) -> bool:
         return statistic in self.statistics
+
+    def coactivation_hooks(self) -> list[str]:
+        """The hooks taking part in co-activation, in job order (none when it is off)."""
+        if not self.computes("coactivation"):
+            return []
+        chosen = self.coactivation.hooks
+        return [h for h in self.hooks if chosen is None or h in chosen]
 
     def threshold(self, hook: str) -> float:
         return self.thresholds.get(hook, 0.0)
@@ -177,5 +201,6 @@ def _describe(err: ValidationError, source: str) -> str:
 
 
 def _valid_keys(loc: tuple[Any, ...]) -> str:
-    model: type[BaseModel] = DatasetSpec if loc and loc[0] == "dataset" and len(loc) > 1 else JobSpec
+    nested = {"dataset": DatasetSpec, "coactivation": CoactivationSpec}
+    model: type[BaseModel] = nested.get(loc[0], JobSpec) if len(loc) > 1 else JobSpec
     return ", ".join(model.model_fields)

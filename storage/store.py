@@ -233,8 +233,16 @@ def _write_committed(group: zarr.Group, arrays: Mapping[str, Mapping[str, np.nda
             group.create_array(
                 f"{hook}/{name}",
                 data=np.ascontiguousarray(value),
-                chunks=tuple(max(d, 1) for d in value.shape),
+                chunks=_partial_chunks(value.shape),
                 compressors=_ZSTD,
                 overwrite=True,
             )
     group.attrs.update({**record, "committed": True})
+
+
+def _partial_chunks(shape: tuple[int, ...]) -> tuple[int, ...]:
+    """One chunk for a small array; 512 x 512 tiles for a large matrix (co-activation), so that
+    the merge reads one block of rows or columns without reading the rest."""
+    if len(shape) == 2 and shape[0] * shape[1] > 2**20:
+        return (512, 512)
+    return tuple(max(d, 1) for d in shape)

@@ -101,3 +101,17 @@ def test_every_table_and_column_is_documented_in_the_readme(finished):
             assert table in rows, f"README documents no table {table}"
             for column in catalog.sql(f"SELECT * FROM {table} LIMIT 0").columns:
                 assert f"`{column}`" in rows[table], f"README's {table} row lacks {column}"
+
+
+def test_coact_command_prints_partners_with_their_top_tokens(finished):
+    hook = finished.hooks[0]
+    result = CliRunner().invoke(app, ["coact", finished.store, hook, "3", "-k", "4", "--format", "json"])
+    assert result.exit_code == 0, result.output
+    rows = json.loads(result.output)
+    assert [r["rank"] for r in rows] == [1, 2, 3, 4]
+    assert all(r["hook"] == hook and r["neuron"] != 3 and r["top_tokens"] for r in rows)
+    assert abs(rows[0]["pearson"]) >= abs(rows[-1]["pearson"])
+    table = CliRunner().invoke(app, ["coact", finished.store, hook, "3", "--by", "jaccard"])
+    assert table.exit_code == 0 and "partners by jaccard" in table.output
+    bad = CliRunner().invoke(app, ["coact", finished.store, hook, "99999"])
+    assert bad.exit_code == 2 and "Traceback" not in bad.output

@@ -1,0 +1,224 @@
+"""Co-activation of every pair of neurons across the hooked sites: Pearson correlation, and
+co-firing of the binarised activity (count, P(b|a), Jaccard, lift).
+
+**On the device, per shard.** Tokens: the counted ones whose sampling priority falls in the
+lowest 1/``stride`` of its range (a hashed subsample: no aliasing with positions, independent of
+sharding). Per batch and pair of sites (i, j): the centred cross-product ``(X_i - m_i)^T (X_j -
+m_j)`` and the co-firing counts ``B_i^T B_j`` (B = activation above the site's threshold) are two
+float32 matrix products, combined into the shard's running co-moments (float64) with the
+pairwise update of Chan et al.: ``C = C_a + C_b + (m_b - m_a)(m_b - m_a)^T n_a n_b / n``. Centring
+keeps the Pearson correlation accurate where raw sums would cancel (residual-stream dimensions
+with large means). Cost per counted token: 4 N_i N_j FLOPs per pair, divided by the stride.
+
+**Merge, blockwise.** Each shard stores its co-moments (float32) and counts (int32) per site pair,
+in 512 x 512 chunks. The merge walks the neurons in row blocks: for each block it folds the
+shards' rows in shard order with the same pairwise update, computes the four statistics against
+every allowed partner, and keeps the top ``partners`` by |pearson| and by Jaccard. Host memory
+is one block's rows, ``512 x N`` float64, never N x N.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from pipeline.tokenstats import top_rows
+from storage.spec import JobSpec
+
+GROUP = "coactivation"  # the shard partials' pseudo-hook (hook names all contain "hook")
+BLOCK = 512
+_LAYER = re.compile(r"blocks\.(\d+)\.")
+
+
+def site_pairs(hooks: list[str], pairs: str) -> list[tuple[int, int]]:
+    """The (i, j), i <= j, site pairs to accumulate: all, within (i == j), or adjacent (same or
+    next layer; hooks outside the blocks count as layer -1)."""
+
+    def layer(hook: str) -> int:
+        match = _LAYER.search(hook)
+        return int(match.group(1)) if match else -1
+
+    chosen = []
+    for i in range(len(hooks)):
+        for j in range(i, len(hooks)):
+            if pairs == "all" or i == j or (pairs == "adjacent" and abs(layer(hooks[i]) - layer(hooks[j])) <= 1):
+                chosen.append((i, j))
+    return chosen
+
+
+def token_cut(stride: int) -> int:
+    """Tokens whose priority is below this take part."""
+    return (2**32) // stride
+
+
+class RunningCoactivation:
+    """One shard's co-moments and co-firing counts of every allowed site pair."""
+
+    def __init__(self, spec: JobSpec, widths: dict[str, int], device: torch.device):
+        self.hooks = spec.coactivation_hooks()
+        self.pairs = site_pairs(self.hooks, spec.coactivation.pairs)
+        self.cut = token_cut(spec.coactivation.stride)
+        self.thresholds = [spec.threshold(h) for h in self.hooks]
+        f64 = dict(dtype=torch.float64, device=device)
+        self.n = 0
+        self.mean = [torch.zeros(widths[h], **f64) for h in self.hooks]
+        self.active = [torch.zeros(widths[h], dtype=torch.int64, device=device) for h in self.hooks]
+        self.m2 = {(i, j): torch.zeros(widths[self.hooks[i]], widths[self.hooks[j]], **f64) for i, j in self.pairs}
+        self.both = {(i, j): torch.zeros(widths[self.hooks[i]], widths[self.hooks[j]], dtype=torch.int64, device=device) for i, j in self.pairs}
+
+    def update(self, acts: dict[str, torch.Tensor], batch) -> None:
+        chosen = batch.priority < self.cut
+        if batch.counted is not None:
+            chosen &= batch.counted
+        rows = chosen.nonzero(as_tuple=True)[0]
+        nb = len(rows)
+        if nb == 0:
+            return
+        xs = [acts[h][rows] for h in self.hooks]
+        means = [x.mean(0) for x in xs]
+        centred = [x - m for x, m in zip(xs, means)]
+        fired = [(x > t).float() for x, t in zip(xs, self.thresholds)]
+        n = self.n + nb
+        delta = [m.double() - mean for m, mean in zip(means, self.mean)]
+        for i, j in self.pairs:
+            self.m2[i, j] += (centred[i].T @ centred[j]).double() + torch.outer(delta[i], delta[j]) * (self.n * nb / n)
+            self.both[i, j] += (fired[i].T @ fired[j]).long()  # 0/1 products: exact in float32
+        for i in range(len(self.hooks)):
+            self.mean[i] += delta[i] * (nb / n)
+            self.active[i] += fired[i].sum(0).long()
+        self.n = n
+
+    def result(self) -> dict[str, np.ndarray]:
+        out = {"n": np.array([self.n], dtype=np.int64)}
+        for i in range(len(self.hooks)):
+            out[f"mean.{i}"] = self.mean[i].cpu().numpy()
+            out[f"active.{i}"] = self.active[i].cpu().numpy()
+        for i, j in self.pairs:
+            out[f"m2.{i}.{j}"] = self.m2[i, j].float().cpu().numpy()
+            out[f"both.{i}.{j}"] = self.both[i, j].to(torch.int32).cpu().numpy()
+        return out
+
+
+class _Folded:
+    """The shards' per-neuron sums folded in shard order: counts, means, and the pairwise-update
+    weights each shard's rows need."""
+
+    def __init__(self, shards: list[dict[str, np.ndarray]], n_hooks: int):
+        self.steps = []  # per shard: (n before, n of the shard, delta of each hook's means)
+        n, mean = 0, None
+        self.active = [0] * n_hooks
+        for part in shards:
+            nb = int(part["n"][0])
+            means = [part[f"mean.{i}"] for i in range(n_hooks)]
+            if mean is None:
+                mean = [np.zeros_like(m) for m in means]
+            delta = [m - old for m, old in zip(means, mean)]
+            total = n + nb
+            self.steps.append((n, nb, delta))
+            if total:
+                mean = [old + d * (nb / total) for old, d in zip(mean, delta)]
+            self.active = [a + part[f"active.{i}"] for i, a in enumerate(self.active)]
+            n = total
+        self.n = n
+
+
+def coactivation_table(store, spec: JobSpec) -> pa.Table:
+    """The ``coactivation`` table: for each neuron, its top partners by |pearson| and by Jaccard."""
+    from pipeline.index import SCHEMAS
+
+    hooks = spec.coactivation_hooks()
+    if not hooks:
+        return SCHEMAS["coactivation"].empty_table()
+    pairs = site_pairs(hooks, spec.coactivation.pairs)
+    groups = [store.group[f"shards/{key}/{GROUP}"] for key in _shard_keys(store)]
+    small = [{name: g[name][...] for name in g.array_keys() if not name.startswith(("m2.", "both."))} for g in groups]
+    folded = _Folded(small, len(hooks))
+    n = folded.n
+    # The diagonal co-moments (variances) of every neuron, folded like every other entry.
+    variance = [_fold_rows(groups, folded, i, i, slice(None), diagonal=True)[0] for i in range(len(hooks))]
+    partners_of = {i: [j for a, b in pairs for j in ((b,) if a == i else (a,) if b == i else ())] for i in range(len(hooks))}
+    columns: dict[str, list[np.ndarray]] = {name: [] for name in SCHEMAS["coactivation"].names}
+    m = spec.coactivation.partners
+    for i, hook in enumerate(hooks):
+        js = sorted(set(partners_of[i]))
+        width = len(variance[i])
+        for start in range(0, width, BLOCK):
+            rows = slice(start, min(start + BLOCK, width))
+            blocks = [_block_stats(groups, folded, variance, i, j, rows, n) for j in js]
+            stats = {k: np.concatenate([b[k] for b in blocks], axis=1) for k in blocks[0]}
+            partner_hook = np.concatenate([np.full(len(variance[j]), j) for j in js])
+            partner = np.concatenate([np.arange(len(variance[j])) for j in js])
+            own = np.arange(rows.start, rows.stop)
+            is_self = (partner_hook[None, :] == i) & (partner[None, :] == own[:, None])
+            for ranking, score in (("pearson", np.abs(stats["pearson"])), ("jaccard", stats["jaccard"])):
+                score = np.where(is_self | np.isnan(score), -np.inf, score)
+                k = min(m, score.shape[1])
+                best = top_rows(score.T, k).T  # [rows, k]
+                valid = np.take_along_axis(score, best, 1) > -np.inf
+                r, c = np.nonzero(valid)
+                col = best[r, c]
+                columns["hook_a"].append(np.full(len(r), hook, dtype=object))
+                columns["neuron_a"].append(own[r])
+                columns["hook_b"].append(np.array(hooks, dtype=object)[partner_hook[col]])
+                columns["neuron_b"].append(partner[col])
+                columns["ranking"].append(np.full(len(r), ranking, dtype=object))
+                columns["rank"].append(c + 1)
+                for name in ("pearson", "jaccard", "p_b_given_a", "lift", "n_both"):
+                    columns[name].append(stats[name][r, col])
+    if not columns["hook_a"]:
+        return SCHEMAS["coactivation"].empty_table()
+    table = {name: np.concatenate(parts) for name, parts in columns.items()}
+    site = {h: k for k, h in enumerate(hooks)}
+    order = np.lexsort((table["rank"], table["ranking"].astype(str), table["neuron_a"], [site[h] for h in table["hook_a"]]))
+    arrays = {name: pa.array(values[order]) for name, values in table.items()}
+    for name in ("hook_a", "hook_b"):
+        arrays[name] = arrays[name].dictionary_encode()
+    return pa.table(arrays).cast(SCHEMAS["coactivation"])
+
+
+def _shard_keys(store) -> Iterable[str]:
+    from storage.store import shard_key
+
+    return [shard_key(s) for s in range(store.n_shards)]
+
+
+def _fold_rows(groups, folded: _Folded, i: int, j: int, rows: slice, *, diagonal: bool = False):
+    """Co-moments of hooks i x j for ``rows`` of i, all of j (or the diagonal when i == j and
+    ``diagonal``), folded over shards in shard order (pairwise update, float64); with the
+    co-firing counts (int64)."""
+    a, b = (i, j) if i <= j else (j, i)
+    name = f"{a}.{b}"
+    m2 = both = None
+    for group, (n0, nb, delta) in zip(groups, folded.steps):
+        if diagonal:
+            # The diagonal of a square chunked array: read it block by block along the diagonal.
+            width = group[f"m2.{name}"].shape[0]
+            part_m2 = np.concatenate([np.diagonal(group[f"m2.{name}"][s:s + BLOCK, s:s + BLOCK]) for s in range(0, width, BLOCK)]).astype(np.float64)
+            part_both = None
+            correction = delta[i] * delta[j]
+        else:
+            part_m2 = (group[f"m2.{name}"][rows, :] if i <= j else group[f"m2.{name}"][:, rows].T).astype(np.float64)
+            part_both = (group[f"both.{name}"][rows, :] if i <= j else group[f"both.{name}"][:, rows].T).astype(np.int64)
+            correction = np.outer(delta[i][rows], delta[j])
+        total = n0 + nb
+        weight = n0 * nb / total if total else 0.0
+        m2 = part_m2 + correction * weight if m2 is None else m2 + part_m2 + correction * weight
+        if part_both is not None:
+            both = part_both if both is None else both + part_both
+    return m2, both
+
+
+def _block_stats(groups, folded: _Folded, variance, i: int, j: int, rows: slice, n: int) -> dict[str, np.ndarray]:
+    m2, both = _fold_rows(groups, folded, i, j, rows)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        pearson = m2 / np.sqrt(np.outer(variance[i][rows], variance[j]))
+        n_a = folded.active[i][rows][:, None].astype(np.float64)
+        n_b = folded.active[j][None, :].astype(np.float64)
+        jaccard = both / (n_a + n_b - both)
+        p_b_given_a = both / n_a
+        lift = both * n / (n_a * n_b)
+    return {"pearson": pearson, "jaccard": jaccard, "p_b_given_a": p_b_given_a, "lift": lift, "n_both": both}
