@@ -3,18 +3,21 @@ co-firing of the binarised activity (count, P(b|a), Jaccard, lift).
 
 **On the device, per shard.** Tokens: the counted ones whose sampling priority falls in the
 lowest 1/``stride`` of its range (a hashed subsample: no aliasing with positions, independent of
-sharding). Per batch and pair of sites (i, j): the centred cross-product ``(X_i - m_i)^T (X_j -
-m_j)`` and the co-firing counts ``B_i^T B_j`` (B = activation above the site's threshold) are two
-float32 matrix products, combined into the shard's running co-moments (float64) with the
-pairwise update of Chan et al.: ``C = C_a + C_b + (m_b - m_a)(m_b - m_a)^T n_a n_b / n``. Centring
-keeps the Pearson correlation accurate where raw sums would cancel (residual-stream dimensions
-with large means). Cost per counted token: 4 N_i N_j FLOPs per pair, divided by the stride.
+sharding). Per batch and pair of sites (i, j): the cross-product of the activations around a
+fixed shift ``(X_i - k_i)^T (X_j - k_j)`` and the co-firing counts ``B_i^T B_j`` (B = activation
+above the site's threshold) are two float32 matrix products accumulated in place; at the end of
+the shard they become central co-moments. Centring keeps the Pearson correlation accurate where
+raw sums would cancel (residual-stream dimensions with large means). Shards combine with the
+pairwise update of Chan et al.: ``C = C_a + C_b + (m_b - m_a)(m_b - m_a)^T n_a n_b / n``. Cost
+per counted token: 4 N_i N_j FLOPs per site pair, divided by the stride.
 
 **Merge, blockwise.** Each shard stores its co-moments (float32) and counts (int32) per site pair,
 in 512 x 512 chunks. The merge walks the neurons in row blocks: for each block it folds the
 shards' rows in shard order with the same pairwise update, computes the four statistics against
 every allowed partner, and keeps the top ``partners`` by |pearson| and by Jaccard. Host memory
-is one block's rows, ``512 x N`` float64, never N x N.
+is one block's rows, ``512 x N`` float64, never N x N. The merged co-moments are written to the
+store's ``coactivation/`` group as they are computed; once committed, the shards' copies are
+deleted, so a store holds one N x N set, not one per shard.
 """
 
 from __future__ import annotations
@@ -56,49 +59,62 @@ def token_cut(stride: int) -> int:
 
 
 class RunningCoactivation:
-    """One shard's co-moments and co-firing counts of every allowed site pair."""
+    """One shard's co-moments and co-firing counts of every allowed site pair.
+
+    Sums are taken around a fixed *shift* per neuron (the mean of the shard's first co-activation
+    batch), accumulated in float32 by in-place matrix products (``addmm_``: no N x N pass besides
+    the product itself), and turned into central co-moments once, at the end of the shard:
+    ``M2 = S - n d d^T`` with d the mean's distance from the shift, small by construction, so
+    nothing cancels. Co-firing counts are float32 products of 0/1 matrices: exact below 2**24
+    tokens per shard.
+    """
 
     def __init__(self, spec: JobSpec, widths: dict[str, int], device: torch.device):
         self.hooks = spec.coactivation_hooks()
         self.pairs = site_pairs(self.hooks, spec.coactivation.pairs)
         self.cut = token_cut(spec.coactivation.stride)
         self.thresholds = [spec.threshold(h) for h in self.hooks]
-        f64 = dict(dtype=torch.float64, device=device)
         self.n = 0
-        self.mean = [torch.zeros(widths[h], **f64) for h in self.hooks]
+        self.shift: list[torch.Tensor] | None = None
+        self.sum = [torch.zeros(widths[h], dtype=torch.float64, device=device) for h in self.hooks]
         self.active = [torch.zeros(widths[h], dtype=torch.int64, device=device) for h in self.hooks]
-        self.m2 = {(i, j): torch.zeros(widths[self.hooks[i]], widths[self.hooks[j]], **f64) for i, j in self.pairs}
-        self.both = {(i, j): torch.zeros(widths[self.hooks[i]], widths[self.hooks[j]], dtype=torch.int64, device=device) for i, j in self.pairs}
+        shape = lambda i, j: (widths[self.hooks[i]], widths[self.hooks[j]])  # noqa: E731
+        self.m2 = {(i, j): torch.zeros(shape(i, j), dtype=torch.float32, device=device) for i, j in self.pairs}
+        self.both = {(i, j): torch.zeros(shape(i, j), dtype=torch.float32, device=device) for i, j in self.pairs}
 
     def update(self, acts: dict[str, torch.Tensor], batch) -> None:
         chosen = batch.priority < self.cut
         if batch.counted is not None:
             chosen &= batch.counted
         rows = chosen.nonzero(as_tuple=True)[0]
-        nb = len(rows)
-        if nb == 0:
+        if len(rows) == 0:
             return
+        if self.n + len(rows) >= 2**24:
+            raise ValueError("co-activation counts more than 2**24 tokens in one shard; use smaller shards or a larger stride")
         xs = [acts[h][rows] for h in self.hooks]
-        means = [x.mean(0) for x in xs]
-        centred = [x - m for x, m in zip(xs, means)]
+        if self.shift is None:
+            self.shift = [x.mean(0) for x in xs]
+        shifted = [x - k for x, k in zip(xs, self.shift)]
         fired = [(x > t).float() for x, t in zip(xs, self.thresholds)]
-        n = self.n + nb
-        delta = [m.double() - mean for m, mean in zip(means, self.mean)]
         for i, j in self.pairs:
-            self.m2[i, j] += (centred[i].T @ centred[j]).double() + torch.outer(delta[i], delta[j]) * (self.n * nb / n)
-            self.both[i, j] += (fired[i].T @ fired[j]).long()  # 0/1 products: exact in float32
+            self.m2[i, j].addmm_(shifted[i].T, shifted[j])
+            self.both[i, j].addmm_(fired[i].T, fired[j])
         for i in range(len(self.hooks)):
-            self.mean[i] += delta[i] * (nb / n)
+            self.sum[i] += shifted[i].sum(0, dtype=torch.float64)
             self.active[i] += fired[i].sum(0).long()
-        self.n = n
+        self.n += len(rows)
 
     def result(self) -> dict[str, np.ndarray]:
+        n = max(self.n, 1)
+        offset = [s / n for s in self.sum]  # the mean's distance from the shift
         out = {"n": np.array([self.n], dtype=np.int64)}
         for i in range(len(self.hooks)):
-            out[f"mean.{i}"] = self.mean[i].cpu().numpy()
+            mean = offset[i] + (self.shift[i].double() if self.shift is not None else 0.0)
+            out[f"mean.{i}"] = mean.cpu().numpy()
             out[f"active.{i}"] = self.active[i].cpu().numpy()
         for i, j in self.pairs:
-            out[f"m2.{i}.{j}"] = self.m2[i, j].float().cpu().numpy()
+            m2 = self.m2[i, j].double() - torch.outer(offset[i], offset[j]) * self.n
+            out[f"m2.{i}.{j}"] = m2.float().cpu().numpy()
             out[f"both.{i}.{j}"] = self.both[i, j].to(torch.int32).cpu().numpy()
         return out
 
@@ -124,6 +140,7 @@ class _Folded:
             self.active = [a + part[f"active.{i}"] for i, a in enumerate(self.active)]
             n = total
         self.n = n
+        self.mean = mean or []
 
 
 def coactivation_table(store, spec: JobSpec) -> pa.Table:
@@ -134,9 +151,16 @@ def coactivation_table(store, spec: JobSpec) -> pa.Table:
     if not hooks:
         return SCHEMAS["coactivation"].empty_table()
     pairs = site_pairs(hooks, spec.coactivation.pairs)
-    groups = [store.group[f"shards/{key}/{GROUP}"] for key in _shard_keys(store)]
+    merged = store.group.require_group(GROUP)
+    if merged.attrs.get("committed"):
+        groups, keep = [merged], None  # merged by an earlier run: one "shard" holding everything
+    else:
+        groups = [store.group[f"shards/{key}/{GROUP}"] for key in _shard_keys(store)]
+        keep = merged
     small = [{name: g[name][...] for name in g.array_keys() if not name.startswith(("m2.", "both."))} for g in groups]
     folded = _Folded(small, len(hooks))
+    if keep is not None:
+        _create_merged(keep, groups[0], folded, len(hooks))
     n = folded.n
     # The diagonal co-moments (variances) of every neuron, folded like every other entry.
     variance = [_fold_rows(groups, folded, i, i, slice(None), diagonal=True)[0] for i in range(len(hooks))]
@@ -148,7 +172,13 @@ def coactivation_table(store, spec: JobSpec) -> pa.Table:
         width = len(variance[i])
         for start in range(0, width, BLOCK):
             rows = slice(start, min(start + BLOCK, width))
-            blocks = [_block_stats(groups, folded, variance, i, j, rows, n) for j in js]
+            blocks = []
+            for j in js:
+                m2, both = _fold_rows(groups, folded, i, j, rows)
+                if keep is not None and i <= j:
+                    keep[f"m2.{i}.{j}"][rows, :] = m2.astype(np.float32)
+                    keep[f"both.{i}.{j}"][rows, :] = both
+                blocks.append(_block_stats(m2, both, folded, variance, i, j, rows, n))
             stats = {k: np.concatenate([b[k] for b in blocks], axis=1) for k in blocks[0]}
             partner_hook = np.concatenate([np.full(len(variance[j]), j) for j in js])
             partner = np.concatenate([np.arange(len(variance[j])) for j in js])
@@ -169,6 +199,8 @@ def coactivation_table(store, spec: JobSpec) -> pa.Table:
                 columns["rank"].append(c + 1)
                 for name in ("pearson", "jaccard", "p_b_given_a", "lift", "n_both"):
                     columns[name].append(stats[name][r, col])
+    if keep is not None:
+        keep.attrs["committed"] = True
     if not columns["hook_a"]:
         return SCHEMAS["coactivation"].empty_table()
     table = {name: np.concatenate(parts) for name, parts in columns.items()}
@@ -212,8 +244,34 @@ def _fold_rows(groups, folded: _Folded, i: int, j: int, rows: slice, *, diagonal
     return m2, both
 
 
-def _block_stats(groups, folded: _Folded, variance, i: int, j: int, rows: slice, n: int) -> dict[str, np.ndarray]:
-    m2, both = _fold_rows(groups, folded, i, j, rows)
+def _create_merged(group, template, folded: _Folded, n_hooks: int) -> None:
+    """Arrays for the merged co-moments and counts (filled block by block by the merge), and the
+    folded per-neuron sums, shaped as one shard's partial so that later reads take one path."""
+    from storage.store import _ZSTD
+
+    group.create_array("n", data=np.array([folded.n], dtype=np.int64), overwrite=True)
+    for i in range(n_hooks):
+        group.create_array(f"mean.{i}", data=folded.mean[i], overwrite=True)
+        group.create_array(f"active.{i}", data=np.asarray(folded.active[i], dtype=np.int64), overwrite=True)
+    for name, array in template.arrays():
+        if name.startswith(("m2.", "both.")):
+            chunks = tuple(min(d, BLOCK) for d in array.shape)
+            dtype = np.float32 if name.startswith("m2.") else np.int64
+            group.create_array(name, shape=array.shape, dtype=dtype, chunks=chunks, compressors=_ZSTD, overwrite=True)
+
+
+def drop_shard_partials(store) -> None:
+    """Once the merged co-moments are committed, the shards' copies (N x N each) go: the store
+    keeps one, not one per shard."""
+    if GROUP not in store.group or not store.group[GROUP].attrs.get("committed"):
+        return
+    for key in _shard_keys(store):
+        shard = store.group[f"shards/{key}"]
+        if GROUP in shard:
+            del shard[GROUP]
+
+
+def _block_stats(m2, both, folded: _Folded, variance, i: int, j: int, rows: slice, n: int) -> dict[str, np.ndarray]:
     with np.errstate(divide="ignore", invalid="ignore"):
         pearson = m2 / np.sqrt(np.outer(variance[i][rows], variance[j]))
         n_a = folded.active[i][rows][:, None].astype(np.float64)

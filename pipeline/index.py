@@ -15,7 +15,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline import sampling
-from pipeline.coactivation import coactivation_table
+from pipeline.coactivation import coactivation_table, drop_shard_partials
 from pipeline.histogram import bin_edges, quantiles
 from pipeline.moments import describe
 from storage.store import Store
@@ -234,3 +234,4 @@ def build_index(store: Store, merged: dict[str, dict[str, np.ndarray]], tokenize
     write_table(store, "token_stats", token_stats_table(merged))
     write_table(store, "logit_effects", logit_effects_table(store.read_logits()))
     write_table(store, "coactivation", coactivation_table(store, store.spec))
+    drop_shard_partials(store)

