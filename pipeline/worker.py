@@ -81,7 +81,10 @@ class ShardWorker:
         shard = torch.arange(offset, offset + tokens.numel(), device=self.device)
         priority = sampling.priority(shard, spec.seed)
         stats = {h: HookStatistics(spec, h, self.widths[h], tokens.reshape(-1), counted.reshape(-1)) for h in spec.hooks}
-        coact = RunningCoactivation(spec, self.widths, self.device) if spec.coactivation_hooks() else None
+        # Once the job's co-activation is merged (and the shards' copies dropped), a shard written
+        # again (a retried task) must not bring its copy back.
+        merged = COACTIVATION in self.store.group and self.store.group[COACTIVATION].attrs.get("committed")
+        coact = RunningCoactivation(spec, self.widths, self.device) if spec.coactivation_hooks() and not merged else None
         dense = {h: np.empty((last - first, ctx, self.widths[h]), dtype=np.float16) for h in spec.dense}
         for b0 in range(0, last - first, spec.batch_size):
             b1 = min(b0 + spec.batch_size, last - first)
