@@ -34,6 +34,8 @@ from storage.spec import JobSpec
 
 GROUP = "coactivation"  # the shard partials' pseudo-hook (hook names all contain "hook")
 BLOCK = 512
+#: Variance per token below this fraction of (1 + mean²) is float32 rounding, not signal.
+RELATIVE_FLOOR = 1e-10
 _LAYER = re.compile(r"blocks\.(\d+)\.")
 
 
@@ -164,6 +166,9 @@ def coactivation_table(store, spec: JobSpec) -> pa.Table:
     n = folded.n
     # The diagonal co-moments (variances) of every neuron, folded like every other entry.
     variance = [_fold_rows(groups, folded, i, i, slice(None), diagonal=True)[0] for i in range(len(hooks))]
+    # A neuron (near-)constant over the co-activation tokens has no correlation: its co-moments
+    # are float noise (seen on BERT's outlier residual dimensions), so its variance becomes NaN.
+    variance = [np.where(v > RELATIVE_FLOOR * max(n, 1) * (1.0 + m**2), v, np.nan) for v, m in zip(variance, folded.mean)]
     partners_of = {i: [j for a, b in pairs for j in ((b,) if a == i else (a,) if b == i else ())] for i in range(len(hooks))}
     columns: dict[str, list[np.ndarray]] = {name: [] for name in SCHEMAS["coactivation"].names}
     m = spec.coactivation.partners
@@ -273,7 +278,7 @@ def drop_shard_partials(store) -> None:
 
 def _block_stats(m2, both, folded: _Folded, variance, i: int, j: int, rows: slice, n: int) -> dict[str, np.ndarray]:
     with np.errstate(divide="ignore", invalid="ignore"):
-        pearson = m2 / np.sqrt(np.outer(variance[i][rows], variance[j]))
+        pearson = np.clip(m2 / np.sqrt(np.outer(variance[i][rows], variance[j])), -1.0, 1.0)
         n_a = folded.active[i][rows][:, None].astype(np.float64)
         n_b = folded.active[j][None, :].astype(np.float64)
         jaccard = both / (n_a + n_b - both)
