@@ -94,6 +94,11 @@ class RichReporter:
         self.progress.stop()
 
 
+# Arguments several commands share.
+StoreArg = Annotated[str, typer.Argument(help="The store (path or URL).")]
+HookArg = Annotated[str, typer.Argument(help="A recorded hook, e.g. blocks.1.mlp.hook_post.")]
+NeuronArg = Annotated[int, typer.Argument(help="Neuron index within the hook.")]
+
 @app.command()
 @friendly
 def run(
@@ -121,7 +126,7 @@ def run(
 
 @app.command()
 @friendly
-def status(store: Annotated[str, typer.Argument(help="The store (path or URL).")]):
+def status(store: StoreArg):
     """Show a store's job, progress and contents."""
     from storage.store import Store
 
@@ -144,7 +149,7 @@ def status(store: Annotated[str, typer.Argument(help="The store (path or URL).")
 @app.command()
 @friendly
 def query(
-    store: Annotated[str, typer.Argument(help="The store (path or URL).")],
+    store: StoreArg,
     sql: Annotated[str, typer.Argument(help="One SELECT statement over the tables (see README).")],
     format: Annotated[Format, typer.Option("--format", "-f")] = Format.table,
     timeout: Annotated[float, typer.Option(help="Seconds before the query is interrupted.")] = 60.0,
@@ -159,9 +164,9 @@ def query(
 @app.command()
 @friendly
 def top(
-    store: Annotated[str, typer.Argument(help="The store (path or URL).")],
-    hook: Annotated[str, typer.Argument(help="A recorded hook, e.g. blocks.1.mlp.hook_post.")],
-    neuron: Annotated[int, typer.Argument(help="Neuron index within the hook.")],
+    store: StoreArg,
+    hook: HookArg,
+    neuron: NeuronArg,
     k: Annotated[int, typer.Option("-k", min=1, help="How many examples.")] = 20,
     window: Annotated[int, typer.Option(min=0, help="Tokens of context either side.")] = 8,
     format: Annotated[Format, typer.Option("--format", "-f")] = Format.table,
@@ -187,9 +192,9 @@ def top(
 @app.command()
 @friendly
 def coact(
-    store: Annotated[str, typer.Argument(help="The store (path or URL).")],
-    hook: Annotated[str, typer.Argument(help="A recorded hook, e.g. blocks.1.mlp.hook_post.")],
-    neuron: Annotated[int, typer.Argument(help="Neuron index within the hook.")],
+    store: StoreArg,
+    hook: HookArg,
+    neuron: NeuronArg,
     k: Annotated[int, typer.Option("-k", min=1, help="How many partners.")] = 10,
     by: Annotated[str, typer.Option("--by", help="Ranking: pearson (|correlation|) or jaccard.")] = "pearson",
     format: Annotated[Format, typer.Option("--format", "-f")] = Format.table,
