@@ -42,7 +42,7 @@ class RunningTokenSums:
         return {
             "token_ids": self.present.to(torch.int32).cpu().numpy(),
             "token_counts": self.counts.cpu().numpy(),
-            "token_sums": self.sums.float().cpu().numpy(),
+            "token_sums": self.sums.cpu().numpy(),  # float64: equal means stay equal (ties by id)
         }
 
 
