@@ -217,6 +217,95 @@ def coact(
     out.print(table)
 
 
+@app.command()
+@friendly
+def report(
+    store: StoreArg,
+    hook: HookArg,
+    neuron: NeuronArg,
+    out_path: Annotated[str, typer.Option("--out", "-o", help="The report file: .html, .json or .md.")],
+    format: Annotated[Optional[str], typer.Option("--format", help="html, json, md or neuronpedia (default: from --out).")] = None,
+    k: Annotated[int, typer.Option("-k", min=1, help="Top and bottom examples shown.")] = 20,
+):
+    """A neuron's page: statistics, histogram, coloured examples, top tokens, logit effects, partners."""
+    import queries
+    from queries.report import write_report
+
+    with queries.connect(store) as catalog:
+        fmt = write_report(catalog, hook, neuron, out_path, format, k=k)
+    err.print(f"[green]wrote[/] {escape(out_path)} ({fmt})")
+
+
+@app.command()
+@friendly
+def export(
+    store: StoreArg,
+    out_dir: Annotated[str, typer.Option("--out", "-o", help="The site's folder (created).")],
+    hook: Annotated[Optional[list[str]], typer.Option("--hook", help="Only these hooks (repeatable).")] = None,
+    format: Annotated[str, typer.Option("--format", help="html (a static site), json (a document per neuron) or neuronpedia.")] = "html",
+    k: Annotated[int, typer.Option("-k", min=1, help="Top and bottom examples per page.")] = 20,
+):
+    """A static site: an index per hook (sortable by max, density, kurtosis) and a page per neuron."""
+    import queries
+    from queries.report import export as export_site
+
+    with queries.connect(store) as catalog:
+        summary = export_site(catalog, out_dir, hook, fmt=format, k=k)
+    for name, info in summary["hooks"].items():
+        err.print(f"{name}: {info['neurons']:,} neurons ({info['source']} activations), {info['load_s'] + info['render_s']:.1f} s")
+    err.print(f"[green]wrote[/] {summary['files']:,} files, {summary['bytes'] / 1e6:,.1f} MB under {escape(out_dir)}")
+    if format == "html":
+        err.print(f"open {escape(os.path.join(out_dir, 'index.html'))}")
+
+
+@app.command()
+@friendly
+def probe(
+    store: StoreArg,
+    hook: HookArg,
+    neuron: NeuronArg,
+    text: Annotated[str, typer.Argument(help="Text to run through the job's model.")],
+    format: Annotated[Format, typer.Option("--format", "-f")] = Format.table,
+):
+    """A neuron's activation on every token of new text, coloured on the neuron's own scale."""
+    import queries
+    from queries.probe import probe as run_probe
+
+    with queries.connect(store) as catalog:
+        result = run_probe(catalog, hook, neuron, text)
+        lo, hi = catalog.sql("SELECT min, max FROM neuron_stats WHERE hook = ? AND neuron = ?", [hook, neuron]).rows[0]
+    if format is not Format.table:
+        records = result.records()
+        _print_result(queries.Result(list(records[0]), [tuple(r.values()) for r in records]), format)
+        return
+    from rich.text import Text
+
+    line = Text()
+    for token, value in zip(result.tokens, result.activations):
+        line.append(_visible_plain(token), style=f"on {_shade(float(value), lo, hi)}")
+    out.print(line)
+    best = int(result.activations.argmax())
+    share = f" ({result.activations[best] / hi:.0%} of its corpus max {hi:.4g})" if hi and hi > 0 else ""
+    out.print(
+        f"max {result.activations[best]:.4g} at token {best} {_visible(repr(result.tokens[best]))}{share}; "
+        f"min {result.activations.min():.4g}." + (" [yellow]The text was cut to the job's context length.[/]" if result.truncated else "")
+    )
+
+
+def _shade(value: float, lo: float, hi: float) -> str:
+    """A background colour for a value on a neuron's scale: white at 0, red at max, blue at min."""
+    t = max(0.0, min(1.0, value / hi)) if value > 0 and hi > 0 else max(0.0, min(1.0, value / lo)) if value < 0 and lo < 0 else 0.0
+    target = (217, 72, 38) if value > 0 else (48, 96, 214)
+    r, g, b = (round(255 + (c - 255) * t) for c in target)
+    return f"rgb({r},{g},{b})"
+
+
+def _visible_plain(text: str) -> str:
+    """Corpus text for a rich Text object (no markup there): newlines, tabs, controls shown."""
+    text = text.replace("\n", "↵").replace("\t", "→")
+    return "".join(ch if ch.isprintable() else f"\\x{ord(ch):02x}" for ch in text)
+
+
 def _number(value) -> str:
     return "—" if value is None or value != value else f"{value:.3f}"
 

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import duckdb
+import pyarrow as pa
 
 from storage.errors import QueryError, StoreError
 from storage.store import Store
@@ -91,12 +92,22 @@ class Catalog:
         if statements[0].type not in _ALLOWED:
             kind = statements[0].type.name
             raise QueryError(f"Only SELECT queries are allowed (the store is read-only); this is {_article(kind)} {kind} statement.")
+        def fetch() -> Result:
+            cursor = self.con.execute(query, params or [])
+            return Result([d[0] for d in cursor.description], cursor.fetchall())
+
+        return self._guarded(fetch)
+
+    def arrow(self, query: str, params: list[Any] | None = None) -> pa.Table:
+        """Run one of actscope's own queries and return an Arrow table (bulk reads for reports)."""
+        return self._guarded(lambda: self.con.sql(query, params=params or None).to_arrow_table())
+
+    def _guarded(self, fetch):
+        """Run ``fetch()`` under the time limit, with DuckDB's errors made into QueryErrors."""
         timer = threading.Timer(self.timeout, self.con.interrupt)
         timer.start()
         try:
-            cursor = self.con.execute(query, params or [])
-            columns = [d[0] for d in cursor.description]
-            return Result(columns, cursor.fetchall())
+            return fetch()
         except duckdb.InterruptException:
             raise QueryError(f"The query ran past {self.timeout:g} s and was interrupted.") from None
         except duckdb.PermissionException as err:

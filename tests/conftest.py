@@ -27,7 +27,8 @@ def corpus_documents() -> list[str]:
 
     docs = [" ".join(d.split()) for d in stdlib_docstrings(limit=400)]
     # Documents a real corpus has: an empty one, non-ASCII text, markup, quotes.
-    return docs[:50] + ["", "Ünïcödé — naïve café, 東京, emoji 🙂.", "<script>alert('x')</script> & \"quotes\""] + docs[50:]
+    return docs[:50] + ["", "Ünïcödé — naïve café, 東京, emoji 🙂.", "<script>alert('x')</script> & \"quotes\"",
+        "Control characters: \x07bell, \x1b[31mansi red\x1b[0m, del\x7f, and 'single' quotes <b>bold</b> &amp;"] + docs[50:]
 
 
 @pytest.fixture(scope="session")

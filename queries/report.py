@@ -1,0 +1,286 @@
+"""Neuron reports: HTML pages (Neuroscope-style), JSON documents, Markdown, Neuronpedia-style
+batches, and a static site for whole hooks.
+
+Every format is rendered from the document of :mod:`queries.pages`. HTML pages embed that
+document as JSON (with ``<``, ``>`` and ``&`` escaped, so corpus text cannot close the script
+block) and draw themselves with a small inline script that only ever writes text nodes. Pages
+need no network: styles and scripts are inline.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import time
+from functools import cache
+from pathlib import Path
+
+import numpy as np
+from jinja2 import Environment, PackageLoader, select_autoescape
+
+from queries.catalog import Catalog
+from queries.pages import HookPages, finite
+from storage.errors import QueryError
+
+FORMATS = ("html", "json", "md", "neuronpedia")
+_SCRIPT_UNSAFE = str.maketrans({"<": "\\u003c", ">": "\\u003e", "&": "\\u0026", "\u2028": "\\u2028", "\u2029": "\\u2029"})
+
+
+@cache
+def _env() -> Environment:
+    return Environment(loader=PackageLoader("queries", "templates"), autoescape=select_autoescape(["html"]))
+
+
+@cache
+def _asset(name: str) -> str:
+    return _env().loader.get_source(_env(), name)[0]
+
+
+def script_json(value) -> str:
+    """JSON safe to place inside ``<script type="application/json">`` (marked safe for Jinja)."""
+    from markupsafe import Markup
+
+    return Markup(json.dumps(value, ensure_ascii=False, separators=(",", ":"), allow_nan=False).translate(_SCRIPT_UNSAFE))
+
+
+def render_html(doc: dict, site: dict | None = None) -> str:
+    """A neuron page. ``site`` (``{"hooks": [...]}``) turns on navigation and partner links."""
+    return _env().get_template("neuron.html").render(
+        doc=doc, data=script_json(doc), site=script_json(site), css=_asset("actscope.css"), js=_script("neuron.js")
+    )
+
+
+def _script(name: str):
+    from markupsafe import Markup
+
+    return Markup(_asset(name))
+
+
+def render_json(doc: dict) -> str:
+    return json.dumps(doc, ensure_ascii=False, indent=1, allow_nan=False) + "\n"
+
+
+# -- Markdown --------------------------------------------------------------------------------
+
+_MD_SPECIAL = re.compile(r"([\\`*_{}\[\]()#+\-.!|~])")
+
+
+def md_text(text: str) -> str:
+    """Corpus text inside Markdown: special characters backslash-escaped, HTML neutralised
+    (renderers pass raw HTML through), newlines and control characters made visible."""
+    text = _visible(text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;"))
+    return _MD_SPECIAL.sub(r"\\\1", text)
+
+
+def _num(x) -> str:
+    return "—" if x is None else f"{x:.4g}"
+
+
+def render_markdown(doc: dict, window: int = 12) -> str:
+    s = doc["stats"]
+    lines = [
+        f"# {md_text(doc['hook'])} · neuron {doc['neuron']}",
+        "",
+        f"{md_text(doc['model'])} ({doc['architecture']}), {s['count']:,} tokens; per-token activations {doc['activation_source']}.",
+        "",
+        "| max | min | mean | std | density | skew | kurtosis | p50 | p90 | p99 |",
+        "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| " + " | ".join(_num(s[k]) for k in ("max", "min", "mean", "std", "frac_active", "skew", "kurtosis", "p50", "p90", "p99")) + " |",
+    ]
+
+    def examples(title: str, records: list[dict], label) -> None:
+        if not records:
+            return
+        lines.extend(["", f"## {title}", ""])
+        for ex in records:
+            seq = doc["sequences"][str(ex["seq_id"])]
+            a, b = max(0, ex["pos"] - window), min(len(seq["tokens"]), ex["pos"] + window + 1)
+            before = md_text("".join(seq["tokens"][a : ex["pos"]]))
+            after = md_text("".join(seq["tokens"][ex["pos"] + 1 : b]))
+            mark = md_text(seq["tokens"][ex["pos"]]) or "∅"
+            lines.append(f"- **{ex['activation']:.4g}** ({label(ex)}, seq {ex['seq_id']}, pos {ex['pos']}): {before}**⟦{mark}⟧**{after}")
+
+    examples("Top examples", doc["top_examples"], lambda ex: f"top {ex['rank']}")
+    examples("Bottom examples", doc["bottom_examples"], lambda ex: f"bottom {ex['rank']}")
+    examples("Samples by activation band", doc["band_samples"], lambda ex: f"band {ex['band']}: {_num(ex['lo'])} to {_num(ex['hi'])}")
+    if doc["top_tokens"]:
+        lines.extend(["", "## Top tokens by mean activation", "", "| rank | token | mean | count |", "| ---: | --- | ---: | ---: |"])
+        lines += [f"| {t['rank']} | {md_text(t['token'])} | {t['mean_activation']:.4g} | {t['count']} |" for t in doc["top_tokens"]]
+    for direction in ("promote", "suppress"):
+        if doc["logit_effects"][direction]:
+            lines.extend(["", f"## Logit effects: {direction}d tokens", "", "| rank | token | effect |", "| ---: | --- | ---: |"])
+            lines += [f"| {t['rank']} | {md_text(t['token'])} | {t['effect']:.4g} |" for t in doc["logit_effects"][direction]]
+    for ranking, title in (("pearson", "by |correlation|"), ("jaccard", "by Jaccard")):
+        partners = doc["coactivation"][ranking]
+        if partners:
+            lines.extend(["", f"## Co-activation partners {title}", "", "| rank | hook | neuron | pearson | jaccard | P(b\\|a) | lift | both |",
+                          "| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |"])
+            lines += [f"| {p['rank']} | {md_text(p['hook'])} | {p['neuron']} | {_num(p['pearson'])} | {_num(p['jaccard'])} | "
+                      f"{_num(p['p_b_given_a'])} | {_num(p['lift'])} | {p['n_both']} |" for p in partners]
+    lines.extend(["", "## Reproduce", "", "```python", doc["snippet"].rstrip(), "```", ""])
+    return "\n".join(lines)
+
+
+# -- Neuronpedia-style -----------------------------------------------------------------------
+
+def neuronpedia_feature(doc: dict) -> dict:
+    """One feature in the layout of SAEDashboard's Neuronpedia batches (see the README)."""
+
+    def activation(ex: dict, lo, hi) -> dict:
+        seq = doc["sequences"][str(ex["seq_id"])]
+        values = list(seq["values"])
+        values[ex["pos"]] = ex["activation"]
+        return {"tokens": seq["tokens"], "values": values, "bin_min": lo, "bin_max": hi, "bin_contains": None,
+                "qualifying_token_index": ex["pos"]}
+
+    top = doc["top_examples"]
+    activations = [activation(ex, top[-1]["activation"], top[0]["activation"]) for ex in top]
+    activations += [activation(ex, ex["lo"], ex["hi"]) for ex in doc["band_samples"]]
+    hist = doc["histogram"]
+    pearson = [p for p in doc["coactivation"]["pearson"] if p["hook"] == doc["hook"]]
+    return {
+        "feature_index": doc["neuron"],
+        "hook": doc["hook"],
+        "maxActApprox": doc["stats"]["max"],
+        "frac_nonzero": doc["stats"]["frac_active"],
+        "pos_str": [t["token"] for t in doc["logit_effects"]["promote"]],
+        "pos_values": [t["effect"] for t in doc["logit_effects"]["promote"]],
+        "neg_str": [t["token"] for t in doc["logit_effects"]["suppress"]],
+        "neg_values": [t["effect"] for t in doc["logit_effects"]["suppress"]],
+        # Parallel arrays: one bar per non-empty bin, at the bin's centre.
+        "freq_hist_data_bar_values": [(b["lo"] + b["hi"]) / 2 for b in hist],
+        "freq_hist_data_bar_heights": [b["count"] for b in hist],
+        "correlated_neurons_indices": [p["neuron"] for p in pearson],
+        "correlated_neurons_pearson": [p["pearson"] for p in pearson],
+        "activations": activations,
+    }
+
+
+def neuronpedia_batch(docs: list[dict], model: str, hook: str) -> dict:
+    return {"model_id": model, "layer": hook, "features": [neuronpedia_feature(d) for d in docs]}
+
+
+# -- one report ------------------------------------------------------------------------------
+
+def report_format(out: str, requested: str | None) -> str:
+    if requested:
+        if requested not in FORMATS:
+            raise QueryError(f"format must be one of {', '.join(FORMATS)}; got {requested!r}.")
+        return requested
+    suffix = Path(out).suffix.lower().lstrip(".")
+    formats = {"html": "html", "htm": "html", "json": "json", "md": "md", "markdown": "md"}
+    if suffix not in formats:
+        raise QueryError(f"cannot tell the format from {out!r}: name the file .html, .json or .md, or pass --format.")
+    return formats[suffix]
+
+
+def render(doc: dict, fmt: str) -> str:
+    if fmt == "html":
+        return render_html(doc)
+    if fmt == "md":
+        return render_markdown(doc)
+    if fmt == "neuronpedia":
+        return render_json(neuronpedia_batch([doc], doc["model"], doc["hook"]))
+    return render_json(doc)
+
+
+def write_report(catalog: Catalog, hook: str, neuron: int, out: str, fmt: str | None = None, *, k: int = 20) -> str:
+    fmt = report_format(out, fmt)
+    doc = HookPages(catalog, hook, [neuron], k=k).document(neuron)
+    _write_text(Path(out), render(doc, fmt))
+    return fmt
+
+
+# -- a static site ---------------------------------------------------------------------------
+
+def export(catalog: Catalog, out: str, hooks: list[str] | None = None, *, fmt: str = "html", k: int = 20, progress=None) -> dict:
+    """Write a static site (``fmt="html"``), one JSON document per neuron (``json``), or
+    Neuronpedia-style batches (``neuronpedia``) for ``hooks`` (default: all) under ``out``.
+    Returns what was written and how long each step took."""
+    if fmt not in ("html", "json", "neuronpedia"):
+        raise QueryError(f"export format must be html, json or neuronpedia; got {fmt!r}.")
+    widths = catalog.model["hook_widths"]
+    hooks = list(hooks or widths)
+    for hook in hooks:
+        if hook not in widths:
+            raise QueryError(f"{hook} was not recorded in this store; recorded hooks: {', '.join(widths)}.")
+    root = Path(out)
+    if root.exists() and not root.is_dir():
+        raise QueryError(f"{out} exists and is not a directory.")
+    site = {"hooks": hooks}
+    summary = {"hooks": {}, "files": 0, "bytes": 0}
+    for hook in hooks:
+        started = time.perf_counter()
+        pages = HookPages(catalog, hook, k=k)
+        loaded = time.perf_counter()
+        folder = root / hook
+        folder.mkdir(parents=True, exist_ok=True)
+        written = 0
+        if fmt == "neuronpedia":
+            batch = 128
+            for first in range(0, pages.width, batch):
+                docs = [pages.document(n) for n in range(first, min(first + batch, pages.width))]
+                written += _write_text(folder / f"batch-{first // batch}.json", render_json(neuronpedia_batch(docs, catalog.model["name"], hook)))
+                summary["files"] += 1
+        else:
+            for n in range(pages.width):
+                doc = pages.document(n)
+                text = render_html(doc, site) if fmt == "html" else render_json(doc)
+                written += _write_text(folder / f"{n}.{fmt}", text)
+                if progress:
+                    progress(hook, n + 1, pages.width)
+            summary["files"] += pages.width
+            if fmt == "html":
+                written += _write_text(folder / "index.html", _hook_index(pages))
+                summary["files"] += 1
+        summary["bytes"] += written
+        summary["hooks"][hook] = {
+            "neurons": pages.width, "source": pages.source.source,
+            "load_s": round(loaded - started, 3), "render_s": round(time.perf_counter() - loaded, 3),
+        }
+    if fmt == "html":
+        summary["bytes"] += _write_text(root / "index.html", _site_index(catalog, hooks))
+        summary["files"] += 1
+    return summary
+
+
+def _hook_index(pages: HookPages) -> str:
+    c = pages.stats.columns
+    tokens = pages.tokens.columns
+    top = {}
+    for neuron, rank, token in zip(tokens["neuron"], tokens["rank"], tokens["token"]):
+        if rank <= 3:
+            top.setdefault(int(neuron), []).append(_visible(token))
+    columns = {"neuron": c["neuron"].astype(int).tolist()}
+    for name in ("max", "min", "mean", "std", "frac_active", "kurtosis", "skew"):
+        columns[name] = [finite(x) for x in np.asarray(c[name], np.float64).tolist()]
+    columns["top_tokens"] = [" | ".join(top.get(n, [])) for n in columns["neuron"]]
+    return _env().get_template("hook.html").render(
+        hook=pages.hook, model=pages.catalog.model["name"], width=pages.width, css=_asset("actscope.css"),
+        data=script_json({"hook": pages.hook, "columns": columns}), js=_script("hook.js"),
+    )
+
+
+def _site_index(catalog: Catalog, hooks: list[str]) -> str:
+    spec = catalog.store.spec
+    return _env().get_template("site.html").render(
+        model=catalog.model["name"], store=catalog.store.url, corpus=f"{spec.dataset.path} {spec.dataset.data_files or ''}",
+        n_tokens=f"{catalog.store.n_seq * spec.context_length:,}", css=_asset("actscope.css"),
+        hooks=[{"name": h, "width": catalog.model["hook_widths"][h], "source": "dense" if h in spec.dense else "recomputed"} for h in hooks],
+    )
+
+
+def _visible(text: str) -> str:
+    text = text.replace("\n", "↵").replace("\t", "→").replace("\r", "␍")
+    return "".join(ch if ch.isprintable() or ch == " " else f"\\x{ord(ch):02x}" for ch in text)
+
+
+def _write_text(path: Path, text: str) -> int:
+    """Write a file whole: to a temporary name, then renamed, so a reader never sees half of it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    data = text.encode()
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_bytes(data)
+    tmp.replace(path)
+    return len(data)

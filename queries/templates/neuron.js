@@ -1,0 +1,213 @@
+"use strict";
+// Draws a neuron page from the JSON document embedded in it. Corpus text only ever reaches the
+// page through text nodes (never innerHTML), so it shows as text whatever it contains.
+(function () {
+  const doc = JSON.parse(document.getElementById("neuron-data").textContent);
+  const site = JSON.parse(document.getElementById("site-data").textContent);
+  const WINDOW = 12;
+  const lo = doc.stats.min ?? 0;
+  const hi = doc.stats.max ?? 0;
+  const page = document.getElementById("page");
+
+  function el(tag, attrs, ...children) {
+    const node = document.createElement(tag);
+    Object.assign(node, attrs || {});
+    for (const child of children) node.append(child);
+    return node;
+  }
+
+  function fmt(x) {
+    if (x === null || x === undefined) return "—";
+    if (x !== 0 && (Math.abs(x) >= 1e4 || Math.abs(x) < 1e-3)) return x.toExponential(3);
+    return x.toFixed(4);
+  }
+
+  // Newlines, tabs and control characters made visible; everything else as it is.
+  function visible(text) {
+    return text.replace(/\n/g, "↵").replace(/\t/g, "→").replace(/\r/g, "␍")
+      .replace(/[\u0000-\u001f\u007f-\u009f]/g, (c) => "\\x" + c.charCodeAt(0).toString(16).padStart(2, "0"));
+  }
+
+  // The neuron's scale: 0 is white, its max full red, its min full blue.
+  function colour(v) {
+    if (v > 0 && hi > 0) return `rgba(217, 72, 38, ${Math.min(1, v / hi).toFixed(3)})`;
+    if (v < 0 && lo < 0) return `rgba(48, 96, 214, ${Math.min(1, v / lo).toFixed(3)})`;
+    return "transparent";
+  }
+
+  function token(text, value, marked) {
+    const span = el("span", { className: marked ? "tok max" : "tok", title: `${fmt(value)}   ${JSON.stringify(text)}` }, visible(text));
+    span.style.background = colour(value);
+    span.dataset.value = String(value);
+    return span;
+  }
+
+  function tokens(example, from, to) {
+    const seq = doc.sequences[String(example.seq_id)];
+    const box = el("span", {});
+    if (from > 0) box.append("… ");
+    for (let i = from; i < to; i++) {
+      const marked = i === example.pos;
+      box.append(token(seq.tokens[i], marked ? example.activation : seq.values[i], marked));
+    }
+    if (to < seq.tokens.length) box.append(" …");
+    return box;
+  }
+
+  function example(ex, label) {
+    const seq = doc.sequences[String(ex.seq_id)];
+    const n = seq.tokens.length;
+    const from = Math.max(0, ex.pos - WINDOW);
+    const to = Math.min(n, ex.pos + WINDOW + 1);
+    const text = el("div", { className: "text" }, tokens(ex, from, to));
+    if (from > 0 || to < n) {
+      const button = el("button", { className: "full", type: "button" }, "full sequence");
+      let full = false;
+      button.addEventListener("click", () => {
+        full = !full;
+        text.firstChild.replaceWith(full ? tokens(ex, 0, n) : tokens(ex, from, to));
+        button.textContent = full ? "window" : "full sequence";
+      });
+      text.append(button);
+    }
+    const meta = el("div", { className: "meta" }, el("b", {}, fmt(ex.activation)), el("br"), `${label} · seq ${ex.seq_id} · pos ${ex.pos}`);
+    return el("div", { className: "example" }, meta, text);
+  }
+
+  function section(title, ...content) {
+    page.append(el("h2", {}, title), ...content);
+  }
+
+  function stats() {
+    const s = doc.stats;
+    const items = [
+      ["max", s.max], ["min", s.min], ["mean", s.mean], ["std", s.std], ["density", s.frac_active],
+      ["skew", s.skew], ["kurtosis", s.kurtosis], ["p50", s.p50], ["p90", s.p90], ["p99", s.p99],
+    ];
+    const dl = el("dl", { className: "stats" });
+    for (const [name, value] of items) dl.append(el("div", {}, el("dt", {}, name), el("dd", {}, fmt(value))));
+    dl.append(el("div", {}, el("dt", {}, "tokens"), el("dd", {}, s.count.toLocaleString("en"))));
+    dl.append(el("div", {}, el("dt", {}, "threshold"), el("dd", {}, fmt(doc.threshold))));
+    page.append(dl);
+  }
+
+  function histogram() {
+    const bins = doc.histogram;
+    if (!bins.length) return;
+    const NS = "http://www.w3.org/2000/svg";
+    const svg = document.createElementNS(NS, "svg");
+    const W = 1000, H = 150, top = 8, bottom = 22;
+    svg.setAttribute("viewBox", `0 0 ${W} ${H}`);
+    svg.setAttribute("preserveAspectRatio", "none");
+    svg.setAttribute("class", "hist");
+    const peak = Math.log10(1 + Math.max(...bins.map((b) => b.count)));
+    const width = W / bins.length;
+    bins.forEach((b, i) => {
+      const h = ((H - top - bottom) * Math.log10(1 + b.count)) / peak;
+      const rect = document.createElementNS(NS, "rect");
+      rect.setAttribute("x", (i * width + 0.5).toFixed(1));
+      rect.setAttribute("width", Math.max(1, width - 1).toFixed(1));
+      rect.setAttribute("y", (H - bottom - h).toFixed(1));
+      rect.setAttribute("height", h.toFixed(1));
+      rect.setAttribute("class", b.hi <= 0 ? "neg" : b.lo >= 0 ? "pos" : "zero");
+      const title = document.createElementNS(NS, "title");
+      title.textContent = `[${fmt(b.lo)}, ${fmt(b.hi)}): ${b.count.toLocaleString("en")} tokens`;
+      rect.append(title);
+      svg.append(rect);
+    });
+    for (const i of [0, Math.floor(bins.length / 2), bins.length - 1]) {
+      const label = document.createElementNS(NS, "text");
+      label.setAttribute("x", Math.min(W - 60, i * width).toFixed(1));
+      label.setAttribute("y", String(H - 6));
+      label.textContent = fmt(bins[i].lo);
+      svg.append(label);
+    }
+    section("Activation histogram", el("p", { className: "legend" }, "counts on a log scale; bins are octaves of |x|, 8 per octave; hover for a bin's range"), svg);
+  }
+
+  function examples(list, title, label) {
+    if (!list.length) return;
+    section(title, ...list.map((ex) => example(ex, `${label} ${ex.rank}`)));
+  }
+
+  function bands() {
+    if (!doc.band_samples.length) return;
+    const parts = [el("p", { className: "legend" }, "typical tokens at every activation level: a uniform sample of each octave band of the activation")];
+    let band = null;
+    for (const ex of doc.band_samples) {
+      if (ex.band !== band) {
+        band = ex.band;
+        parts.push(el("h3", {}, `band ${ex.band}: ${fmt(ex.lo)} to ${fmt(ex.hi)}`));
+      }
+      parts.push(example(ex, `sample ${ex.rank}`));
+    }
+    section("Samples by activation band", ...parts);
+  }
+
+  function table(headers, rows) {
+    const head = el("tr", {}, ...headers.map((h) => el("th", { className: h === "token" ? "tokcell" : "" }, h)));
+    const body = rows.map((cells) => el("tr", {}, ...cells.map((c) => (c instanceof Node ? el("td", {}, c) : el("td", { className: typeof c === "string" ? "tokcell" : "" }, typeof c === "number" ? fmt(c) : visible(String(c)))))));
+    return el("table", {}, el("thead", {}, head), el("tbody", {}, ...body));
+  }
+
+  function topTokens() {
+    if (!doc.top_tokens.length) return;
+    section("Top tokens by mean activation", table(["rank", "token", "mean", "count"],
+      doc.top_tokens.map((t) => [String(t.rank), t.token, t.mean_activation, t.count.toLocaleString("en")])));
+  }
+
+  function logits() {
+    const { promote, suppress } = doc.logit_effects;
+    if (!promote.length && !suppress.length) return;
+    const column = (title, list) => el("div", {}, el("h3", {}, title), table(["rank", "token", "effect"], list.map((t) => [String(t.rank), t.token, t.effect])));
+    section("Logit effects", el("p", { className: "legend" }, "the neuron's output direction through the final norm and the unembedding"),
+      el("div", { className: "columns" }, column("promoted", promote), column("suppressed", suppress)));
+  }
+
+  function partnerLink(p) {
+    const name = `${p.hook} #${p.neuron}`;
+    if (!site || !site.hooks.includes(p.hook)) return el("span", {}, name);
+    const href = (p.hook === doc.hook ? "" : `../${encodeURIComponent(p.hook)}/`) + `${p.neuron}.html`;
+    return el("a", { href }, name);
+  }
+
+  function partners() {
+    const { pearson, jaccard } = doc.coactivation;
+    if (!pearson.length && !jaccard.length) return;
+    const headers = ["rank", "neuron", "pearson", "jaccard", "P(b|a)", "lift", "both"];
+    const rows = (list) => list.map((p) => [String(p.rank), partnerLink(p), p.pearson, p.jaccard, p.p_b_given_a, p.lift, p.n_both.toLocaleString("en")]);
+    section("Co-activation partners", el("div", { className: "columns" },
+      el("div", {}, el("h3", {}, "by |correlation|"), table(headers, rows(pearson))),
+      el("div", {}, el("h3", {}, "by Jaccard"), table(headers, rows(jaccard)))));
+  }
+
+  function pager() {
+    const nav = document.getElementById("pager");
+    if (!site) return;
+    const go = (n, label) => el("a", { href: `${n}.html` }, label);
+    if (doc.neuron > 0) nav.append(go(doc.neuron - 1, `← ${doc.neuron - 1}`));
+    nav.append(el("a", { href: "index.html" }, "all neurons"));
+    const random = el("a", { href: "#", id: "random" }, "random");
+    random.addEventListener("click", (event) => {
+      event.preventDefault();
+      location.href = `${Math.floor(Math.random() * doc.width)}.html`;
+    });
+    nav.append(random);
+    if (doc.neuron + 1 < doc.width) nav.append(go(doc.neuron + 1, `${doc.neuron + 1} →`));
+  }
+
+  pager();
+  stats();
+  page.append(el("p", { className: "legend" }, "colour: ",
+    Object.assign(el("span", {}, fmt(lo)), { style: `background:${colour(lo)}` }), " 0 ",
+    Object.assign(el("span", {}, fmt(hi)), { style: `background:${colour(hi)}` }),
+    " · hover a token for its activation; the outlined token is the example's"));
+  histogram();
+  examples(doc.top_examples, "Top examples", "top");
+  examples(doc.bottom_examples, "Bottom examples", "bottom");
+  bands();
+  topTokens();
+  logits();
+  partners();
+  section("Reproduce", el("pre", { className: "snippet" }, el("code", {}, doc.snippet)));
+})();
