@@ -293,8 +293,10 @@ def probe(
 
 
 def _shade(value: float, lo: float, hi: float) -> str:
-    """A background colour for a value on a neuron's scale: white at 0, red at max, blue at min."""
-    t = max(0.0, min(1.0, value / hi)) if value > 0 and hi > 0 else max(0.0, min(1.0, value / lo)) if value < 0 and lo < 0 else 0.0
+    """A value's background on a neuron's scale, as pages colour it: white at 0, full red (blue
+    below 0) at the larger of |min| and |max|."""
+    scale = max(abs(lo or 0.0), abs(hi or 0.0))
+    t = min(1.0, abs(value) / scale) if scale else 0.0
     target = (217, 72, 38) if value > 0 else (48, 96, 214)
     r, g, b = (round(255 + (c - 255) * t) for c in target)
     return f"rgb({r},{g},{b})"

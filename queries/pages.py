@@ -23,6 +23,7 @@ from queries.catalog import Catalog
 from storage.store import PAD
 
 FORMAT = "actscope.neuron/1"
+WINDOW = 12  # tokens either side of an example's token, as pages show them
 EXAMPLE_KINDS = ("top_examples", "bottom_examples", "band_samples")
 STAT_COLUMNS = ("count", "mean", "std", "min", "max", "frac_active", "skew", "kurtosis", "p50", "p90", "p99")
 
@@ -115,7 +116,7 @@ class HookPages:
         pairs = np.unique(np.stack([neurons, seqs], axis=1), axis=0) if len(seqs) else np.zeros((0, 2), np.int64)
         self.source = TokenActivations(self.store, self.hook)
         self.pair_values = self.source.gather(pairs[:, 1], pairs[:, 0])
-        self.pairs = pairs
+        self._pair_keys = pairs[:, 0] * (1 << 40) + pairs[:, 1]
         if len(seqs):
             rows = self._pair_rows(neurons, seqs)
             scale = np.abs(self.pair_values).max()
@@ -129,8 +130,7 @@ class HookPages:
         self.seq_length = (kinds != PAD).sum(axis=1)  # padding only ever ends a sequence
 
     def _pair_rows(self, neurons: np.ndarray, seqs: np.ndarray) -> np.ndarray:
-        keys = self.pairs[:, 0] * (1 << 40) + self.pairs[:, 1]
-        return np.searchsorted(keys, neurons * (1 << 40) + seqs)
+        return np.searchsorted(self._pair_keys, neurons * (1 << 40) + seqs)
 
     # -- one document -----------------------------------------------------------------------
 
@@ -153,10 +153,10 @@ class HookPages:
             "histogram": self._histogram(neuron, lo, hi),
             "activation_source": self.source.source,
         }
-        sequences: dict[int, dict] = {}
         for name in EXAMPLE_KINDS:
-            doc[name] = self._examples(name, neuron, sequences)
-        doc["sequences"] = {str(seq): body for seq, body in sorted(sequences.items())}
+            doc[name] = self._examples(name, neuron)
+        doc["window"] = WINDOW
+        doc["sequences"] = self._sequences(doc, neuron, summary)
         t = self.tokens.rows(neuron)
         doc["top_tokens"] = [
             {"rank": int(r), "token_id": int(i), "token": s, "mean_activation": float(m), "count": int(c)}
@@ -192,32 +192,44 @@ class HookPages:
             for a, b, c in zip(h["lo"], h["hi"], h["count"])
         ]
 
-    def _examples(self, name: str, neuron: int, sequences: dict[int, dict]) -> list[dict]:
+    def _examples(self, name: str, neuron: int) -> list[dict]:
         rows = self.examples[name].rows(neuron)
-        out = []
-        for i in range(len(rows["rank"])):
-            seq = int(rows["seq_id"][i])
-            if seq not in sequences:
-                sequences[seq] = self._sequence(neuron, seq)
-            record = {"rank": int(rows["rank"][i]), "activation": float(rows["activation"][i]), "seq_id": seq, "pos": int(rows["pos"][i])}
+        columns = ["rank", "activation", "seq_id", "pos"] + (["band", "lo", "hi"] if name == "band_samples" else [])
+        records = [dict(zip(columns, values)) for values in zip(*(rows[c].tolist() for c in columns))]
+        for record in records:
             if name == "band_samples":
-                record.update(band=int(rows["band"][i]), lo=finite(float(rows["lo"][i])), hi=finite(float(rows["hi"][i])))
-            out.append(record)
+                record["lo"], record["hi"] = finite(record["lo"]), finite(record["hi"])
+        return records
+
+    def _sequences(self, doc: dict, neuron: int, summary: dict) -> dict[str, dict]:
+        """The quoted text: whole sequences for top and bottom examples (a reader opens them in
+        full), a window either side for band samples (there are many, and they are typical)."""
+        spans: dict[int, tuple[int, int]] = {}
+        for name in EXAMPLE_KINDS:
+            for ex in doc[name]:
+                seq, pos = ex["seq_id"], ex["pos"]
+                n = int(self.seq_length[np.searchsorted(self.seq_ids, seq)])
+                a, b = (0, n) if name != "band_samples" else (max(0, pos - WINDOW), min(n, pos + WINDOW + 1))
+                if seq in spans:
+                    a, b = min(a, spans[seq][0]), max(b, spans[seq][1])
+                spans[seq] = (a, b)
+        if not spans:
+            return {}
+        seqs = np.fromiter(sorted(spans), np.int64, len(spans))
+        rows = self._pair_rows(np.full(len(seqs), neuron), seqs)
+        where = np.searchsorted(self.seq_ids, seqs)
+        scale = max(abs(summary["min"] or 0.0), abs(summary["max"] or 0.0))
+        decimals = max(0, 3 - math.floor(math.log10(scale))) if scale > 0 else 0
+        out = {}
+        for seq, row, s in zip(seqs.tolist(), rows, where):
+            a, b = spans[seq]
+            out[str(seq)] = {
+                "start": a, "length": int(self.seq_length[s]),
+                "tokens": self.vocab[self.seq_tokens[s, a:b]].tolist(),
+                # About four significant digits of the neuron's scale: plenty for colour and hover.
+                "values": np.round(self.pair_values[row, a:b].astype(np.float64), decimals).tolist(),
+            }
         return out
-
-    def _sequence(self, neuron: int, seq: int) -> dict:
-        s = np.searchsorted(self.seq_ids, seq)
-        n = int(self.seq_length[s])
-        values = self.pair_values[self._pair_rows(np.array([neuron]), np.array([seq]))[0], :n]
-        return {"tokens": self.vocab[self.seq_tokens[s, :n]].tolist(), "values": _round(values)}
-
-
-def _round(values: np.ndarray) -> list[float]:
-    """About four significant digits of the largest value: plenty for colour and hover, and a
-    third of the bytes of full float32 text."""
-    scale = float(np.abs(values).max()) if len(values) else 0.0
-    decimals = max(0, 3 - math.floor(math.log10(scale))) if scale > 0 else 0
-    return np.round(values.astype(np.float64), decimals).tolist()
 
 
 def snippet(store_url: str, hook: str, neuron: int, k: int) -> str:

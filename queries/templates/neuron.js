@@ -4,7 +4,7 @@
 (function () {
   const doc = JSON.parse(document.getElementById("neuron-data").textContent);
   const site = JSON.parse(document.getElementById("site-data").textContent);
-  const WINDOW = 12;
+  const WINDOW = doc.window;
   const lo = doc.stats.min ?? 0;
   const hi = doc.stats.max ?? 0;
   const page = document.getElementById("page");
@@ -28,11 +28,13 @@
       .replace(/[\u0000-\u001f\u007f-\u009f]/g, (c) => "\\x" + c.charCodeAt(0).toString(16).padStart(2, "0"));
   }
 
-  // The neuron's scale: 0 is white, its max full red, its min full blue.
+  // One scale for both signs, from the neuron's min to its max: white at 0, full red at the
+  // larger of |min| and |max| (blue below 0), so a GELU's small negative values stay pale.
+  const scale = Math.max(Math.abs(lo), Math.abs(hi));
   function colour(v) {
-    if (v > 0 && hi > 0) return `rgba(217, 72, 38, ${Math.min(1, v / hi).toFixed(3)})`;
-    if (v < 0 && lo < 0) return `rgba(48, 96, 214, ${Math.min(1, v / lo).toFixed(3)})`;
-    return "transparent";
+    if (!scale || !v) return "transparent";
+    const alpha = Math.min(1, Math.abs(v) / scale).toFixed(3);
+    return v > 0 ? `rgba(217, 72, 38, ${alpha})` : `rgba(48, 96, 214, ${alpha})`;
   }
 
   function token(text, value, marked) {
@@ -42,30 +44,33 @@
     return span;
   }
 
+  // Tokens [from, to) of an example's sequence; a sequence entry holds tokens [start, start + n).
   function tokens(example, from, to) {
     const seq = doc.sequences[String(example.seq_id)];
     const box = el("span", {});
     if (from > 0) box.append("… ");
     for (let i = from; i < to; i++) {
       const marked = i === example.pos;
-      box.append(token(seq.tokens[i], marked ? example.activation : seq.values[i], marked));
+      const j = i - seq.start;
+      box.append(token(seq.tokens[j], marked ? example.activation : seq.values[j], marked));
     }
-    if (to < seq.tokens.length) box.append(" …");
+    if (to < seq.length) box.append(" …");
     return box;
   }
 
   function example(ex, label) {
     const seq = doc.sequences[String(ex.seq_id)];
-    const n = seq.tokens.length;
-    const from = Math.max(0, ex.pos - WINDOW);
-    const to = Math.min(n, ex.pos + WINDOW + 1);
+    const first = seq.start;
+    const last = seq.start + seq.tokens.length;
+    const from = Math.max(first, ex.pos - WINDOW);
+    const to = Math.min(last, ex.pos + WINDOW + 1);
     const text = el("div", { className: "text" }, tokens(ex, from, to));
-    if (from > 0 || to < n) {
+    if (first === 0 && last === seq.length && (from > 0 || to < last)) {
       const button = el("button", { className: "full", type: "button" }, "full sequence");
       let full = false;
       button.addEventListener("click", () => {
         full = !full;
-        text.firstChild.replaceWith(full ? tokens(ex, 0, n) : tokens(ex, from, to));
+        text.firstChild.replaceWith(full ? tokens(ex, first, last) : tokens(ex, from, to));
         button.textContent = full ? "window" : "full sequence";
       });
       text.append(button);
