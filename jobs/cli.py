@@ -118,7 +118,7 @@ def run(
     verb = "resumed" if summary.resumed else "created"
     err.print(
         f"[green]done:[/] {summary.store} ({verb}): {summary.n_seq:,} sequences, {summary.n_tokens:,} tokens, "
-        f"{summary.shards_run} shard(s) run, {summary.shards_skipped} already done, {summary.workers} worker(s); "
+        f"{summary.shards_run} shard(s) run, {summary.shards_skipped} already done, {summary.workers} worker(s) on {summary.nodes} node(s); "
         f"{summary.tokens_per_second:,.0f} tokens/s; {summary.seconds_total:.1f} s in all."
     )
     err.print(f"next: actscope top {summary.store} {spec.hooks[0]} 0")

@@ -54,6 +54,7 @@ class RunSummary:
     seconds_total: float
     resumed: bool
     phases: dict[str, float] = field(default_factory=dict)
+    nodes: int = 1  # distinct machines (Ray nodes) that ran shards
 
     @property
     def tokens_per_second(self) -> float:
@@ -182,6 +183,7 @@ def run_job(
         seconds_total=time.perf_counter() - t0,
         resumed=resumed,
         phases=phases,
+        nodes=max(1, len({r.node for r in results if not r.skipped})),
     )
 
 
@@ -227,11 +229,19 @@ def _ensure_ray(address: str | None) -> bool:
     return True
 
 
+MAX_SHARD_ATTEMPTS = 4
+
+
 def _execute_on_ray(store_url: str, shards: list[int], n_workers: int, address: str | None, logits: bool):
     """Shards to a pool of actors, one model each; only shard ids and small results travel.
-    Then one actor computes the logit effects from its copy of the weights (on its device)."""
+    Then one actor computes the logit effects from its copy of the weights (on its device).
+
+    Losing a worker (its process killed, its node removed) loses at most the shard it was on:
+    the shard goes back to the queue for the surviving actors, and a replacement actor is
+    started, which joins the pool once Ray has placed it and it has loaded its model. A shard
+    that fails ``MAX_SHARD_ATTEMPTS`` times stops the job (committed shards are kept)."""
     import ray
-    from ray.util import ActorPool
+    from ray.exceptions import RayActorError
 
     started = _ensure_ray(address)
     try:
@@ -245,11 +255,55 @@ def _execute_on_ray(store_url: str, shards: list[int], n_workers: int, address: 
             # torch threads split the machine's cores between the actors.
             options = {"num_cpus": min(1.0, cpus / n_workers) * 0.99}
             threads = max(1, (os.cpu_count() or 1) // n_workers)
-        actor = ray.remote(max_restarts=3, max_task_retries=3, **options)(ShardWorker)
-        actors = [actor.remote(store_url, threads=threads) for _ in range(n_workers)]
-        yield from ActorPool(actors).map_unordered(lambda a, shard: a.__call__.remote(shard), shards)
+        # No Ray-level restarts or retries: the loop below requeues a lost shard itself, so a
+        # shard never waits for a dead actor to come back.
+        actor_class = ray.remote(max_restarts=0, max_task_retries=0, **options)(ShardWorker)
+
+        def start() -> tuple:
+            actor = actor_class.remote(store_url, threads=threads)
+            return actor.ready.remote(), actor
+
+        queue = list(reversed(shards))  # popped from the end: shard order
+        attempts = {shard: 0 for shard in shards}
+        starting = dict(start() for _ in range(min(n_workers, max(len(shards), 1))))
+        running: dict = {}  # task -> (actor, shard)
+        idle: list = []
+        while queue or running:
+            while idle and queue:
+                actor, shard = idle.pop(), queue.pop()
+                attempts[shard] += 1
+                running[actor.__call__.remote(shard)] = (actor, shard)
+            if not running and not starting:
+                raise StoreError("every worker was lost and none could be started; committed shards are kept: run the job again.")
+            [ref], _ = ray.wait([*running, *starting], num_returns=1)
+            if ref in starting:
+                actor = starting.pop(ref)
+                try:
+                    ray.get(ref)
+                    idle.append(actor)
+                except RayActorError:
+                    pass  # it could not start (its node went away); the others go on
+                continue
+            actor, shard = running.pop(ref)
+            try:
+                result = ray.get(ref)
+            except RayActorError:
+                if attempts[shard] >= MAX_SHARD_ATTEMPTS:
+                    raise StoreError(f"shard {shard} lost its worker {attempts[shard]} times; committed shards are kept: run the job again.") from None
+                queue.append(shard)
+                ref, actor = start()
+                starting[ref] = actor
+                continue
+            idle.append(actor)
+            yield result
         if logits:
-            ray.get(actors[0].write_logit_effects.remote())
+            if not idle:  # every actor was lost on the last shards: one more to compute them
+                ref, actor = start()
+                ray.get(ref)
+                idle.append(actor)
+            ray.get(idle[0].write_logit_effects.remote())
+        for actor in idle + list(starting.values()):
+            ray.kill(actor)
     finally:
         if started:
             ray.shutdown()

@@ -36,6 +36,14 @@ class ShardResult:
     n_tokens: int  # positions processed, padding included
     seconds: float
     skipped: bool  # already committed by an earlier run or attempt
+    node: str = "local"  # the Ray node that ran it
+
+
+def _node() -> str:
+    import sys
+
+    ray = sys.modules.get("ray")  # only inside a Ray worker is there a node to name
+    return ray.get_runtime_context().get_node_id() if ray is not None and ray.is_initialized() else "local"
 
 
 class ShardWorker:
@@ -51,12 +59,16 @@ class ShardWorker:
         self.widths = {h: int(w) for h, w in self.store.model["hook_widths"].items()}
         self._writer = ThreadPoolExecutor(max_workers=2, thread_name_prefix="dense-writer")
 
+    def ready(self) -> bool:
+        """Answers once the model is loaded (a scheduler's signal that the actor can take work)."""
+        return True
+
     def __call__(self, shard: int) -> ShardResult:
         start = time.perf_counter()
         first, last = self.store.shard_range(shard)
         n_tokens = (last - first) * self.spec.context_length
         if self.store.is_committed(shard):
-            return ShardResult(shard, n_tokens, 0.0, skipped=True)
+            return ShardResult(shard, n_tokens, 0.0, skipped=True, node=_node())
         partials, dense = self._reduce(first, last)
         # Dense chunks belong to this shard alone: write them whole, one hook per thread.
         writes = [
@@ -67,7 +79,7 @@ class ShardWorker:
             write.result()
         record = {"first_seq": first, "last_seq": last, "n_tokens": n_tokens}
         self.store.write_partial(shard, partials, record)
-        return ShardResult(shard, n_tokens, time.perf_counter() - start, skipped=False)
+        return ShardResult(shard, n_tokens, time.perf_counter() - start, skipped=False, node=_node())
 
     def _reduce(self, first: int, last: int):
         spec, ctx = self.spec, self.spec.context_length

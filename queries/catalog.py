@@ -8,11 +8,14 @@ refused before it runs, and a query past its time limit is interrupted.
 
 from __future__ import annotations
 
+import os
+import tempfile
 import threading
 from dataclasses import dataclass
 from typing import Any
 
 import duckdb
+import fsspec
 import pyarrow as pa
 
 from storage.errors import QueryError, StoreError
@@ -62,19 +65,33 @@ class Catalog:
 
     def _connect(self) -> duckdb.DuckDBPyConnection:
         con = duckdb.connect(":memory:", config={"python_enable_replacements": False})
+        index = self._local_index()
         for table in TABLES:
-            url = self.store.table_url(table)
+            url = os.path.join(index, f"{table}.parquet")
             con.execute(f"CREATE VIEW {table} AS SELECT * FROM read_parquet({_literal(url)})")
         con.execute(_MACROS)
-        con.execute(f"SET allowed_directories = [{_literal(self.store.index_url)}]")
+        con.execute(f"SET allowed_directories = [{_literal(index)}]")
         con.execute("SET autoinstall_known_extensions = false")
         con.execute("SET autoload_known_extensions = false")
         con.execute("SET enable_external_access = false")
         con.execute("SET lock_configuration = true")
         return con
 
+    def _local_index(self) -> str:
+        """The index folder on this machine. A store on object storage (any fsspec URL) has its
+        Parquet tables copied to a temporary folder first: DuckDB reads object stores only through
+        its httpfs extension, which a locked-down (and possibly offline) connection cannot load."""
+        fs, path = fsspec.core.url_to_fs(self.store.index_url)
+        if "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)):
+            return path
+        self._copy = tempfile.TemporaryDirectory(prefix="actscope-index-")
+        fs.get([f"{path}/{t}.parquet" for t in TABLES], self._copy.name + "/")
+        return self._copy.name
+
     def close(self) -> None:
         self.con.close()
+        if getattr(self, "_copy", None) is not None:
+            self._copy.cleanup()
 
     def __enter__(self) -> Catalog:
         return self

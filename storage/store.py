@@ -47,6 +47,18 @@ def _join(url: str, *parts: str) -> str:
     return os.path.join(url, *parts)
 
 
+# Object stores whose fsspec filesystem caches directory listings. Workers on other machines
+# commit shards while the driver watches, so the driver must list afresh every time.
+_LISTING_CACHES = frozenset({"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss", "adl"})
+
+
+def storage_options(url: str) -> dict[str, Any] | None:
+    """fsspec options for ``url``; credentials are never here: each filesystem reads them from
+    its usual environment (AWS_* variables, ~/.aws, GOOGLE_APPLICATION_CREDENTIALS, ...)."""
+    protocol = url.split("://", 1)[0] if "://" in url else "file"
+    return {"use_listings_cache": False} if protocol in _LISTING_CACHES else None
+
+
 def shard_key(shard: int) -> str:
     return f"{shard:06d}"
 
@@ -64,7 +76,7 @@ class Store:
     def open(cls, url: str, *, writable: bool = False) -> Store:
         """Open an existing actscope store, or explain why ``url`` is not one."""
         try:
-            group = zarr.open_group(store=url, mode="r+" if writable else "r")
+            group = zarr.open_group(store=url, mode="r+" if writable else "r", storage_options=storage_options(url))
         except (FileNotFoundError, zarr.errors.GroupNotFoundError, zarr.errors.NodeTypeValidationError):
             raise StoreError(f"No actscope store at {url}. Run a job first: actscope run JOB.yaml") from None
         if "schema_version" not in group.attrs:
@@ -79,7 +91,7 @@ class Store:
     @classmethod
     def exists(cls, url: str) -> bool:
         try:
-            zarr.open_group(store=url, mode="r")
+            zarr.open_group(store=url, mode="r", storage_options=storage_options(url))
         except (FileNotFoundError, zarr.errors.GroupNotFoundError, zarr.errors.NodeTypeValidationError):
             return False
         return True
@@ -87,7 +99,7 @@ class Store:
     @classmethod
     def create(cls, url: str, *, spec: JobSpec, fingerprint: str, model: Mapping[str, Any]) -> Store:
         """Create a fresh store, replacing what is at ``url`` (the caller has checked it may)."""
-        group = zarr.open_group(store=url, mode="w")
+        group = zarr.open_group(store=url, mode="w", storage_options=storage_options(url))
         group.attrs.update(
             {
                 "schema_version": SCHEMA_VERSION,

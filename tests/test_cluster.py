@@ -1,0 +1,253 @@
+"""Beyond one process: stores on object storage (a real S3-compatible server), a real multi-node
+Ray cluster on this machine, and the failures a cluster has. Every run is compared with a clean
+in-process run of the same job: the tables must be identical."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import fsspec
+import psutil
+import pyarrow.parquet as pq
+import pytest
+from typer.testing import CliRunner
+
+import queries
+from jobs.cli import app
+from jobs.jobfile import load_job
+from jobs.runner import run_job
+from queries.catalog import TABLES
+from storage.errors import StoreError
+from storage.store import Store, shard_key
+from tests.conftest import tree_digest, write_job
+
+pytestmark = pytest.mark.slow
+JOB = {"shard_size": 2, "dataset": {"max_tokens": 6000}}
+
+
+def tables(store_url: str) -> dict:
+    store = Store.open(store_url)
+    out = {}
+    for name in TABLES:
+        with fsspec.open(store.table_url(name), "rb") as f:
+            out[name] = pq.read_table(f).to_pydict()
+    return out
+
+
+@pytest.fixture(scope="module")
+def clean(tmp_path_factory, tiny_model, corpus_dir):
+    root = tmp_path_factory.mktemp("cluster-clean")
+    spec = load_job(write_job(root, "clean", tiny_model, corpus_dir, **JOB))
+    run_job(spec, use_ray=False)
+    return tables(spec.store)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _actscope(*args: str, env: dict | None = None) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "jobs.cli", *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        env={**os.environ, "COLUMNS": "250", **(env or {})}, start_new_session=True,
+    )
+
+
+def _wait_for_shards(store_url: str, n: int, proc: subprocess.Popen, timeout: float = 180) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, proc.stdout.read()
+        try:
+            store = Store.open(store_url)
+            if store.status["tokenized"] and len(store.committed_shards()) >= n:
+                return
+        except (StoreError, KeyError):  # not created yet, or being created
+            pass
+        time.sleep(0.05)
+    raise TimeoutError(f"fewer than {n} shards committed in {timeout} s")
+
+
+def _finish(proc: subprocess.Popen, timeout: float = 300) -> str:
+    try:
+        output, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        raise
+    assert proc.returncode == 0, output
+    return output
+
+
+# -- object storage ------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def s3():
+    """A real S3-compatible server (moto's server mode) on a local port; credentials and the
+    endpoint come from the environment, as they would on a cluster."""
+    port = _free_port()
+    server = subprocess.Popen(
+        [str(Path(sys.executable).with_name("moto_server")), "-p", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    env = {
+        "AWS_ACCESS_KEY_ID": "actscope-test-key", "AWS_SECRET_ACCESS_KEY": "actscope-test-secret",
+        "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}",
+    }
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                assert time.monotonic() < deadline, "moto server did not start"
+                time.sleep(0.2)
+        fs = fsspec.filesystem("s3", skip_instance_cache=True)
+        fs.mkdir("actscope-test")
+        yield env
+    finally:
+        server.terminate()
+        server.wait()
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+# An object store (here a local Python server) is slow per request: fewer, larger shards.
+S3_JOB = {"shard_size": 16, "dataset": {"max_tokens": 3000}}
+
+
+@pytest.fixture(scope="module")
+def clean_s3(tmp_path_factory, tiny_model, corpus_dir):
+    spec = load_job(write_job(tmp_path_factory.mktemp("s3-clean"), "clean", tiny_model, corpus_dir, **S3_JOB))
+    run_job(spec, use_ray=False)
+    return tables(spec.store)
+
+
+def test_a_store_on_object_storage_equals_a_local_one(s3, clean_s3, tmp_path, tiny_model, corpus_dir):
+    url = "s3://actscope-test/runs/job.zarr"
+    job = write_job(tmp_path, "s3job", tiny_model, corpus_dir, store=url, workers=2, **S3_JOB)
+    output = _finish(_actscope("run", str(job), env=s3))
+    assert "2 worker(s)" in output
+    assert tables(url) == clean_s3
+    # Queries and reports read it where it is.
+    runner = CliRunner()
+    result = runner.invoke(app, ["top", url, "blocks.0.mlp.hook_post", "3", "-k", "2", "--format", "json"])
+    assert result.exit_code == 0, result.output
+    result = runner.invoke(app, ["report", url, "blocks.0.mlp.hook_post", "3", "--out", str(tmp_path / "n.html")])
+    assert result.exit_code == 0, result.output
+    # Credentials stay in the environment: nothing of them is written into the store.
+    fs = fsspec.filesystem("s3")
+    for path in fs.find("actscope-test/runs/job.zarr"):
+        if path.endswith(".json"):
+            assert b"actscope-test-secret" not in fs.cat(path) and b"actscope-test-key" not in fs.cat(path)
+    # A re-run finds it complete and changes nothing.
+    output = _finish(_actscope("run", str(job), env=s3))
+    assert "0 shard(s) run" in output
+
+
+# -- a real multi-node cluster ---------------------------------------------------------------
+
+@pytest.fixture
+def cluster():
+    from ray.cluster_utils import Cluster
+
+    c = Cluster(initialize_head=True, connect=False, head_node_args={"num_cpus": 1, "include_dashboard": False})
+    try:
+        yield c
+    finally:
+        c.shutdown()
+
+
+def test_a_job_runs_across_nodes_and_survives_losing_one(cluster, clean, tmp_path, tiny_model, corpus_dir):
+    """Two nodes, one worker each; the second node is removed mid-job: its shard goes back to
+    the queue and the head's worker finishes the job."""
+    node = cluster.add_node(num_cpus=1)
+    job = write_job(tmp_path, "nodes", tiny_model, corpus_dir, workers=2, **JOB)
+    spec = load_job(job)
+    proc = _actscope("run", str(job), "--address", cluster.address)
+    _wait_for_shards(spec.store, 6, proc)
+    cluster.remove_node(node)
+    output = _finish(proc)
+    assert "2 node(s)" in output, output
+    assert tables(spec.store) == clean
+
+
+def test_a_killed_worker_process_loses_nothing(clean, tmp_path, tiny_model, corpus_dir):
+    job = write_job(tmp_path, "killworker", tiny_model, corpus_dir, workers=2, **JOB)
+    spec = load_job(job)
+    proc = _actscope("run", str(job))
+    _wait_for_shards(spec.store, 4, proc)
+    driver = psutil.Process(proc.pid)
+    workers = [p for p in psutil.process_iter(["cmdline"]) if "ShardWorker" in " ".join(p.info["cmdline"] or [])]
+    workers = [p for p in workers if _descends_from(p, driver)]
+    assert workers, "no ShardWorker process found"
+    workers[0].kill()
+    _finish(proc)
+    assert tables(spec.store) == clean
+
+
+def _descends_from(process: psutil.Process, ancestor: psutil.Process) -> bool:
+    try:
+        return any(p.pid == ancestor.pid for p in process.parents())
+    except psutil.NoSuchProcess:
+        return False
+
+
+# -- a crashed writer ------------------------------------------------------------------------
+
+def test_a_truncated_chunk_from_a_crashed_writer_is_rewritten_on_resume(clean, tmp_path, tiny_model, corpus_dir):
+    """The driver and its writer are killed mid-job; the next shard's chunks are left cut short, as
+    a writer killed mid-write leaves them, with no commit record. On resume the shard is redone
+    whole and the store ends byte-identical to one that never crashed."""
+    reference = load_job(write_job(tmp_path, "reference", tiny_model, corpus_dir, **JOB))
+    run_job(reference, use_ray=False)
+    job = write_job(tmp_path, "crashed", tiny_model, corpus_dir, **JOB)
+    spec = load_job(job)
+    proc = _actscope("run", str(job), "--local")
+    _wait_for_shards(spec.store, 3, proc)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    store = Store.open(spec.store)
+    victim = min(set(range(store.n_shards)) - store.committed_shards())
+    root, victim_key, done_key = Path(spec.store), shard_key(victim), shard_key(min(store.committed_shards()))
+    hook = "blocks.0.mlp.hook_post"
+    cut = [
+        (root / "acts" / hook / "c" / "0" / "0" / "0", root / "acts" / hook / "c" / str(victim) / "0" / "0"),
+        *[(p, root / "shards" / victim_key / p.relative_to(root / "shards" / done_key))
+          for p in (root / "shards" / done_key).rglob("*") if p.is_file() and "/c/" in str(p)][:3],
+    ]
+    for source, target in cut:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        data = source.read_bytes()
+        target.write_bytes(data[: len(data) // 2])
+    first, _ = store.shard_range(victim)
+    with pytest.raises(Exception):
+        store.dense(hook)[first]  # the chunk is unreadable now
+    summary = run_job(spec, use_ray=False)
+    assert summary.resumed and summary.shards_skipped >= 3
+    assert tables(spec.store) == clean
+    for part in ("tokens", "acts", "shards"):
+        assert tree_digest(root / part) == tree_digest(Path(reference.store) / part), part
+
+
+def test_queries_read_an_object_store_index_without_network_access(s3, clean_s3, tmp_path, tiny_model, corpus_dir):
+    """The catalog copies the index locally; the locked-down connection still refuses the rest."""
+    url = "s3://actscope-test/runs/local-run.zarr"
+    spec = load_job(write_job(tmp_path, "s3local", tiny_model, corpus_dir, store=url, **S3_JOB))
+    run_job(spec, use_ray=False)
+    assert tables(url) == clean_s3
+    with queries.connect(url) as c:
+        assert c.sql("SELECT count(*) FROM neuron_stats").rows[0][0] == 256 + 64
+        with pytest.raises(Exception, match="Refused|only"):
+            c.sql("SELECT * FROM read_csv('/etc/passwd')")
