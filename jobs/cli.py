@@ -126,10 +126,61 @@ def run(
 
 @app.command()
 @friendly
-def status(store: StoreArg):
-    """Show a store's job, progress and contents."""
+def submit(
+    job: Annotated[str, typer.Argument(help="The job file (YAML); its paths and store must be reachable from the cluster.")],
+    address: Annotated[str, typer.Option(help="The cluster's Ray Jobs API, e.g. http://HEAD:8265.")],
+    force: Annotated[bool, typer.Option(help="Submit again even if this job already succeeded.")] = False,
+):
+    """Submit a job to a Ray cluster; submitting it again resumes it rather than duplicating it."""
+    from jobs.submit import submit as submit_job
+
+    result = submit_job(job, address, force=force)
+    messages = {
+        "submitted": "submitted",
+        "running": "[yellow]already running[/] (not submitted again)",
+        "succeeded": "[green]already finished[/] (--force to run it again)",
+    }
+    err.print(f"{messages[result.state]}: {result.submission_id}")
+    out.print(result.submission_id, highlight=False)
+    err.print(f"follow: actscope logs {escape(job)} --address {address} --follow")
+
+
+@app.command()
+@friendly
+def logs(
+    target: Annotated[str, typer.Argument(help="A submission id, or the job file that was submitted.")],
+    address: Annotated[str, typer.Option(help="The cluster's Ray Jobs API, e.g. http://HEAD:8265.")],
+    follow: Annotated[bool, typer.Option("--follow", "-f", help="Keep printing until the job ends.")] = False,
+):
+    """A submitted job's output."""
+    from jobs import submit
+
+    if follow:
+        for text in submit.follow(target, address):
+            sys.stdout.write(text)
+            sys.stdout.flush()
+    else:
+        sys.stdout.write(submit.logs(target, address))
+
+
+@app.command()
+@friendly
+def status(
+    store: Annotated[str, typer.Argument(help="A store; with --address, a submission id or a submitted job file.")],
+    address: Annotated[Optional[str], typer.Option(help="A Ray Jobs API address: show a submitted job's state.")] = None,
+):
+    """Show a store's job, progress and contents, or (with --address) a submitted job's state."""
     from storage.store import Store
 
+    if address is not None:
+        from jobs.submit import status as job_status
+
+        info = job_status(store, address)
+        out.print(f"{info['submission_id']}: {info['status']}" + (f" ({escape(info['message'])})" if info["message"] else ""), highlight=False)
+        if info["store"] and Store.exists(info["store"]):
+            store = info["store"]
+        else:
+            return
     s = Store.open(store)
     spec, st, model = s.spec, s.status, s.model
     done = len(s.committed_shards()) if st["tokenized"] else 0

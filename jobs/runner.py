@@ -126,6 +126,8 @@ def run_job(
 ) -> RunSummary:
     """Run (or resume) ``spec`` to completion and return what was done."""
     reporter = reporter or _Silent()
+    # Inside a Ray job (actscope submit, a KubeRay RayJob) Ray names the cluster in RAY_ADDRESS.
+    address = address or os.environ.get("RAY_ADDRESS") or None
     t0 = time.perf_counter()
     phases = {}
     existing, model, tokenizer = plan(spec, overwrite=overwrite)
@@ -202,7 +204,8 @@ def _worker_count(spec: JobSpec, override: int | None, use_ray: bool, address: s
 
     _ensure_ray(address)
     resources = ray.cluster_resources()
-    return int(resources.get("GPU", 0)) or int(resources.get("CPU", 1))
+    # The GPUs present now (an autoscaling cluster may have none yet: then its CPUs, at least 1).
+    return int(resources.get("GPU", 0)) or max(1, int(resources.get("CPU", 1)))
 
 
 def _execute_here(store_url: str, shards: list[int], n_workers: int, address: str | None, logits: bool):
@@ -247,7 +250,9 @@ def _execute_on_ray(store_url: str, shards: list[int], n_workers: int, address: 
     try:
         gpus = ray.cluster_resources().get("GPU", 0)
         cpus = ray.cluster_resources().get("CPU", 1)
-        if gpus:
+        device = Store.open(store_url).spec.device
+        # device: cuda asks for GPU actors even before an autoscaler has added GPU nodes.
+        if device == "cuda" or (device == "auto" and gpus):
             options = {"num_gpus": 1, "num_cpus": 1}
             threads = None
         else:

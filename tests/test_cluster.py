@@ -28,7 +28,7 @@ from storage.store import Store, shard_key
 from tests.conftest import tree_digest, write_job
 
 pytestmark = pytest.mark.slow
-JOB = {"shard_size": 2, "dataset": {"max_tokens": 6000}}
+JOB = {"shard_size": 2, "dataset": {"max_tokens": 3000}}
 
 
 def tables(store_url: str) -> dict:
@@ -54,11 +54,27 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+_STARTED: list[subprocess.Popen] = []
+
+
+@pytest.fixture(autouse=True)
+def _no_leftover_processes():
+    """A failed test must not leave its job running (and loading the machine) behind."""
+    yield
+    while _STARTED:
+        proc = _STARTED.pop()
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
 def _actscope(*args: str, env: dict | None = None) -> subprocess.Popen:
-    return subprocess.Popen(
+    proc = subprocess.Popen(
         [sys.executable, "-m", "jobs.cli", *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         env={**os.environ, "COLUMNS": "250", **(env or {})}, start_new_session=True,
     )
+    _STARTED.append(proc)
+    return proc
 
 
 def _wait_for_shards(store_url: str, n: int, proc: subprocess.Popen, timeout: float = 180) -> None:
