@@ -98,6 +98,7 @@ class RichReporter:
 StoreArg = Annotated[str, typer.Argument(help="The store (path or URL).")]
 HookArg = Annotated[str, typer.Argument(help="A recorded hook, e.g. blocks.1.mlp.hook_post.")]
 NeuronArg = Annotated[int, typer.Argument(help="Neuron index within the hook.")]
+JobsAddress = Annotated[str, typer.Option(help="The cluster's Ray Jobs API, e.g. http://HEAD:8265.")]
 
 @app.command()
 @friendly
@@ -128,7 +129,7 @@ def run(
 @friendly
 def submit(
     job: Annotated[str, typer.Argument(help="The job file (YAML); its paths and store must be reachable from the cluster.")],
-    address: Annotated[str, typer.Option(help="The cluster's Ray Jobs API, e.g. http://HEAD:8265.")],
+    address: JobsAddress,
     force: Annotated[bool, typer.Option(help="Submit again even if this job already succeeded.")] = False,
 ):
     """Submit a job to a Ray cluster; submitting it again resumes it rather than duplicating it."""
@@ -149,7 +150,7 @@ def submit(
 @friendly
 def logs(
     target: Annotated[str, typer.Argument(help="A submission id, or the job file that was submitted.")],
-    address: Annotated[str, typer.Option(help="The cluster's Ray Jobs API, e.g. http://HEAD:8265.")],
+    address: JobsAddress,
     follow: Annotated[bool, typer.Option("--follow", "-f", help="Keep printing until the job ends.")] = False,
 ):
     """A submitted job's output."""
@@ -336,7 +337,7 @@ def probe(
         line.append(_visible_plain(token), style=f"on {_shade(float(value), lo, hi)}")
     out.print(line)
     best = int(result.activations.argmax())
-    share = f" ({result.activations[best] / hi:.0%} of its corpus max {hi:.4g})" if hi and hi > 0 else ""
+    share = f" ({result.activations[best] / hi:.0%} of its corpus max {hi:.4g})" if hi and hi > 0 and result.activations[best] > 0 else ""
     out.print(
         f"max {result.activations[best]:.4g} at token {best} {_visible(repr(result.tokens[best]))}{share}; "
         f"min {result.activations.min():.4g}." + (" [yellow]The text was cut to the job's context length.[/]" if result.truncated else "")

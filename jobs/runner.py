@@ -122,9 +122,11 @@ def run_job(
     workers: int | None = None,
     overwrite: bool = False,
     use_ray: bool = True,
+    threads: int | None = None,
     reporter: Reporter | None = None,
 ) -> RunSummary:
-    """Run (or resume) ``spec`` to completion and return what was done."""
+    """Run (or resume) ``spec`` to completion and return what was done. ``threads``: torch threads
+    per CPU worker (default: the cores split between the workers)."""
     reporter = reporter or _Silent()
     # Inside a Ray job (actscope submit, a KubeRay RayJob) Ray names the cluster in RAY_ADDRESS.
     address = address or os.environ.get("RAY_ADDRESS") or None
@@ -159,7 +161,7 @@ def run_job(
     logits = spec.computes("logits") and not store.has_logits()
     if pending or logits:
         execute = _execute_on_ray if use_ray else _execute_here
-        for result in execute(spec.store, pending, n_workers, address, logits):
+        for result in execute(spec.store, pending, n_workers, address, logits, threads):
             results.append(result)
             reporter.advance(result.n_tokens)
     phases["activate"] = time.perf_counter() - t
@@ -208,8 +210,8 @@ def _worker_count(spec: JobSpec, override: int | None, use_ray: bool, address: s
     return int(resources.get("GPU", 0)) or max(1, int(resources.get("CPU", 1)))
 
 
-def _execute_here(store_url: str, shards: list[int], n_workers: int, address: str | None, logits: bool):
-    worker = ShardWorker(store_url)
+def _execute_here(store_url: str, shards: list[int], n_workers: int, address: str | None, logits: bool, threads: int | None):
+    worker = ShardWorker(store_url, threads=threads)
     for shard in shards:
         yield worker(shard)
     if logits:
@@ -235,7 +237,7 @@ def _ensure_ray(address: str | None) -> bool:
 MAX_SHARD_ATTEMPTS = 4
 
 
-def _execute_on_ray(store_url: str, shards: list[int], n_workers: int, address: str | None, logits: bool):
+def _execute_on_ray(store_url: str, shards: list[int], n_workers: int, address: str | None, logits: bool, threads: int | None):
     """Shards to a pool of actors, one model each; only shard ids and small results travel.
     Then one actor computes the logit effects from its copy of the weights (on its device).
 
@@ -254,12 +256,11 @@ def _execute_on_ray(store_url: str, shards: list[int], n_workers: int, address: 
         # device: cuda asks for GPU actors even before an autoscaler has added GPU nodes.
         if device == "cuda" or (device == "auto" and gpus):
             options = {"num_gpus": 1, "num_cpus": 1}
-            threads = None
         else:
             # Fractional CPUs, so actors never hold every logical CPU (Ray deadlocks then), and
             # torch threads split the machine's cores between the actors.
             options = {"num_cpus": min(1.0, cpus / n_workers) * 0.99}
-            threads = max(1, (os.cpu_count() or 1) // n_workers)
+            threads = threads or max(1, (os.cpu_count() or 1) // n_workers)
         # No Ray-level restarts or retries: the loop below requeues a lost shard itself, so a
         # shard never waits for a dead actor to come back.
         actor_class = ray.remote(max_restarts=0, max_task_retries=0, **options)(ShardWorker)

@@ -12,6 +12,7 @@ import hashlib
 import json
 import shutil
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,6 +20,7 @@ from storage.errors import ActscopeError
 from storage.spec import JobSpec
 
 ACTIVE = {"PENDING", "RUNNING"}
+AGENT_WAIT_S = 60
 
 
 class SubmitError(ActscopeError):
@@ -65,12 +67,23 @@ def submit(job_file: str, address: str, *, force: bool = False) -> Submission:
     submission_id = base if not attempts else f"{base}-{len(attempts) + 1}"
     with tempfile.TemporaryDirectory(prefix="actscope-submit-") as folder:
         shutil.copy(job_file, Path(folder) / "job.yaml")
-        client.submit_job(
+        request = dict(
             entrypoint="actscope run job.yaml",
             submission_id=submission_id,
             runtime_env={"working_dir": folder, "env_vars": {"TOKENIZERS_PARALLELISM": "false"}},
             metadata={"store": spec.store, "actscope_job": Path(job_file).name},
         )
+        deadline = time.monotonic() + AGENT_WAIT_S
+        while True:
+            try:
+                client.submit_job(**request)
+                break
+            except RuntimeError as err:
+                # A head that has just started answers before its job agent is up.
+                if "try again later" in str(err) and time.monotonic() < deadline:
+                    time.sleep(1)
+                    continue
+                raise SubmitError(f"the cluster at {address} refused the job: {str(err).splitlines()[0]}") from None
     return Submission(submission_id, "submitted")
 
 
