@@ -401,6 +401,8 @@ def demo(
         ).rows[0][0]
     err.print(f"try:  actscope top {spec.store} {hook} {best} -k 10")
     err.print(f"      actscope query {spec.store} \"SELECT hook, count(*) FROM top_examples GROUP BY ALL\"")
+    err.print(f"      actscope report {spec.store} {hook} {best} --out neuron-{best}.html")
+    err.print(f"      actscope export {spec.store} --out {os.path.join(out_dir, 'site')}")
 
 
 def _visible(text: Optional[str]) -> str:
