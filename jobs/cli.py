@@ -334,7 +334,7 @@ def probe(
 
     line = Text()
     for token, value in zip(result.tokens, result.activations):
-        line.append(_visible_plain(token), style=f"on {_shade(float(value), lo, hi)}")
+        line.append(_plain(token), style=f"on {_shade(float(value), lo, hi)}")
     out.print(line)
     best = int(result.activations.argmax())
     share = f" ({result.activations[best] / hi:.0%} of its corpus max {hi:.4g})" if hi and hi > 0 and result.activations[best] > 0 else ""
@@ -352,12 +352,6 @@ def _shade(value: float, lo: float, hi: float) -> str:
     target = (217, 72, 38) if value > 0 else (48, 96, 214)
     r, g, b = (round(255 + (c - 255) * t) for c in target)
     return f"rgb({r},{g},{b})"
-
-
-def _visible_plain(text: str) -> str:
-    """Corpus text for a rich Text object (no markup there): newlines, tabs, controls shown."""
-    text = text.replace("\n", "↵").replace("\t", "→")
-    return "".join(ch if ch.isprintable() else f"\\x{ord(ch):02x}" for ch in text)
 
 
 def _number(value) -> str:
@@ -405,10 +399,18 @@ def demo(
     err.print(f"      actscope export {spec.store} --out {os.path.join(out_dir, 'site')}")
 
 
+def _plain(text: str) -> str:
+    """Corpus text for a rich Text object (no markup there): newlines, tabs, controls shown."""
+    from queries.text import visible
+
+    return visible(text)
+
+
 def _visible(text: Optional[str]) -> str:
-    """Corpus text for a terminal: markup escaped, newlines and tabs shown, control chars dropped."""
-    text = (text or "").replace("\n", "↵").replace("\t", "→")
-    return escape("".join(ch for ch in text if ch.isprintable()))
+    """Corpus text for a rich markup string: newlines, tabs and control characters shown, markup escaped."""
+    from queries.text import visible
+
+    return escape(visible(text or ""))
 
 
 def _print_result(result, format: Format) -> None:

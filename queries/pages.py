@@ -105,14 +105,14 @@ class HookPages:
     def _load_sequences(self) -> None:
         """Tokens of every quoted sequence, and this hook's activations on them for each neuron
         that quotes them, checked against the cached value at every marked token."""
-        seqs, neurons, pos, cached, what = [], [], [], [], []
-        for name, grouped in self.examples.items():
+        seqs, neurons, pos, cached = [], [], [], []
+        for grouped in self.examples.values():
             c = grouped.columns
             keep = np.isin(c["neuron"], self.neurons)
             seqs.append(c["seq_id"][keep]), neurons.append(c["neuron"][keep].astype(np.int64))
-            pos.append(c["pos"][keep]), cached.append(c["activation"][keep]), what.append(np.full(keep.sum(), name))
+            pos.append(c["pos"][keep]), cached.append(c["activation"][keep])
         seqs, neurons, pos = np.concatenate(seqs), np.concatenate(neurons), np.concatenate(pos)
-        cached, what = np.concatenate(cached), np.concatenate(what)
+        cached = np.concatenate(cached)
         pairs = np.unique(np.stack([neurons, seqs], axis=1), axis=0) if len(seqs) else np.zeros((0, 2), np.int64)
         self.source = TokenActivations(self.store, self.hook)
         self.pair_values = self.source.gather(pairs[:, 1], pairs[:, 0])

@@ -21,6 +21,7 @@ from jinja2 import Environment, PackageLoader, select_autoescape
 
 from queries.catalog import Catalog
 from queries.pages import HookPages, finite
+from queries.text import visible
 from storage.errors import QueryError
 
 FORMATS = ("html", "json", "md", "neuronpedia")
@@ -73,7 +74,7 @@ _MD_SPECIAL = re.compile(r"([\\`*_{}\[\]()#+\-.!|~])")
 def md_text(text: str) -> str:
     """Corpus text inside Markdown: special characters backslash-escaped, HTML neutralised
     (renderers pass raw HTML through), newlines and control characters made visible."""
-    text = _visible(text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;"))
+    text = visible(text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;"))
     return _MD_SPECIAL.sub(r"\\\1", text)
 
 
@@ -256,7 +257,7 @@ def _hook_index(pages: HookPages) -> str:
     top = {}
     for neuron, rank, token in zip(tokens["neuron"], tokens["rank"], tokens["token"]):
         if rank <= 3:
-            top.setdefault(int(neuron), []).append(_visible(token))
+            top.setdefault(int(neuron), []).append(visible(token))
     columns = {"neuron": c["neuron"].astype(int).tolist()}
     for name in ("max", "min", "mean", "std", "frac_active", "kurtosis", "skew"):
         columns[name] = [finite(x) for x in np.asarray(c[name], np.float64).tolist()]
@@ -274,11 +275,6 @@ def _site_index(catalog: Catalog, hooks: list[str]) -> str:
         n_tokens=f"{catalog.store.n_seq * spec.context_length:,}", css=_asset("actscope.css"),
         hooks=[{"name": h, "width": catalog.model["hook_widths"][h], "source": "dense" if h in spec.dense else "recomputed"} for h in hooks],
     )
-
-
-def _visible(text: str) -> str:
-    text = text.replace("\n", "↵").replace("\t", "→").replace("\r", "␍")
-    return "".join(ch if ch.isprintable() or ch == " " else f"\\x{ord(ch):02x}" for ch in text)
 
 
 def _write_text(path: Path, text: str) -> int:

@@ -7,7 +7,6 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -22,16 +21,10 @@ from jobs.jobfile import load_job
 from jobs.runner import run_job
 from jobs.submit import submission_base
 from tests.conftest import write_job
-from tests.test_cluster import tables
+from tests.test_cluster import _free_port, tables
 
 pytestmark = pytest.mark.slow
 JOB = {"shard_size": 16, "dataset": {"max_tokens": 3000}, "workers": 1}
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture
