@@ -21,7 +21,7 @@ from __future__ import annotations
 import os
 import posixpath
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import zarr
@@ -99,16 +99,16 @@ class Store:
     @classmethod
     def create(cls, url: str, *, spec: JobSpec, fingerprint: str, model: Mapping[str, Any]) -> Store:
         """Create a fresh store, replacing what is at ``url`` (the caller has checked it may)."""
-        group = zarr.open_group(store=url, mode="w", storage_options=storage_options(url))
-        group.attrs.update(
-            {
-                "schema_version": SCHEMA_VERSION,
-                "spec": spec.to_dict(),
-                "fingerprint": fingerprint,
-                "model": dict(model),
-                "status": {"tokenized": False, "n_seq": 0, "complete": False},
-            }
-        )
+        # The attributes go in with the group's own metadata, in one write: a run killed here leaves
+        # either no store or a whole (empty) one, never a group that is not yet an actscope store.
+        attributes = {
+            "schema_version": SCHEMA_VERSION,
+            "spec": spec.to_dict(),
+            "fingerprint": fingerprint,
+            "model": dict(model),
+            "status": {"tokenized": False, "n_seq": 0, "complete": False},
+        }
+        group = zarr.open_group(store=url, mode="w", attributes=attributes, storage_options=storage_options(url))
         group.require_group("shards")
         group.require_group("acts")
         return cls(url, group)
@@ -149,7 +149,7 @@ class Store:
 
     # -- tokens ---------------------------------------------------------------------------
 
-    TOKEN_ARRAYS = {"tokens": "int32", "doc_ids": "int64", "doc_pos": "int32", "kinds": "uint8"}
+    TOKEN_ARRAYS: ClassVar[dict[str, str]] = {"tokens": "int32", "doc_ids": "int64", "doc_pos": "int32", "kinds": "uint8"}
 
     def reset_token_arrays(self) -> None:
         spec = self.spec
@@ -192,7 +192,7 @@ class Store:
 
     def write_partial(self, shard: int, arrays: Mapping[str, Mapping[str, np.ndarray]], record: Mapping[str, Any]) -> None:
         """Write one shard's partial statistics, then its commit record (last, atomically)."""
-        _write_committed(self.group["shards"].require_group(shard_key(shard)), arrays, record)
+        _write_committed(self.group.require_group("shards").require_group(shard_key(shard)), arrays, record)
 
     def is_committed(self, shard: int) -> bool:
         try:
@@ -201,6 +201,8 @@ class Store:
             return False
 
     def committed_shards(self) -> set[int]:
+        if "shards" not in self.group:  # a run killed while it created the store
+            return set()
         shards = self.group["shards"]
         return {int(key) for key, sub in shards.groups() if sub.attrs.get("committed")}
 
