@@ -8,18 +8,21 @@ to be valid and to belong to it (same fingerprint), unless the user asks to over
 from __future__ import annotations
 
 import gc
+import itertools
 import logging
 import os
 import time
+from collections import deque
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from pipeline.corpus import check_corpus, tokenize_corpus
+from pipeline.corpus import Encoded, check_corpus, encode, encode_here, encode_task, tokenize_corpus
 from pipeline.fingerprint import fingerprint
 from pipeline.index import build_index
 from pipeline.model import Framing, hook_widths, load_job_model, load_tokenizer, validate_hooks
 from pipeline.reduce import merge_shards
-from pipeline.worker import ShardResult, ShardWorker
+from pipeline.worker import ShardWorker
 from storage.errors import StoreError
 from storage.spec import JobSpec
 from storage.store import Store
@@ -55,6 +58,7 @@ class RunSummary:
     resumed: bool
     phases: dict[str, float] = field(default_factory=dict)
     nodes: int = 1  # distinct machines (Ray nodes) that ran shards
+    tokenize_tasks: int = 0  # batches encoded on Ray tasks (0: all here)
 
     @property
     def tokens_per_second(self) -> float:
@@ -83,7 +87,7 @@ def plan(spec: JobSpec, *, overwrite: bool = False) -> tuple[Store | None, dict,
     }
     del bridge
     gc.collect()
-    check_corpus(spec.dataset, tokenizer, framing)
+    check_corpus(spec.dataset, tokenizer)
     model["fingerprint"] = fingerprint(spec)
     if not Store.exists(spec.store):
         return None, model, tokenizer
@@ -139,32 +143,41 @@ def run_job(
         store = Store.create(spec.store, spec=spec, fingerprint=model["fingerprint"], model=model)
     else:
         store = Store.open(spec.store, writable=True)
+    ray_session = RaySession(address)  # started on first use, so a finished store never waits for Ray
+    try:
+        tokenize_tasks = 0
+        if not store.status["tokenized"]:
+            t = time.perf_counter()
+            reporter.phase("tokenize", None)
+            encoder = TaskEncoder(spec, tokenizer, ray_session) if use_ray else LocalEncoder(tokenizer)
+            n_seq = tokenize_corpus(store, spec, Framing.from_tokenizer(tokenizer), encoder, progress=reporter.advance)
+            tokenize_tasks = encoder.tasks
+            for hook in spec.dense:
+                store.create_dense(hook, model["hook_widths"][hook], n_seq)
+            store.update_status(tokenized=True, n_seq=n_seq)  # last: a crash before it re-tokenizes
+            phases["tokenize"] = time.perf_counter() - t
 
-    if not store.status["tokenized"]:
+        n_shards = store.n_shards
+        done = store.committed_shards()
+        pending = [s for s in range(n_shards) if s not in done]
+        n_tokens = store.n_seq * spec.context_length
+        n_workers = _worker_count(spec, workers, use_ray, address, ray_session)
         t = time.perf_counter()
-        reporter.phase("tokenize", None)
-        framing = Framing.from_tokenizer(tokenizer)
-        n_seq = tokenize_corpus(store, spec, tokenizer, framing, progress=reporter.advance)
-        for hook in spec.dense:
-            store.create_dense(hook, model["hook_widths"][hook], n_seq)
-        store.update_status(tokenized=True, n_seq=n_seq)
-        phases["tokenize"] = time.perf_counter() - t
-
-    n_shards = store.n_shards
-    done = store.committed_shards()
-    pending = [s for s in range(n_shards) if s not in done]
-    n_tokens = store.n_seq * spec.context_length
-    n_workers = _worker_count(spec, workers, use_ray, address)
-    t = time.perf_counter()
-    reporter.phase("activate", n_tokens, sum(store.shard_range(s)[1] - store.shard_range(s)[0] for s in done) * spec.context_length)
-    results = []
-    logits = spec.computes("logits") and not store.has_logits()
-    if pending or logits:
-        execute = _execute_on_ray if use_ray else _execute_here
-        for result in execute(spec.store, pending, n_workers, address, logits, threads):
-            results.append(result)
-            reporter.advance(result.n_tokens)
-    phases["activate"] = time.perf_counter() - t
+        reporter.phase("activate", n_tokens, sum(store.shard_range(s)[1] - store.shard_range(s)[0] for s in done) * spec.context_length)
+        results = []
+        logits = spec.computes("logits") and not store.has_logits()
+        if pending or logits:
+            if use_ray:
+                ray_session.ensure()
+                execute = _execute_on_ray(spec.store, pending, n_workers, logits, threads)
+            else:
+                execute = _execute_here(spec.store, pending, logits, threads)
+            for result in execute:
+                results.append(result)
+                reporter.advance(result.n_tokens)
+        phases["activate"] = time.perf_counter() - t
+    finally:
+        ray_session.close()
 
     if not store.status["complete"] or pending:
         t = time.perf_counter()
@@ -188,10 +201,83 @@ def run_job(
         resumed=resumed,
         phases=phases,
         nodes=max(1, len({r.node for r in results if not r.skipped})),
+        tokenize_tasks=tokenize_tasks,
     )
 
 
-def _worker_count(spec: JobSpec, override: int | None, use_ray: bool, address: str | None) -> int:
+class RaySession:
+    """Embedded Ray (or a connection to ``address``), started on first use and shut down at the
+    end only if this job started it (a caller's Ray, or the one a Ray job runs in, stays up)."""
+
+    def __init__(self, address: str | None):
+        self.address = address
+        self._started = False
+
+    def ensure(self) -> None:
+        import ray
+
+        if ray.is_initialized():
+            return
+        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+        os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+        kwargs = {"include_dashboard": False, "log_to_driver": False, "logging_level": logging.WARNING}
+        if self.address is None:
+            ray.init(num_cpus=os.cpu_count() or 1, **kwargs)
+        else:
+            ray.init(address=self.address, **kwargs)
+        self._started = True
+
+    def close(self) -> None:
+        if self._started:
+            import ray
+
+            ray.shutdown()
+            self._started = False
+
+
+class LocalEncoder:
+    """Encodes every batch in this process."""
+
+    tasks = 0
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+
+    def __call__(self, batches: Iterator[list[str]]) -> Iterator[Encoded]:
+        return encode_here(batches, self.tokenizer)
+
+
+class TaskEncoder:
+    """Encodes batches of documents on Ray CPU tasks, anywhere in the cluster, and hands them back
+    in corpus order (so packing, here, is the same as with one process). A bounded window of
+    tasks is in flight, so memory stays flat however large the corpus. A corpus of one batch is
+    encoded here: a task would only add a process start."""
+
+    def __init__(self, spec: JobSpec, tokenizer, ray_session: RaySession):
+        self.spec, self.tokenizer, self.ray_session = spec, tokenizer, ray_session
+        self.tasks = 0
+
+    def __call__(self, batches: Iterator[list[str]]) -> Iterator[Encoded]:
+        head = list(itertools.islice(batches, 2))
+        if len(head) < 2:
+            yield from (encode(self.tokenizer, texts) for texts in head)
+            return
+        import ray
+
+        self.ray_session.ensure()
+        task = ray.remote(num_cpus=1)(encode_task)
+        window = max(2, 2 * int(ray.cluster_resources().get("CPU", 1)))
+        in_flight: deque = deque()
+        for texts in itertools.chain(head, batches):
+            in_flight.append(task.remote(self.spec.model, self.spec.model_revision, texts))
+            self.tasks += 1
+            if len(in_flight) >= window:
+                yield ray.get(in_flight.popleft())
+        while in_flight:
+            yield ray.get(in_flight.popleft())
+
+
+def _worker_count(spec: JobSpec, override: int | None, use_ray: bool, address: str | None, ray_session: RaySession) -> int:
     if override is not None:
         return override
     if spec.workers != "auto":
@@ -204,13 +290,13 @@ def _worker_count(spec: JobSpec, override: int | None, use_ray: bool, address: s
         return max(torch.cuda.device_count(), 1) if torch.cuda.is_available() else os.cpu_count() or 1
     import ray
 
-    _ensure_ray(address)
+    ray_session.ensure()
     resources = ray.cluster_resources()
     # The GPUs present now (an autoscaling cluster may have none yet: then its CPUs, at least 1).
     return int(resources.get("GPU", 0)) or max(1, int(resources.get("CPU", 1)))
 
 
-def _execute_here(store_url: str, shards: list[int], n_workers: int, address: str | None, logits: bool, threads: int | None):
+def _execute_here(store_url: str, shards: list[int], logits: bool, threads: int | None):
     worker = ShardWorker(store_url, threads=threads)
     for shard in shards:
         yield worker(shard)
@@ -218,26 +304,10 @@ def _execute_here(store_url: str, shards: list[int], n_workers: int, address: st
         worker.write_logit_effects()
 
 
-def _ensure_ray(address: str | None) -> bool:
-    """Start embedded Ray (or connect to ``address``) unless already up; True if we started it."""
-    import ray
-
-    if ray.is_initialized():
-        return False
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    kwargs = dict(include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING)
-    if address is None:
-        ray.init(num_cpus=os.cpu_count() or 1, **kwargs)
-    else:
-        ray.init(address=address, **kwargs)
-    return True
-
-
 MAX_SHARD_ATTEMPTS = 4
 
 
-def _execute_on_ray(store_url: str, shards: list[int], n_workers: int, address: str | None, logits: bool, threads: int | None):
+def _execute_on_ray(store_url: str, shards: list[int], n_workers: int, logits: bool, threads: int | None):
     """Shards to a pool of actors, one model each; only shard ids and small results travel.
     Then one actor computes the logit effects from its copy of the weights (on its device).
 
@@ -248,68 +318,63 @@ def _execute_on_ray(store_url: str, shards: list[int], n_workers: int, address: 
     import ray
     from ray.exceptions import RayActorError
 
-    started = _ensure_ray(address)
-    try:
-        gpus = ray.cluster_resources().get("GPU", 0)
-        cpus = ray.cluster_resources().get("CPU", 1)
-        device = Store.open(store_url).spec.device
-        # device: cuda asks for GPU actors even before an autoscaler has added GPU nodes.
-        if device == "cuda" or (device == "auto" and gpus):
-            options = {"num_gpus": 1, "num_cpus": 1}
-        else:
-            # Fractional CPUs, so actors never hold every logical CPU (Ray deadlocks then), and
-            # torch threads split the machine's cores between the actors.
-            options = {"num_cpus": min(1.0, cpus / n_workers) * 0.99}
-            threads = threads or max(1, (os.cpu_count() or 1) // n_workers)
-        # No Ray-level restarts or retries: the loop below requeues a lost shard itself, so a
-        # shard never waits for a dead actor to come back.
-        actor_class = ray.remote(max_restarts=0, max_task_retries=0, **options)(ShardWorker)
+    gpus = ray.cluster_resources().get("GPU", 0)
+    cpus = ray.cluster_resources().get("CPU", 1)
+    device = Store.open(store_url).spec.device
+    # device: cuda asks for GPU actors even before an autoscaler has added GPU nodes.
+    if device == "cuda" or (device == "auto" and gpus):
+        options = {"num_gpus": 1, "num_cpus": 1}
+    else:
+        # Fractional CPUs, so actors never hold every logical CPU (Ray deadlocks then), and
+        # torch threads split the machine's cores between the actors.
+        options = {"num_cpus": min(1.0, cpus / n_workers) * 0.99}
+        threads = threads or max(1, (os.cpu_count() or 1) // n_workers)
+    # No Ray-level restarts or retries: the loop below requeues a lost shard itself, so a
+    # shard never waits for a dead actor to come back.
+    actor_class = ray.remote(max_restarts=0, max_task_retries=0, **options)(ShardWorker)
 
-        def start() -> tuple:
-            actor = actor_class.remote(store_url, threads=threads)
-            return actor.ready.remote(), actor
+    def start() -> tuple:
+        actor = actor_class.remote(store_url, threads=threads)
+        return actor.ready.remote(), actor
 
-        queue = list(reversed(shards))  # popped from the end: shard order
-        attempts = {shard: 0 for shard in shards}
-        starting = dict(start() for _ in range(min(n_workers, max(len(shards), 1))))
-        running: dict = {}  # task -> (actor, shard)
-        idle: list = []
-        while queue or running:
-            while idle and queue:
-                actor, shard = idle.pop(), queue.pop()
-                attempts[shard] += 1
-                running[actor.__call__.remote(shard)] = (actor, shard)
-            if not running and not starting:
-                raise StoreError("every worker was lost and none could be started; committed shards are kept: run the job again.")
-            [ref], _ = ray.wait([*running, *starting], num_returns=1)
-            if ref in starting:
-                actor = starting.pop(ref)
-                try:
-                    ray.get(ref)
-                    idle.append(actor)
-                except RayActorError:
-                    pass  # it could not start (its node went away); the others go on
-                continue
-            actor, shard = running.pop(ref)
+    queue = list(reversed(shards))  # popped from the end: shard order
+    attempts = {shard: 0 for shard in shards}
+    starting = dict(start() for _ in range(min(n_workers, max(len(shards), 1))))
+    running: dict = {}  # task -> (actor, shard)
+    idle: list = []
+    while queue or running:
+        while idle and queue:
+            actor, shard = idle.pop(), queue.pop()
+            attempts[shard] += 1
+            running[actor.__call__.remote(shard)] = (actor, shard)
+        if not running and not starting:
+            raise StoreError("every worker was lost and none could be started; committed shards are kept: run the job again.")
+        [ref], _ = ray.wait([*running, *starting], num_returns=1)
+        if ref in starting:
+            actor = starting.pop(ref)
             try:
-                result = ray.get(ref)
-            except RayActorError:
-                if attempts[shard] >= MAX_SHARD_ATTEMPTS:
-                    raise StoreError(f"shard {shard} lost its worker {attempts[shard]} times; committed shards are kept: run the job again.") from None
-                queue.append(shard)
-                ref, actor = start()
-                starting[ref] = actor
-                continue
-            idle.append(actor)
-            yield result
-        if logits:
-            if not idle:  # every actor was lost on the last shards: one more to compute them
-                ref, actor = start()
                 ray.get(ref)
                 idle.append(actor)
-            ray.get(idle[0].write_logit_effects.remote())
-        for actor in idle + list(starting.values()):
-            ray.kill(actor)
-    finally:
-        if started:
-            ray.shutdown()
+            except RayActorError:
+                pass  # it could not start (its node went away); the others go on
+            continue
+        actor, shard = running.pop(ref)
+        try:
+            result = ray.get(ref)
+        except RayActorError:
+            if attempts[shard] >= MAX_SHARD_ATTEMPTS:
+                raise StoreError(f"shard {shard} lost its worker {attempts[shard]} times; committed shards are kept: run the job again.") from None
+            queue.append(shard)
+            ref, actor = start()
+            starting[ref] = actor
+            continue
+        idle.append(actor)
+        yield result
+    if logits:
+        if not idle:  # every actor was lost on the last shards: one more to compute them
+            ref, actor = start()
+            ray.get(ref)
+            idle.append(actor)
+        ray.get(idle[0].write_logit_effects.remote())
+    for actor in idle + list(starting.values()):
+        ray.kill(actor)

@@ -1,33 +1,45 @@
 """Tokenize a corpus and pack it into fixed-length sequences, deterministically.
 
-Documents are read in order (streaming, so a corpus larger than memory is fine), tokenized without
-special tokens, and laid end to end with the framing's separator after each one. Each sequence is
-``prefix + body + suffix`` (``[BOS] body`` for decoders, ``[CLS] body [SEP]`` for encoders); the
-last sequence is padded. Every position keeps its provenance: document id, index in the document,
-and kind (text, special, padding).
+Documents are read in order (streaming, so a corpus larger than memory is fine) in batches, each
+batch is encoded without special tokens (``encode``: anywhere, on a CPU task of the cluster or
+here), and the encoded batches are packed in order: documents laid end to end with the framing's
+separator after each one, cut into sequences of ``prefix + body + suffix`` (``[BOS] body`` for
+decoders, ``[CLS] body [SEP]`` for encoders); the last sequence is padded. Every position keeps its
+provenance: document id (its index in the corpus), index in the document, and kind (text, special,
+padding). Packing is vectorised over a whole batch, so it keeps up with many encoding tasks.
 """
 
 from __future__ import annotations
 
+import functools
 import itertools
-from collections.abc import Iterable, Iterator
+import os
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from pipeline.model import Framing
+from pipeline.model import Framing, load_tokenizer
 from storage.errors import CorpusError
 from storage.spec import DatasetSpec, JobSpec
 from storage.store import PAD, SPECIAL, TEXT, Store
 
-_TOKENIZE_BATCH = 256
+DOCUMENTS_PER_BATCH = 1024  # one encoding task's work: ~1 s of one core for web-sized documents
+
+# One batch encoded: its documents' token ids end to end (int32) and their offsets (n + 1, int64).
+Encoded = tuple[np.ndarray, np.ndarray]
+Encoder = Callable[[Iterator[list[str]]], Iterator[Encoded]]
+COLUMNS = ("tokens", "doc_ids", "doc_pos", "kinds")
 
 
-def read_documents(dataset: DatasetSpec) -> Iterator[str]:
-    """The corpus's documents, in order, streamed with ``datasets``."""
+def read_batches(dataset: DatasetSpec, size: int | None = None) -> Iterator[list[str]]:
+    """The corpus's documents, in order, in lists of ``size``, streamed with ``datasets``."""
     import datasets
 
     datasets.logging.set_verbosity_error()
     datasets.disable_progress_bars()
+    size = size or DOCUMENTS_PER_BATCH
     try:
         stream = datasets.load_dataset(
             dataset.path,
@@ -37,7 +49,8 @@ def read_documents(dataset: DatasetSpec) -> Iterator[str]:
             revision=dataset.revision,
             streaming=True,
         )
-        first = next(iter(stream), None)
+        batches = stream.iter(batch_size=size)
+        first = next(batches, None)
     except (FileNotFoundError, ValueError, OSError) as err:
         raise CorpusError(f"dataset: cannot read {dataset.path} {dataset.data_files or ''}: {err}") from None
     except datasets.exceptions.DatasetNotFoundError as err:
@@ -49,114 +62,148 @@ def read_documents(dataset: DatasetSpec) -> Iterator[str]:
             f"dataset.text_column: no column {dataset.text_column!r}; the corpus has columns "
             f"{', '.join(first)}."
         )
-    for row in itertools.chain([first], stream.skip(1)):
-        text = row[dataset.text_column]
-        yield "" if text is None else str(text)
+    for batch in itertools.chain([first], batches):
+        yield ["" if text is None else str(text) for text in batch[dataset.text_column]]
 
 
-def _token_stream(documents: Iterable[str], tokenizer, framing: Framing, max_tokens: int | None):
-    """Yield (token ids, doc id, first doc_pos, kinds) per document, separator included."""
-    budget = max_tokens if max_tokens is not None else float("inf")
-    doc_id = 0
-    batches = iter(lambda: list(itertools.islice(documents, _TOKENIZE_BATCH)), [])
-    for batch in batches:
-        encoded = tokenizer(batch, add_special_tokens=False)["input_ids"]
-        for ids in encoded:
-            if not ids:
-                doc_id += 1
-                continue
-            ids = list(ids) + list(framing.separator)
-            kinds = [TEXT] * (len(ids) - len(framing.separator)) + [SPECIAL] * len(framing.separator)
-            if len(ids) >= budget:
-                ids, kinds = ids[: int(budget)], kinds[: int(budget)]
-            yield np.asarray(ids, dtype=np.int64), doc_id, np.asarray(kinds, dtype=np.uint8)
-            budget -= len(ids)
-            doc_id += 1
-            if budget <= 0:
-                return
-
-
-def pack_sequences(
-    documents: Iterable[str], tokenizer, framing: Framing, context_length: int, max_tokens: int | None, block: int
-) -> Iterator[dict[str, np.ndarray]]:
-    """Blocks of ``block`` packed sequences (the last one shorter), as arrays [n, context_length]."""
-    body_len = context_length - len(framing.prefix) - len(framing.suffix)
-    if body_len <= 0:
-        raise CorpusError(f"context_length: {context_length} leaves no room for text after the special tokens.")
+def batched(documents: Iterable[str], size: int | None = None) -> Iterator[list[str]]:
+    """Documents already in memory, in the batches ``read_batches`` would give."""
     documents = iter(documents)
-    pieces: list[tuple[np.ndarray, ...]] = []
-    buffered = 0
-    rows: list[tuple[np.ndarray, ...]] = []
-    for ids, doc_id, kinds in _token_stream(documents, tokenizer, framing, max_tokens):
-        pieces.append((ids, np.full(len(ids), doc_id), np.arange(len(ids)), kinds))
-        buffered += len(ids)
-        while buffered >= body_len:
-            body, pieces = _take(pieces, body_len)
-            buffered -= body_len
-            rows.append(_frame(body, framing, context_length))
-            if len(rows) == block:
-                yield _stack(rows)
-                rows = []
-    if buffered:
-        body, _ = _take(pieces, buffered)
-        rows.append(_frame(body, framing, context_length))
-    if rows:
-        yield _stack(rows)
+    return iter(lambda: list(itertools.islice(documents, size or DOCUMENTS_PER_BATCH)), [])
 
 
-def _take(pieces, n):
-    """Split the first ``n`` positions off a list of column tuples."""
-    taken, rest, need = [], list(pieces), n
-    while need:
-        head = rest.pop(0)
-        if len(head[0]) <= need:
-            taken.append(head)
-            need -= len(head[0])
-        else:
-            taken.append(tuple(col[:need] for col in head))
-            rest.insert(0, tuple(col[need:] for col in head))
-            need = 0
-    return tuple(np.concatenate(cols) for cols in zip(*taken)), rest
+def encode(tokenizer, texts: list[str]) -> Encoded:
+    ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
+    offsets = np.zeros(len(ids) + 1, dtype=np.int64)
+    np.cumsum([len(doc) for doc in ids], out=offsets[1:])
+    flat = np.fromiter(itertools.chain.from_iterable(ids), dtype=np.int32, count=int(offsets[-1]))
+    return flat, offsets
 
 
-def _frame(body, framing: Framing, context_length: int):
+def encode_here(batches: Iterable[list[str]], tokenizer) -> Iterator[Encoded]:
+    return (encode(tokenizer, texts) for texts in batches)
+
+
+@functools.cache
+def _tokenizer(model: str, revision: str | None):
+    return load_tokenizer(model, revision)
+
+
+def encode_task(model: str, revision: str | None, texts: list[str]) -> Encoded:
+    """One encoding task, on any machine: the tokenizer is loaded once per process."""
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # a task has one core
+    return encode(_tokenizer(model, revision), texts)
+
+
+def _positions(encoded: Encoded, first_doc: int, framing: Framing) -> tuple[np.ndarray, ...]:
+    """A batch as the stream of positions to pack: each non-empty document, then the separator."""
+    flat, offsets = encoded
+    lengths = np.diff(offsets)
+    separator = np.asarray(framing.separator, dtype=np.int32)
+    extended = lengths + len(separator) * (lengths > 0)
+    starts = np.cumsum(extended) - extended
+    doc_ids = np.repeat(np.arange(first_doc, first_doc + len(lengths), dtype=np.int64), extended)
+    doc_pos = (np.arange(len(doc_ids)) - np.repeat(starts, extended)).astype(np.int32)
+    is_text = doc_pos < np.repeat(lengths, extended)
+    tokens = np.empty(len(doc_ids), dtype=np.int32)
+    tokens[is_text] = flat
+    tokens[~is_text] = np.tile(separator, int((lengths > 0).sum()))
+    kinds = np.where(is_text, TEXT, SPECIAL).astype(np.uint8)
+    return tokens, doc_ids, doc_pos, kinds
+
+
+def _frame(body: tuple[np.ndarray, ...], framing: Framing, context_length: int) -> tuple[np.ndarray, ...]:
+    """Rows of body positions [n, L] framed into sequences [n, context_length], padded after L."""
     ids, doc_ids, doc_pos, kinds = body
+    n, length = ids.shape
     n_pre, n_suf = len(framing.prefix), len(framing.suffix)
-    n_pad = context_length - n_pre - len(ids) - n_suf
-    first_doc, last_doc = doc_ids[0], doc_ids[-1]
+    n_pad = context_length - n_pre - length - n_suf
+
+    def fill(width, value, dtype):
+        return np.broadcast_to(np.asarray(value, dtype=dtype), (n, width))
+
+    tail = n_suf + n_pad
     return (
-        np.concatenate([framing.prefix, ids, framing.suffix, [framing.pad] * n_pad]).astype(np.int32),
-        np.concatenate([[first_doc] * n_pre, doc_ids, [last_doc] * (n_suf + n_pad)]).astype(np.int64),
-        np.concatenate([[0] * n_pre, doc_pos, [0] * (n_suf + n_pad)]).astype(np.int32),
-        np.concatenate([[SPECIAL] * n_pre, kinds, [SPECIAL] * n_suf, [PAD] * n_pad]).astype(np.uint8),
+        np.hstack([fill(n_pre, framing.prefix, np.int32), ids, fill(n_suf, framing.suffix, np.int32), fill(n_pad, framing.pad, np.int32)]),
+        np.hstack([np.repeat(doc_ids[:, :1], n_pre, axis=1), doc_ids, np.repeat(doc_ids[:, -1:], tail, axis=1)]),
+        np.hstack([fill(n_pre, 0, np.int32), doc_pos, fill(tail, 0, np.int32)]),
+        np.hstack([fill(n_pre, SPECIAL, np.uint8), kinds, fill(n_suf, SPECIAL, np.uint8), fill(n_pad, PAD, np.uint8)]),
     )
 
 
-def _stack(rows) -> dict[str, np.ndarray]:
-    names = ("tokens", "doc_ids", "doc_pos", "kinds")
-    return {name: np.stack([row[i] for row in rows]) for i, name in enumerate(names)}
+def pack_sequences(
+    encoded: Iterable[Encoded], framing: Framing, context_length: int, max_tokens: int | None, block: int
+) -> Iterator[dict[str, np.ndarray]]:
+    """Blocks of ``block`` packed sequences (the last one shorter), as arrays [n, context_length].
+    ``max_tokens`` counts the body positions (text and separators) packed."""
+    body_len = context_length - len(framing.prefix) - len(framing.suffix)
+    if body_len <= 0:
+        raise CorpusError(f"context_length: {context_length} leaves no room for text after the special tokens.")
+    budget = max_tokens if max_tokens is not None else np.inf
+    carry = _positions((np.zeros(0, np.int32), np.zeros(1, np.int64)), 0, framing)  # not yet a full row
+    rows: list[tuple[np.ndarray, ...]] = []  # framed, not yet yielded
+    n_rows, doc = 0, 0
+    for batch in encoded:
+        stream = _positions(batch, doc, framing)
+        doc += len(batch[1]) - 1
+        if len(stream[0]) >= budget:
+            stream = tuple(col[: int(budget)] for col in stream)
+        budget -= len(stream[0])
+        stream = tuple(np.concatenate(pair) for pair in zip(carry, stream))
+        full = len(stream[0]) // body_len * body_len
+        carry = tuple(col[full:] for col in stream)
+        if full:
+            rows.append(_frame(tuple(col[:full].reshape(-1, body_len) for col in stream), framing, context_length))
+            n_rows += full // body_len
+        if n_rows >= block:
+            yield from _blocks(rows, block, n_rows // block * block)
+            n_rows %= block
+        if budget <= 0:
+            break
+    if len(carry[0]):
+        rows.append(_frame(tuple(col[None, :] for col in carry), framing, context_length))
+        n_rows += 1
+    yield from _blocks(rows, block, n_rows)
 
 
-def check_corpus(dataset: DatasetSpec, tokenizer, framing: Framing) -> None:
-    """Fail early, before any store is touched, if the corpus is unreadable or has no tokens."""
-    for _ in _token_stream(read_documents(dataset), tokenizer, framing, max_tokens=None):
+def _blocks(rows: list[tuple[np.ndarray, ...]], block: int, n: int) -> Iterator[dict[str, np.ndarray]]:
+    """Yield the first ``n`` framed rows in blocks of ``block`` (the last may be shorter) and
+    leave the rest in ``rows``."""
+    if not rows:
         return
+    stacked = tuple(np.concatenate(cols) for cols in zip(*rows))
+    rows[:] = [tuple(col[n:] for col in stacked)]
+    for i in range(0, n, block):
+        yield dict(zip(COLUMNS, (col[i : min(i + block, n)] for col in stacked)))
+
+
+def check_corpus(dataset: DatasetSpec, tokenizer) -> None:
+    """Fail early, before any store is touched, if the corpus is unreadable or has no tokens."""
+    for texts in read_batches(dataset):
+        if len(encode(tokenizer, texts)[0]):
+            return
     raise CorpusError(f"dataset: the corpus {dataset.path} {dataset.data_files or ''} yields no tokens (every document is empty).")
 
 
-def tokenize_corpus(store: Store, spec: JobSpec, tokenizer, framing: Framing, progress=None) -> int:
-    """Write the packed corpus into the store and return the number of sequences."""
+def tokenize_corpus(store: Store, spec: JobSpec, framing: Framing, encoder: Encoder, progress=None) -> int:
+    """Write the packed corpus into the store and return the number of sequences. ``encoder``
+    turns batches of documents into encoded batches, in order (``encode_here``, or tasks)."""
     store.reset_token_arrays()
     n_seq = 0
-    documents = read_documents(spec.dataset)
-    for block in pack_sequences(
-        documents, tokenizer, framing, spec.context_length, spec.dataset.max_tokens, spec.shard_size
-    ):
-        store.append_tokens(block)
-        n_seq += len(block["tokens"])
-        if progress is not None:
-            progress(n_seq * spec.context_length)
+    encoded = encoder(read_batches(spec.dataset))
+    # Appends run in order on one writer thread, overlapped with reading, packing and waiting for
+    # encoded batches here; at most two blocks wait to be written.
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="token-writer") as writer:
+        writes: deque = deque()
+        for block in pack_sequences(encoded, framing, spec.context_length, spec.dataset.max_tokens, spec.shard_size):
+            writes.append(writer.submit(store.append_tokens, block))
+            if len(writes) > 2:
+                writes.popleft().result()
+            n_seq += len(block["tokens"])
+            if progress is not None:
+                progress(n_seq * spec.context_length)
+        for write in writes:
+            write.result()
     if n_seq == 0:
         raise CorpusError(f"dataset: the corpus {spec.dataset.path} {spec.dataset.data_files or ''} yielded no tokens.")
-    store.update_status(tokenized=True, n_seq=n_seq)
-    return n_seq
+    return n_seq  # the caller marks the store tokenized once everything sized by n_seq exists

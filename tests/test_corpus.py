@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 from transformers import AutoTokenizer
 
-from pipeline.corpus import pack_sequences
+from pipeline.corpus import batched, encode_here, pack_sequences
 from pipeline.model import Framing
 from storage.store import PAD, SPECIAL, TEXT
 from tests.conftest import corpus_documents
@@ -13,7 +13,7 @@ from tests.conftest import corpus_documents
 
 def _pack(tokenizer, docs, ctx=32, max_tokens=None, block=7):
     framing = Framing.from_tokenizer(tokenizer)
-    blocks = list(pack_sequences(iter(docs), tokenizer, framing, ctx, max_tokens, block))
+    blocks = list(pack_sequences(encode_here(batched(docs, 16), tokenizer), framing, ctx, max_tokens, block))
     return framing, {k: np.concatenate([b[k] for b in blocks]) for k in blocks[0]}
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import signal
 import subprocess
@@ -13,8 +14,10 @@ import pytest
 
 from jobs.jobfile import load_job
 from jobs.runner import run_job
+from pipeline import corpus
 from pipeline.worker import ShardWorker
 from queries.catalog import TABLES  # every table must match
+from storage.errors import StoreError
 from storage.store import Store
 from tests.conftest import tree_digest
 
@@ -35,11 +38,15 @@ def arrays_digest(store_url: str) -> str:
 
 
 @pytest.mark.slow
-def test_one_and_two_ray_workers_give_identical_results(make_job, ray_session):
+def test_one_and_two_ray_workers_give_identical_results(make_job, ray_session, monkeypatch):
+    """Also: tokenizing on Ray tasks (batches encoded anywhere, packed in order) writes the same
+    token arrays as tokenizing in the driver."""
     one = load_job(make_job("one", workers=1))
     two = load_job(make_job("two", workers=2))
-    s1 = run_job(one)
+    s1 = run_job(one)  # the test corpus is one batch: encoded in the driver
+    monkeypatch.setattr(corpus, "DOCUMENTS_PER_BATCH", 16)  # many batches: encoded on Ray tasks
     s2 = run_job(two)
+    assert (s1.tokenize_tasks, s2.tokenize_tasks > 3) == (0, True)
     assert (s1.workers, s2.workers) == (1, 2)
     assert s2.shards_run == s2.shards_total > 2
     assert tables(one.store) == tables(two.store)
@@ -73,12 +80,12 @@ def test_partially_done_job_resumes_to_identical_tables(make_job):
     # Run plan + tokenize, then only some shards, as a crashed job would have.
     from jobs import runner
 
-    existing, model, tokenizer = runner.plan(partial)
+    _existing, model, tokenizer = runner.plan(partial)
     store = Store.create(partial.store, spec=partial, fingerprint=model["fingerprint"], model=model)
-    from pipeline.corpus import tokenize_corpus
     from pipeline.model import Framing
 
-    n_seq = tokenize_corpus(store, partial, tokenizer, Framing.from_tokenizer(tokenizer))
+    encoder = functools.partial(corpus.encode_here, tokenizer=tokenizer)
+    n_seq = corpus.tokenize_corpus(store, partial, Framing.from_tokenizer(tokenizer), encoder)
     for hook in partial.dense:
         store.create_dense(hook, model["hook_widths"][hook], n_seq)
     store.update_status(tokenized=True, n_seq=n_seq)
@@ -92,6 +99,15 @@ def test_partially_done_job_resumes_to_identical_tables(make_job):
     assert tables(partial.store) == tables(clean.store)
 
 
+def _committed(store_url: str) -> int:
+    """Shards committed so far in a store another process is creating (0 while it is not whole)."""
+    try:
+        store = Store.open(store_url)
+        return len(store.committed_shards()) if store.status["tokenized"] else 0
+    except (KeyError, FileNotFoundError, StoreError):
+        return 0
+
+
 @pytest.mark.slow
 def test_killed_run_resumes_to_identical_tables(make_job, tmp_path):
     clean = load_job(make_job("clean-kill", shard_size=2, dataset={"max_tokens": 8000}))
@@ -103,9 +119,8 @@ def test_killed_run_resumes_to_identical_tables(make_job, tmp_path):
     try:
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
-            if Store.exists(spec.store) and Store.open(spec.store).status["tokenized"]:
-                if len(Store.open(spec.store).committed_shards()) >= 5:
-                    break
+            if _committed(spec.store) >= 5:
+                break
             time.sleep(0.05)
         os.killpg(proc.pid, signal.SIGKILL)
     finally:
