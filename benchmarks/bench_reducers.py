@@ -15,7 +15,6 @@ import json
 import platform
 import time
 
-import numpy as np
 import torch
 
 from jobs.demo import stdlib_docstrings

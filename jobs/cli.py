@@ -6,10 +6,11 @@ from __future__ import annotations
 import csv
 import functools
 import json
+import math
 import os
 import sys
 from enum import Enum
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 from rich.console import Console
@@ -104,8 +105,8 @@ JobsAddress = Annotated[str, typer.Option(help="The cluster's Ray Jobs API, e.g.
 @friendly
 def run(
     job: Annotated[str, typer.Argument(help="The job file (YAML).")],
-    address: Annotated[Optional[str], typer.Option(help="Ray cluster address; default: an embedded local Ray.")] = None,
-    workers: Annotated[Optional[int], typer.Option(min=1, help="Override the job's worker count.")] = None,
+    address: Annotated[str | None, typer.Option(help="Ray cluster address; default: an embedded local Ray.")] = None,
+    workers: Annotated[int | None, typer.Option(min=1, help="Override the job's worker count.")] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace a store that holds a different job.")] = False,
     local: Annotated[bool, typer.Option(help="Run in this process without Ray (for debugging).")] = False,
 ):
@@ -168,7 +169,7 @@ def logs(
 @friendly
 def status(
     store: Annotated[str, typer.Argument(help="A store; with --address, a submission id or a submitted job file.")],
-    address: Annotated[Optional[str], typer.Option(help="A Ray Jobs API address: show a submitted job's state.")] = None,
+    address: Annotated[str | None, typer.Option(help="A Ray Jobs API address: show a submitted job's state.")] = None,
 ):
     """Show a store's job, progress and contents, or (with --address) a submitted job's state."""
     from storage.store import Store
@@ -276,7 +277,7 @@ def report(
     hook: HookArg,
     neuron: NeuronArg,
     out_path: Annotated[str, typer.Option("--out", "-o", help="The report file: .html, .json or .md.")],
-    format: Annotated[Optional[str], typer.Option("--format", help="html, json, md or neuronpedia (default: from --out).")] = None,
+    format: Annotated[str | None, typer.Option("--format", help="html, json, md or neuronpedia (default: from --out).")] = None,
     k: Annotated[int, typer.Option("-k", min=1, help="Top and bottom examples shown.")] = 20,
 ):
     """A neuron's page: statistics, histogram, coloured examples, top tokens, logit effects, partners."""
@@ -293,7 +294,7 @@ def report(
 def export(
     store: StoreArg,
     out_dir: Annotated[str, typer.Option("--out", "-o", help="The site's folder (created).")],
-    hook: Annotated[Optional[list[str]], typer.Option("--hook", help="Only these hooks (repeatable).")] = None,
+    hook: Annotated[list[str] | None, typer.Option("--hook", help="Only these hooks (repeatable).")] = None,
     format: Annotated[str, typer.Option("--format", help="html (a static site), json (a document per neuron) or neuronpedia.")] = "html",
     k: Annotated[int, typer.Option("-k", min=1, help="Top and bottom examples per page.")] = 20,
 ):
@@ -355,7 +356,7 @@ def _shade(value: float, lo: float, hi: float) -> str:
 
 
 def _number(value) -> str:
-    return "—" if value is None or value != value else f"{value:.3f}"
+    return "—" if value is None or math.isnan(value) else f"{value:.3f}"
 
 
 @app.command()
@@ -406,7 +407,7 @@ def _plain(text: str) -> str:
     return visible(text)
 
 
-def _visible(text: Optional[str]) -> str:
+def _visible(text: str | None) -> str:
     """Corpus text for a rich markup string: newlines, tabs and control characters shown, markup escaped."""
     from queries.text import visible
 

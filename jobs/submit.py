@@ -67,12 +67,12 @@ def submit(job_file: str, address: str, *, force: bool = False) -> Submission:
     submission_id = base if not attempts else f"{base}-{len(attempts) + 1}"
     with tempfile.TemporaryDirectory(prefix="actscope-submit-") as folder:
         shutil.copy(job_file, Path(folder) / "job.yaml")
-        request = dict(
-            entrypoint="actscope run job.yaml",
-            submission_id=submission_id,
-            runtime_env={"working_dir": folder, "env_vars": {"TOKENIZERS_PARALLELISM": "false"}},
-            metadata={"store": spec.store, "actscope_job": Path(job_file).name},
-        )
+        request = {
+            "entrypoint": "actscope run job.yaml",
+            "submission_id": submission_id,
+            "runtime_env": {"working_dir": folder, "env_vars": {"TOKENIZERS_PARALLELISM": "false"}},
+            "metadata": {"store": spec.store, "actscope_job": Path(job_file).name},
+        }
         deadline = time.monotonic() + AGENT_WAIT_S
         while True:
             try:

@@ -80,7 +80,7 @@ class RunningCoactivation:
         self.shift: list[torch.Tensor] | None = None
         self.sum = [torch.zeros(widths[h], dtype=torch.float64, device=device) for h in self.hooks]
         self.active = [torch.zeros(widths[h], dtype=torch.int64, device=device) for h in self.hooks]
-        shape = lambda i, j: (widths[self.hooks[i]], widths[self.hooks[j]])  # noqa: E731
+        shape = lambda i, j: (widths[self.hooks[i]], widths[self.hooks[j]])
         self.m2 = {(i, j): torch.zeros(shape(i, j), dtype=torch.float32, device=device) for i, j in self.pairs}
         self.both = {(i, j): torch.zeros(shape(i, j), dtype=torch.float32, device=device) for i, j in self.pairs}
 

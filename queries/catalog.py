@@ -12,7 +12,7 @@ import os
 import tempfile
 import threading
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Self
 
 import duckdb
 import fsspec
@@ -93,7 +93,7 @@ class Catalog:
         if getattr(self, "_copy", None) is not None:
             self._copy.cleanup()
 
-    def __enter__(self) -> Catalog:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc) -> None:

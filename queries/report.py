@@ -9,7 +9,6 @@ need no network: styles and scripts are inline.
 
 from __future__ import annotations
 
-import orjson
 import os
 import re
 import time
@@ -17,6 +16,7 @@ from functools import cache
 from pathlib import Path
 
 import numpy as np
+import orjson
 from jinja2 import Environment, PackageLoader, select_autoescape
 
 from queries.catalog import Catalog

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pytest
 import torch
@@ -116,7 +118,7 @@ def test_merge_over_any_split_equals_brute_force(tmp_path_factory, problem):
     bounds = [0, *cuts, len(counted)]
     store = Store.create(spec.store, spec=spec, fingerprint="x", model={"hook_widths": widths})
     store.update_status(n_seq=len(bounds) - 1)  # one "sequence" per shard: only the shard count matters here
-    for shard, (a, b) in enumerate(zip(bounds, bounds[1:])):
+    for shard, (a, b) in enumerate(itertools.pairwise(bounds)):
         running = RunningCoactivation(spec, widths, torch.device("cpu"))
         for b0 in range(a, b, batch_size):
             b1 = min(b0 + batch_size, b)

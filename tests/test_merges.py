@@ -3,6 +3,8 @@ pass over all the tokens (Hypothesis): samples, token sums, per-document top-k."
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import torch
 from hypothesis import given, settings
@@ -40,8 +42,8 @@ def jobs(draw):
 def _merged(spec, acts, counted, token_ids, docs, cuts, batch_size):
     bounds = [0, *cuts, len(acts)]
     merge = HookMerge(spec, acts.shape[1], vocab_size=6)
-    t = lambda a: torch.from_numpy(np.ascontiguousarray(a))  # noqa: E731
-    for a, b in zip(bounds, bounds[1:]):
+    t = lambda a: torch.from_numpy(np.ascontiguousarray(a))
+    for a, b in itertools.pairwise(bounds):
         stats = HookStatistics(spec, "h", acts.shape[1], t(token_ids[a:b]).long(), t(counted[a:b]))
         for b0 in range(a, b, batch_size):
             b1 = min(b0 + batch_size, b)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 
 import pytest
@@ -34,7 +35,7 @@ def test_top_context_is_the_decoded_window(finished, tiny_model):
     with queries.connect(finished.store) as catalog:
         rows = catalog.top("blocks.1.mlp.hook_post", 7, k=5, window=3).records()
     assert [r["rank"] for r in rows] == [1, 2, 3, 4, 5]
-    assert all(a["activation"] >= b["activation"] for a, b in zip(rows, rows[1:]))
+    assert all(a["activation"] >= b["activation"] for a, b in itertools.pairwise(rows))
     for row in rows:
         seq, pos = row["seq_id"], row["pos"]
         lo, hi = max(pos - 3, 0), pos + 4

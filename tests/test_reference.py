@@ -57,7 +57,7 @@ def test_top_k_of_every_neuron_equals_brute_force(gpt2_run):
 
 
 def test_special_tokens_and_padding_are_never_examples(gpt2_run):
-    spec, store, data, _ = gpt2_run
+    spec, _store, data, _ = gpt2_run
     with connect(spec.store) as catalog:
         kinds = catalog.sql(
             "SELECT DISTINCT t.kind FROM top_examples e JOIN tokens t USING (seq_id, pos)"
@@ -76,7 +76,7 @@ def test_dense_arrays_equal_a_direct_forward_pass(gpt2_run):
 
 
 def test_top_values_are_the_dense_values_at_their_tokens(gpt2_run):
-    spec, store, data, _ = gpt2_run
+    spec, store, _data, _ = gpt2_run
     hook = spec.dense[0]
     width = store.model["hook_widths"][hook]
     values, index = _top_from_tables(spec.store, hook, width, spec.top_k, spec.context_length)
@@ -127,7 +127,7 @@ def test_bottom_k_of_every_neuron_equals_brute_force(gpt2_run):
 def test_neuron_stats_equal_numpy(gpt2_run):
     from scipy import stats as sps
 
-    spec, store, data, ref = gpt2_run
+    spec, _store, data, ref = gpt2_run
     counted = (data["kinds"] == TEXT).reshape(-1)
     for hook in spec.hooks:
         x = ref[hook].reshape(-1, ref[hook].shape[-1])[counted].astype(np.float64)
@@ -157,7 +157,7 @@ def test_dead_neurons_and_thresholds(make_job):
 def test_histograms_and_quantiles_equal_numpy(gpt2_run):
     from pipeline.histogram import ZERO, _magnitude_edges
 
-    spec, store, data, ref = gpt2_run
+    spec, _store, data, ref = gpt2_run
     counted = (data["kinds"] == TEXT).reshape(-1)
     mag = _magnitude_edges()
     for hook in spec.hooks:

@@ -5,9 +5,7 @@ browser (Debian's chromium, driven by Playwright)."""
 from __future__ import annotations
 
 import json
-import re
 import shutil
-from pathlib import Path
 
 import numpy as np
 import pytest

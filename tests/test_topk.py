@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import torch
 from hypothesis import given, settings
@@ -42,7 +44,7 @@ def test_split_merge_equals_brute_force(problem, largest, batch):
     acts, counted, k, cuts = problem
     bounds = [0, *cuts, len(acts)]
     parts = [
-        _shard_topk(acts[a:b], counted[a:b], k, a, largest, batch) for a, b in zip(bounds, bounds[1:])
+        _shard_topk(acts[a:b], counted[a:b], k, a, largest, batch) for a, b in itertools.pairwise(bounds)
     ]
     rng = np.random.default_rng(len(cuts))
     parts = [parts[i] for i in rng.permutation(len(parts))]  # merge order must not matter
@@ -81,7 +83,7 @@ def test_moments_merge_over_any_split_equals_numpy(problem, batch):
     acts = acts + np.float32(100.0)  # a large mean: raw power sums would lose the kurtosis
     bounds = [0, *cuts, len(acts)]
     parts = []
-    for a, b in zip(bounds, bounds[1:]):
+    for a, b in itertools.pairwise(bounds):
         moments = RunningMoments(acts.shape[1], torch.device("cpu"), threshold=100.0)
         for b0 in range(a, b, batch):
             b1 = min(b0 + batch, b)
