@@ -50,6 +50,7 @@ def main() -> None:
     parser.add_argument("--documents-per-batch", type=int, default=corpus.DOCUMENTS_PER_BATCH)
     args = parser.parse_args()
     corpus.DOCUMENTS_PER_BATCH = args.documents_per_batch
+    TaskEncoder.LOCAL_BATCHES = 0  # every batch on a task: the rate that scales with cores
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
     root = Path(tempfile.mkdtemp(prefix="actscope-bench-tokenize-"))
     docs = stdlib_docstrings() * args.copies

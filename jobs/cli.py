@@ -79,11 +79,7 @@ class RichReporter:
         self._start = done_tokens
 
     def advance(self, tokens):
-        task = self.progress.tasks[self.task]
-        if task.total is not None and task.description == "tokenize":
-            self.progress.update(self.task, completed=tokens)
-        else:
-            self.progress.advance(self.task, tokens)
+        self.progress.advance(self.task, tokens)
         speed = self.progress.tasks[self.task].speed
         self.progress.update(self.task, rate=f"{speed:,.0f} tok/s" if speed else "")
 

@@ -58,7 +58,7 @@ class RunSummary:
     resumed: bool
     phases: dict[str, float] = field(default_factory=dict)
     nodes: int = 1  # distinct machines (Ray nodes) that ran shards
-    tokenize_tasks: int = 0  # batches encoded on Ray tasks (0: all here)
+    tokenize_tasks: int = 0  # batches sent to Ray tasks to encode (0: all encoded here)
 
     @property
     def tokens_per_second(self) -> float:
@@ -250,29 +250,39 @@ class LocalEncoder:
 class TaskEncoder:
     """Encodes batches of documents on Ray CPU tasks, anywhere in the cluster, and hands them back
     in corpus order (so packing, here, is the same as with one process). A bounded window of
-    tasks is in flight, so memory stays flat however large the corpus. A corpus of one batch is
-    encoded here: a task would only add a process start."""
+    tasks is in flight, so memory stays flat however large the corpus.
+
+    The first ``LOCAL_BATCHES`` batches are encoded here while the first tasks start (their
+    processes import torch and load the tokenizer, a few seconds); a corpus no larger than that
+    never waits for them."""
+
+    LOCAL_BATCHES = 8
 
     def __init__(self, spec: JobSpec, tokenizer, ray_session: RaySession):
         self.spec, self.tokenizer, self.ray_session = spec, tokenizer, ray_session
         self.tasks = 0
 
     def __call__(self, batches: Iterator[list[str]]) -> Iterator[Encoded]:
-        head = list(itertools.islice(batches, 2))
-        if len(head) < 2:
-            yield from (encode(self.tokenizer, texts) for texts in head)
+        head = list(itertools.islice(batches, self.LOCAL_BATCHES + 1))
+        local, rest = head[: self.LOCAL_BATCHES], itertools.chain(head[self.LOCAL_BATCHES :], batches)
+        if len(head) <= self.LOCAL_BATCHES:
+            yield from (encode(self.tokenizer, texts) for texts in local)
             return
         import ray
 
         self.ray_session.ensure()
         task = ray.remote(num_cpus=1)(encode_task)
         window = max(2, 2 * int(ray.cluster_resources().get("CPU", 1)))
-        in_flight: deque = deque()
-        for texts in itertools.chain(head, batches):
-            in_flight.append(task.remote(self.spec.model, self.spec.model_revision, texts))
+
+        def submit(texts: list[str]):
             self.tasks += 1
-            if len(in_flight) >= window:
-                yield ray.get(in_flight.popleft())
+            return task.remote(self.spec.model, self.spec.model_revision, texts)
+
+        in_flight = deque(submit(texts) for texts in itertools.islice(rest, window))
+        yield from (encode(self.tokenizer, texts) for texts in local)
+        for texts in rest:
+            in_flight.append(submit(texts))
+            yield ray.get(in_flight.popleft())
         while in_flight:
             yield ray.get(in_flight.popleft())
 

@@ -187,7 +187,8 @@ def check_corpus(dataset: DatasetSpec, tokenizer) -> None:
 
 def tokenize_corpus(store: Store, spec: JobSpec, framing: Framing, encoder: Encoder, progress=None) -> int:
     """Write the packed corpus into the store and return the number of sequences. ``encoder``
-    turns batches of documents into encoded batches, in order (``encode_here``, or tasks)."""
+    turns batches of documents into encoded batches, in order (``encode_here``, or tasks); ``progress``
+    is called with the tokens each written block adds."""
     store.reset_token_arrays()
     n_seq = 0
     encoded = encoder(read_batches(spec.dataset))
@@ -201,7 +202,7 @@ def tokenize_corpus(store: Store, spec: JobSpec, framing: Framing, encoder: Enco
                 writes.popleft().result()
             n_seq += len(block["tokens"])
             if progress is not None:
-                progress(n_seq * spec.context_length)
+                progress(len(block["tokens"]) * spec.context_length)  # tokens added
         for write in writes:
             write.result()
     if n_seq == 0:

@@ -5,6 +5,7 @@ in-process run of the same job: the tables must be identical."""
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -192,10 +193,15 @@ def test_a_job_runs_across_nodes_and_survives_losing_one(cluster, clean, tmp_pat
     job = write_job(tmp_path, "nodes", tiny_model, corpus_dir, workers=2, **JOB)
     spec = load_job(job)
     proc = _actscope("run", str(job), "--address", cluster.address)
-    _wait_for_shards(spec.store, 6, proc)
+    # Remove the node only once its worker is running shards (its actor can start later than the
+    # head's, which would otherwise do every shard so far alone), and a few shards later.
+    _wait_for_running_worker(node, proc)
+    _wait_for_shards(spec.store, len(Store.open(spec.store).committed_shards()) + 4, proc)
     cluster.remove_node(node)
     output = _finish(proc)
     assert "2 node(s)" in output, output
+    n_tokens = Store.open(spec.store).n_seq * spec.context_length
+    assert re.search(rf"tokenize\W+{n_tokens}/{n_tokens} tokens", output), output  # progress counts each token once
     assert tables(spec.store) == clean
 
 
@@ -211,6 +217,22 @@ def test_a_killed_worker_process_loses_nothing(clean, tmp_path, tiny_model, corp
     workers[0].kill()
     _finish(proc)
     assert tables(spec.store) == clean
+
+
+def _wait_for_running_worker(node, proc: subprocess.Popen, timeout: float = 120) -> None:
+    """Until a ShardWorker started by ``node``'s raylet runs a shard (Ray titles the process
+    ``ray::ShardWorker.__call__`` while it does)."""
+    raylet = psutil.Process(node.all_processes["raylet"][0].process.pid)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, proc.stdout.read()
+        try:
+            if any("ShardWorker.__call__" in " ".join(p.cmdline()) for p in raylet.children(recursive=True)):
+                return
+        except psutil.NoSuchProcess:
+            pass
+        time.sleep(0.02)
+    raise TimeoutError(f"no worker ran a shard on the added node in {timeout} s")
 
 
 def _descends_from(process: psutil.Process, ancestor: psutil.Process) -> bool:

@@ -12,6 +12,7 @@ import time
 import pyarrow.parquet as pq
 import pytest
 
+from jobs import runner
 from jobs.jobfile import load_job
 from jobs.runner import run_job
 from pipeline import corpus
@@ -44,7 +45,9 @@ def test_one_and_two_ray_workers_give_identical_results(make_job, ray_session, m
     one = load_job(make_job("one", workers=1))
     two = load_job(make_job("two", workers=2))
     s1 = run_job(one)  # the test corpus is one batch: encoded in the driver
-    monkeypatch.setattr(corpus, "DOCUMENTS_PER_BATCH", 16)  # many batches: encoded on Ray tasks
+    # Many small batches, all but the first two encoded on Ray tasks.
+    monkeypatch.setattr(corpus, "DOCUMENTS_PER_BATCH", 8)
+    monkeypatch.setattr(runner.TaskEncoder, "LOCAL_BATCHES", 2)
     s2 = run_job(two)
     assert (s1.tokenize_tasks, s2.tokenize_tasks > 3) == (0, True)
     assert (s1.workers, s2.workers) == (1, 2)
