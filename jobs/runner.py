@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from pipeline.corpus import Encoded, check_corpus, encode, encode_here, encode_task, tokenize_corpus
+from pipeline.corpus import Encoded, check_corpus, encode_here, encode_task, tokenize_corpus
 from pipeline.fingerprint import fingerprint
 from pipeline.index import build_index
 from pipeline.model import Framing, hook_widths, load_job_model, load_tokenizer, validate_hooks
@@ -266,7 +266,7 @@ class TaskEncoder:
         head = list(itertools.islice(batches, self.LOCAL_BATCHES + 1))
         local, rest = head[: self.LOCAL_BATCHES], itertools.chain(head[self.LOCAL_BATCHES :], batches)
         if len(head) <= self.LOCAL_BATCHES:
-            yield from (encode(self.tokenizer, texts) for texts in local)
+            yield from encode_here(local, self.tokenizer)
             return
         import ray
 
@@ -279,7 +279,7 @@ class TaskEncoder:
             return task.remote(self.spec.model, self.spec.model_revision, texts)
 
         in_flight = deque(submit(texts) for texts in itertools.islice(rest, window))
-        yield from (encode(self.tokenizer, texts) for texts in local)
+        yield from encode_here(local, self.tokenizer)
         for texts in rest:
             in_flight.append(submit(texts))
             yield ray.get(in_flight.popleft())
