@@ -30,7 +30,7 @@ DOCUMENTS_PER_BATCH = 1024  # one encoding task's work: ~1 s of one core for web
 # One batch encoded: its documents' token ids end to end (int32) and their offsets (n + 1, int64).
 Encoded = tuple[np.ndarray, np.ndarray]
 Encoder = Callable[[Iterator[list[str]]], Iterator[Encoded]]
-COLUMNS = ("tokens", "doc_ids", "doc_pos", "kinds")
+COLUMNS = tuple(Store.TOKEN_ARRAYS)  # the packed columns, in the order _positions and _frame give them
 
 
 def read_batches(dataset: DatasetSpec, size: int | None = None) -> Iterator[list[str]]:
