@@ -56,24 +56,28 @@ def _lookup_table(device: torch.device) -> torch.Tensor:
 class RunningHistogram:
     """Counts [width, N_BINS] of each neuron's activations over the counted tokens.
 
-    Per batch: one shift of the float bits, one gather in a 4096-entry table, one bincount.
+    Per batch: one shift of the float bits, one lookup in a 4096-entry table, one bincount. The
+    table holds ``bin * width`` and the neuron is added, so the counts are kept bin-major: the
+    neurons of one token land in nearby counters (bincount took 2.1 ms a 2048x1536 batch so,
+    4.3 ms neuron-major). ``index_select`` does the lookup: 1.2 ms where indexing with
+    ``table[top]`` took 6.5 ms.
     """
 
     def __init__(self, width: int, device: torch.device):
         self.width = width
-        self.counts = torch.zeros(width * N_BINS, dtype=torch.int64, device=device)
-        self.lut = _lookup_table(device)
-        self.offset = torch.arange(width, device=device, dtype=torch.int32) * N_BINS
+        self.counts = torch.zeros(N_BINS * width, dtype=torch.int64, device=device)
+        self.lut = _lookup_table(device) * width
+        self.column = torch.arange(width, device=device, dtype=torch.int32)
 
     def update(self, acts: torch.Tensor, first_index: int, counted: torch.Tensor | None) -> None:
         x = acts if counted is None else acts[counted]
         if x.shape[0]:
-            top = (x.float().view(torch.int32) >> _SHIFT) + 2048
-            index = self.lut[top] + self.offset
-            self.counts += torch.bincount(index.reshape(-1), minlength=len(self.counts))
+            top = (x.float().view(torch.int32) >> _SHIFT).add_(2048)
+            index = torch.index_select(self.lut, 0, top.view(-1)).view(x.shape).add_(self.column)
+            self.counts += torch.bincount(index.view(-1), minlength=len(self.counts))
 
     def result(self) -> dict[str, np.ndarray]:
-        return {"hist": self.counts.reshape(self.width, N_BINS).cpu().numpy()}
+        return {"hist": self.counts.reshape(N_BINS, self.width).T.contiguous().cpu().numpy()}
 
 
 def quantiles(counts: np.ndarray, qs: tuple[float, ...], lo_clip: np.ndarray, hi_clip: np.ndarray) -> np.ndarray:

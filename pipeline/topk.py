@@ -6,13 +6,17 @@ float32's bits remapped so that integer order equals float order; the low 32 bit
 ``2**32 - 1 - index``. One ``torch.topk`` over keys is then exact and deterministic, however
 ties fall (ReLU zeros tie everywhere), and a running top-k folds batch after batch in place.
 
-Shapes: ``acts`` is [tokens, neurons]; keys and results are [k, neurons].
+Shapes: ``acts`` is [tokens, neurons]; results are [k, neurons].
 """
 
 from __future__ import annotations
 
+import operator
+
 import numpy as np
 import torch
+
+from pipeline.ops import flat_where
 
 #: The key of a position that does not count (padding, special tokens): below every real key.
 EXCLUDED = torch.iinfo(torch.int64).min
@@ -37,71 +41,89 @@ class RunningTopK:
     """The k largest (``largest=True``) or smallest values of each neuron seen so far.
 
     ``update`` takes one batch of activations with the shard-local index of its first token and
-    a mask of the tokens that count (None: all of them, decided once per batch by the caller); ``result`` decodes values and indices, -1 where fewer than
-    k tokens counted. Batches must come in token order.
+    a mask of the tokens that count (None: all of them, decided once per batch by the caller);
+    ``result`` decodes values and indices, -1 where fewer than k tokens counted. Batches must
+    come in token order.
 
-    Only *candidates* are ranked: tokens strictly above the neuron's current k-th value. A later
-    token equal to the k-th value loses the tie (its index is larger), and one below it can never
-    enter, so this is exact; after the first batch of a shard few tokens are candidates, and the
-    cost falls from a top-k over every activation to one comparison pass.
+    Only *candidates* are ranked: tokens strictly beyond the neuron's current k-th value. A later
+    token equal to the k-th value loses the tie (its index is larger), and one beyond it can
+    never enter, so this is exact. On a shard's first batch, before there is a k-th value, the
+    bound is the k-th best of the extremes of 2k blocks of tokens: k distinct tokens reach it, so
+    the batch's k-th value does too, and few tokens (about 2 % of a batch) are ranked. A batch
+    then costs one comparison pass and a few operations on its candidates.
+
+    The running keys are [width, k], so that every top-k runs along contiguous memory.
     """
 
     def __init__(self, k: int, width: int, device: torch.device, *, largest: bool = True):
         self.k = k
+        self.largest = largest
         self.sign = 1.0 if largest else -1.0
-        self.keys = torch.full((k, width), EXCLUDED, dtype=torch.int64, device=device)
-        self.threshold = torch.full((width,), -torch.inf, dtype=torch.float32, device=device)
-        self.empty = True
+        self.keys = torch.full((width, k), EXCLUDED, dtype=torch.int64, device=device)
+        self.bound: torch.Tensor | None = None  # [width] the k-th value so far; None before any batch
 
     def update(self, acts: torch.Tensor, first_index: int, counted: torch.Tensor | None) -> None:
         n_tokens, width = acts.shape
         if first_index + n_tokens > MAX_SHARD_TOKENS:
             raise ValueError("a shard holds more than 2**32 tokens; use smaller shards")
         x = acts.float()
-        largest = self.sign > 0
-        every = counted is None
-        counted = None if every else counted.unsqueeze(1)
-        if self.empty and n_tokens > self.k:
-            # First batch: a float top-k's k-th value bounds the answer; keeping every value at or
-            # beyond it (ties included) leaves the exact key ranking to few candidates.
-            scored = x if every else x.masked_fill(~counted, -torch.inf if largest else torch.inf)
-            kth = torch.topk(scored, self.k, dim=0, largest=largest, sorted=False).values
-            candidate = x >= kth.min(0).values if largest else x <= kth.max(0).values
+        if self.bound is None:
+            flat = flat_where(operator.ge if self.largest else operator.le, x, self._first_bound(x, counted))
         else:
-            # Bottom-k keeps its threshold negated; compare without negating the batch.
-            candidate = x > self.threshold if largest else x < -self.threshold
-        if not every:
-            candidate &= counted
-        self.empty = False
-        per_neuron = candidate.sum(0, dtype=torch.int32)  # int32: half the time of int64
-        most = int(per_neuron.max())
-        if most == 0:
-            return
-        if most * 4 > n_tokens:
-            # Many candidates: rank every activation.
-            index = torch.arange(first_index, first_index + n_tokens, device=acts.device, dtype=torch.int64)
-            keys = (ordered_bits(x * self.sign) << 32) | (_LOW - index).unsqueeze(1)
-            keys = keys.masked_fill_(~candidate, EXCLUDED)
-        else:
-            # Few: gather them into a [most, width] block, one column per neuron.
-            neuron, token = candidate.T.nonzero(as_tuple=True)  # sorted by neuron, then token
-            starts = torch.cumsum(per_neuron, 0) - per_neuron
-            row = torch.arange(len(neuron), device=acts.device) - starts[neuron]
-            values = x[token, neuron] * self.sign
-            keys = torch.full((most, width), EXCLUDED, dtype=torch.int64, device=acts.device)
-            keys[row, neuron] = (ordered_bits(values) << 32) | (_LOW - (first_index + token))
-        self.keys = torch.topk(torch.cat([self.keys, keys]), self.k, dim=0, sorted=True).values
-        kth = self.keys[-1]
-        self.threshold = torch.where(kth == EXCLUDED, -torch.inf, unordered_bits(kth >> 32))
+            flat = flat_where(operator.gt if self.largest else operator.lt, x, self.bound)
+        token = torch.div(flat, width, rounding_mode="floor")
+        if counted is not None:
+            keep = counted[token]
+            flat, token = flat[keep], token[keep]
+        if len(flat):
+            keys = pack(x.reshape(-1)[flat] * self.sign, first_index + token)
+            if len(flat) * 4 > x.numel():  # many candidates: a block for every activation
+                new = torch.full((n_tokens * width,), EXCLUDED, dtype=torch.int64, device=x.device)
+                new[flat] = keys
+                new = new.view(n_tokens, width).T
+            else:  # few: a [width, most] block, one row per neuron
+                neuron = flat - token * width
+                per_neuron = torch.bincount(neuron, minlength=width)
+                order = torch.argsort(neuron, stable=True)
+                neuron, keys = neuron[order], keys[order]
+                slot = torch.arange(len(neuron), device=x.device) - (torch.cumsum(per_neuron, 0) - per_neuron)[neuron]
+                new = torch.full((width, int(per_neuron.max())), EXCLUDED, dtype=torch.int64, device=x.device)
+                new[neuron, slot] = keys
+            self.keys = torch.topk(torch.cat([self.keys, new], dim=1), self.k, dim=1, sorted=False).values
+        kth = self.keys.amin(1)
+        self.bound = torch.where(kth == EXCLUDED, -torch.inf, unordered_bits(kth >> 32)) * self.sign
+
+    def _first_bound(self, x: torch.Tensor, counted: torch.Tensor | None) -> torch.Tensor:
+        """A value that the batch's k-th best reaches, per neuron (infinite: none known)."""
+        n_tokens, width = x.shape
+        worst = -torch.inf if self.largest else torch.inf
+        blocks = 2 * self.k
+        if n_tokens < blocks:
+            return torch.full((width,), worst, device=x.device)
+        if counted is not None:
+            x = x.masked_fill(~counted.unsqueeze(1), worst)
+        size = n_tokens // blocks
+        tiles = x[: blocks * size].view(blocks, size, width)
+        extremes = tiles.amax(1) if self.largest else tiles.amin(1)
+        kth = torch.topk(extremes, self.k, dim=0, largest=self.largest, sorted=False).values
+        return kth.amin(0) if self.largest else kth.amax(0)
 
     def result(self) -> tuple[np.ndarray, np.ndarray]:
         """(values [k, width] float32, shard-local token index [k, width] int64, -1 = none)."""
-        valid = self.keys != EXCLUDED
-        values = unordered_bits(self.keys >> 32) * self.sign
-        index = _LOW - (self.keys & _LOW)
-        values = torch.where(valid, values, torch.nan)
-        index = torch.where(valid, index, -1)
-        return values.cpu().numpy(), index.cpu().numpy()
+        return decode(torch.sort(self.keys, dim=1, descending=True).values.T, self.sign)
+
+
+def pack(values: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """Keys of (value, token index): higher value first, then lower index."""
+    return (ordered_bits(values) << 32) | (_LOW - index)
+
+
+def decode(keys: torch.Tensor, sign: float) -> tuple[np.ndarray, np.ndarray]:
+    """Keys [k, width] back to (values, index), NaN and -1 where empty."""
+    valid = keys != EXCLUDED
+    values = torch.where(valid, unordered_bits(keys >> 32) * sign, torch.nan)
+    index = torch.where(valid, _LOW - (keys & _LOW), -1)
+    return values.cpu().numpy(), index.cpu().numpy()
 
 
 class RunningTopKPerDocument:
@@ -136,7 +158,9 @@ class RunningTopKPerDocument:
         top = torch.topk(keys, self.k, dim=0, sorted=True)
         self.keys, self.docs = top.values, docs.gather(0, top.indices)
 
-    result = RunningTopK.result
+    def result(self) -> tuple[np.ndarray, np.ndarray]:
+        """(values [k, width] float32, shard-local token index [k, width] int64, -1 = none)."""
+        return decode(self.keys, self.sign)
 
 
 def merge_topk(

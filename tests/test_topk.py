@@ -39,7 +39,7 @@ def _shard_topk(acts, counted, k, first, largest, batch):
 
 
 @settings(max_examples=150, deadline=None)
-@given(problems(), st.booleans(), st.integers(1, 7))
+@given(problems(), st.booleans(), st.integers(1, 40))
 def test_split_merge_equals_brute_force(problem, largest, batch):
     acts, counted, k, cuts = problem
     bounds = [0, *cuts, len(acts)]
