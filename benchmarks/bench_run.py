@@ -11,6 +11,7 @@ Prints one JSON document with tokens/s of each and the ratios. Timings vary 15-3
 runs on shared machines: compare the ratios. Usage:
 
     python benchmarks/bench_run.py [--tokens 300000] [--model minilm|PATH] [--naive-tokens 40000]
+                                    [--workers N] [--statistics bottom,histogram,samples,tokens,logits]
 """
 
 from __future__ import annotations
@@ -34,7 +35,9 @@ from jobs.runner import run_job
 from storage.store import PAD, Store
 
 
-def write_job(root: Path, model: str, tokens: int, hooks: list[str], dense: list[str], workers: int) -> Path:
+def write_job(
+    root: Path, model: str, tokens: int, hooks: list[str], dense: list[str], workers: int, statistics: list[str] | None = None
+) -> Path:
     corpus = root / "corpus.jsonl"
     with corpus.open("w") as f:
         for doc in stdlib_docstrings():
@@ -51,6 +54,8 @@ def write_job(root: Path, model: str, tokens: int, hooks: list[str], dense: list
         "shard_size": 256,
         "batch_size": 16,
     }
+    if statistics is not None:
+        job["statistics"] = statistics
     path = root / "job.yaml"
     path.write_text(yaml.safe_dump(job))
     return path
@@ -99,6 +104,10 @@ def main() -> None:
     parser.add_argument("--hooks", default="blocks.2.mlp.hook_post,blocks.5.mlp.hook_post")
     parser.add_argument("--dense", default="", help="hooks to store densely too")
     parser.add_argument("--workers", type=int, default=os.cpu_count())
+    parser.add_argument(
+        "--statistics", default=None,
+        help="comma-separated optional statistics (default: the job default, every one; '' for top-k and moments only)",
+    )
     args = parser.parse_args()
 
     if args.model == "minilm":
@@ -111,7 +120,8 @@ def main() -> None:
     dense = [h for h in args.dense.split(",") if h]
     root = Path(tempfile.mkdtemp(prefix="actscope-bench-"))
     try:
-        spec = load_job(write_job(root, model_dir, args.tokens, hooks, dense, args.workers))
+        statistics = None if args.statistics is None else [s for s in args.statistics.split(",") if s]
+        spec = load_job(write_job(root, model_dir, args.tokens, hooks, dense, args.workers, statistics))
         start = time.perf_counter()
         summary = run_job(spec)
         pipeline_wall = time.perf_counter() - start
@@ -129,6 +139,7 @@ def main() -> None:
             "bare_forward": n_tokens / bare,
             "pipeline_end_to_end": n_tokens / pipeline_wall,
             "pipeline_activate_phase": n_tokens / summary.seconds_activate,
+            "pipeline_steady_state": n_tokens / (summary.seconds_activate - summary.seconds_startup),
             "naive_run_with_cache_save_topk": n_naive * spec.context_length / naive_s,
         }
         print(json.dumps({
@@ -137,12 +148,15 @@ def main() -> None:
             "tokens": n_tokens,
             "hooks": hooks,
             "dense": dense,
+            "statistics": spec.statistics,
             "workers": summary.workers,
             "phases_s": {k: round(v, 2) for k, v in summary.phases.items()},
+            "worker_startup_s": round(summary.seconds_startup, 2),
             "tokens_per_s": {k: round(v) for k, v in rate.items()},
             "ratios": {
                 "pipeline_end_to_end / bare_forward": round(rate["pipeline_end_to_end"] / rate["bare_forward"], 3),
                 "pipeline_activate_phase / bare_forward": round(rate["pipeline_activate_phase"] / rate["bare_forward"], 3),
+                "pipeline_steady_state / bare_forward": round(rate["pipeline_steady_state"] / rate["bare_forward"], 3),
                 "pipeline_end_to_end / naive": round(rate["pipeline_end_to_end"] / rate["naive_run_with_cache_save_topk"], 2),
             },
         }, indent=2))

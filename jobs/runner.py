@@ -59,6 +59,7 @@ class RunSummary:
     phases: dict[str, float] = field(default_factory=dict)
     nodes: int = 1  # distinct machines (Ray nodes) that ran shards
     tokenize_tasks: int = 0  # batches sent to Ray tasks to encode (0: all encoded here)
+    seconds_startup: float = 0.0  # of the activate phase, until the first workers had loaded their model
 
     @property
     def tokens_per_second(self) -> float:
@@ -165,17 +166,19 @@ def run_job(
         t = time.perf_counter()
         reporter.phase("activate", n_tokens, sum(store.shard_range(s)[1] - store.shard_range(s)[0] for s in done) * spec.context_length)
         results = []
+        ready: list[float] = []  # when each of the first workers had loaded its model
         logits = spec.computes("logits") and not store.has_logits()
         if pending or logits:
             if use_ray:
                 ray_session.ensure()
-                execute = _execute_on_ray(spec.store, pending, n_workers, logits, threads)
+                execute = _execute_on_ray(spec.store, pending, n_workers, logits, threads, ready)
             else:
-                execute = _execute_here(spec.store, pending, logits, threads)
+                execute = _execute_here(spec.store, pending, logits, threads, ready)
             for result in execute:
                 results.append(result)
                 reporter.advance(result.n_tokens)
         phases["activate"] = time.perf_counter() - t
+        startup = max(ready) - t if ready else 0.0
     finally:
         ray_session.close()
 
@@ -202,6 +205,7 @@ def run_job(
         phases=phases,
         nodes=max(1, len({r.node for r in results if not r.skipped})),
         tokenize_tasks=tokenize_tasks,
+        seconds_startup=startup,
     )
 
 
@@ -220,6 +224,10 @@ class RaySession:
             return
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")
         os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+        # Ray starts its workers at niceness 15, below the driver and Ray's own processes; a
+        # worker's torch threads then stall whenever those run (a shard took 6.3 s instead of
+        # 5.6 s on 2 cores). The workers are the job: run them at the driver's priority.
+        os.environ.setdefault("RAY_worker_niceness", "0")
         kwargs = {"include_dashboard": False, "log_to_driver": False, "logging_level": logging.WARNING}
         if self.address is None:
             ray.init(num_cpus=os.cpu_count() or 1, **kwargs)
@@ -306,8 +314,9 @@ def _worker_count(spec: JobSpec, override: int | None, use_ray: bool, address: s
     return int(resources.get("GPU", 0)) or max(1, int(resources.get("CPU", 1)))
 
 
-def _execute_here(store_url: str, shards: list[int], logits: bool, threads: int | None):
+def _execute_here(store_url: str, shards: list[int], logits: bool, threads: int | None, ready: list[float]):
     worker = ShardWorker(store_url, threads=threads)
+    ready.append(time.perf_counter())
     for shard in shards:
         yield worker(shard)
     if logits:
@@ -317,7 +326,7 @@ def _execute_here(store_url: str, shards: list[int], logits: bool, threads: int 
 MAX_SHARD_ATTEMPTS = 4
 
 
-def _execute_on_ray(store_url: str, shards: list[int], n_workers: int, logits: bool, threads: int | None):
+def _execute_on_ray(store_url: str, shards: list[int], n_workers: int, logits: bool, threads: int | None, ready: list[float]):
     """Shards to a pool of actors, one model each; only shard ids and small results travel.
     Then one actor computes the logit effects from its copy of the weights (on its device).
 
@@ -350,6 +359,7 @@ def _execute_on_ray(store_url: str, shards: list[int], n_workers: int, logits: b
     queue = list(reversed(shards))  # popped from the end: shard order
     attempts = {shard: 0 for shard in shards}
     starting = dict(start() for _ in range(min(n_workers, max(len(shards), 1))))
+    first = set(starting)  # the first workers: ``ready`` gets the time each had loaded its model
     running: dict = {}  # task -> (actor, shard)
     idle: list = []
     while queue or running:
@@ -365,6 +375,8 @@ def _execute_on_ray(store_url: str, shards: list[int], n_workers: int, logits: b
             try:
                 ray.get(ref)
                 idle.append(actor)
+                if ref in first:
+                    ready.append(time.perf_counter())
             except RayActorError:
                 pass  # it could not start (its node went away); the others go on
             continue

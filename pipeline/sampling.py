@@ -102,7 +102,7 @@ class RunningBandSamples:
         # In order of priority, so that an empty cell fills with the lowest priorities first and
         # later chunks' tokens are mostly skipped.
         rows = rows[torch.argsort(batch.priority[rows])]
-        chunks = torch.split(rows, 64) if self.fresh else (rows,)
+        chunks = torch.split(rows, 128) if self.fresh else (rows,)
         self.fresh = False
         for chunk in chunks:
             self._update(torch.index_select(x, 0, chunk), batch.priority[chunk], batch.global_index[chunk])
