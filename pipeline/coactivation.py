@@ -4,15 +4,16 @@ co-firing of the binarised activity (count, P(b|a), Jaccard, lift).
 **On the device, per shard.** Tokens: the counted ones whose sampling priority falls in the
 lowest 1/``stride`` of its range (a hashed subsample: no aliasing with positions, independent of
 sharding). Per batch and pair of sites (i, j): the cross-product of the activations around a
-fixed shift ``(X_i - k_i)^T (X_j - k_j)`` and the co-firing counts ``B_i^T B_j`` (B = activation
-above the site's threshold) are two float32 matrix products accumulated in place; at the end of
-the shard they become central co-moments. Centring keeps the Pearson correlation accurate where
+fixed shift ``(X_i - k_i)^T (X_j - k_j)``, a float32 matrix product accumulated in place, and the
+co-firing counts ``B_i^T B_j`` (B = activation above the site's threshold), an int8 product with
+int32 accumulation: exact, and 5.5x faster than the float32 one on this CPU (0.26 against 1.42 ms
+for 1024 x 128 x 1024). At the end of the shard the sums become central co-moments. Centring keeps the Pearson correlation accurate where
 raw sums would cancel (residual-stream dimensions with large means). Shards combine with the
 pairwise update of Chan et al.: ``C = C_a + C_b + (m_b - m_a)(m_b - m_a)^T n_a n_b / n``. Cost
 per counted token: 4 N_i N_j FLOPs per site pair, divided by the stride.
 
-**Merge, blockwise.** Each shard stores its co-moments (float32) and counts (int32) per site pair,
-in 512 x 512 chunks. The merge walks the neurons in row blocks: for each block it folds the
+**Merge, blockwise.** Each shard stores its co-moments (float32) and counts (uint16 when the shard has
+fewer than 2**16 co-activation tokens, else int32) per site pair, in 512 x 512 chunks. The merge walks the neurons in row blocks: for each block it folds the
 shards' rows in shard order with the same pairwise update, computes the four statistics against
 every allowed partner, and keeps the top ``partners`` by |pearson| and by Jaccard. Host memory
 is one block's rows, ``512 x N`` float64, never N x N. The merged co-moments are written to the
@@ -67,8 +68,7 @@ class RunningCoactivation:
     batch), accumulated in float32 by in-place matrix products (``addmm_``: no N x N pass besides
     the product itself), and turned into central co-moments once, at the end of the shard:
     ``M2 = S - n d d^T`` with d the mean's distance from the shift, small by construction, so
-    nothing cancels. Co-firing counts are float32 products of 0/1 matrices: exact below 2**24
-    tokens per shard.
+    nothing cancels. Co-firing counts are int8 products of 0/1 matrices into int32: exact.
     """
 
     def __init__(self, spec: JobSpec, widths: dict[str, int], device: torch.device):
@@ -82,7 +82,7 @@ class RunningCoactivation:
         self.active = [torch.zeros(widths[h], dtype=torch.int64, device=device) for h in self.hooks]
         shape = lambda i, j: (widths[self.hooks[i]], widths[self.hooks[j]])
         self.m2 = {(i, j): torch.zeros(shape(i, j), dtype=torch.float32, device=device) for i, j in self.pairs}
-        self.both = {(i, j): torch.zeros(shape(i, j), dtype=torch.float32, device=device) for i, j in self.pairs}
+        self.both = {(i, j): torch.zeros(shape(i, j), dtype=torch.int32, device=device) for i, j in self.pairs}
 
     def update(self, acts: dict[str, torch.Tensor], batch) -> None:
         chosen = batch.priority < self.cut
@@ -91,19 +91,19 @@ class RunningCoactivation:
         rows = chosen.nonzero(as_tuple=True)[0]
         if len(rows) == 0:
             return
-        if self.n + len(rows) >= 2**24:
-            raise ValueError("co-activation counts more than 2**24 tokens in one shard; use smaller shards or a larger stride")
-        xs = [acts[h][rows] for h in self.hooks]
+        if self.n + len(rows) >= 2**31:
+            raise ValueError("co-activation counts more than 2**31 tokens in one shard; use smaller shards or a larger stride")
+        xs = [torch.index_select(acts[h], 0, rows) for h in self.hooks]
         if self.shift is None:
             self.shift = [x.mean(0) for x in xs]
         shifted = [x - k for x, k in zip(xs, self.shift)]
-        fired = [(x > t).float() for x, t in zip(xs, self.thresholds)]
+        fired = [(x > t).to(torch.int8) for x, t in zip(xs, self.thresholds)]
         for i, j in self.pairs:
             self.m2[i, j].addmm_(shifted[i].T, shifted[j])
-            self.both[i, j].addmm_(fired[i].T, fired[j])
+            self.both[i, j] += int8_products(fired[i].T, fired[j])
         for i in range(len(self.hooks)):
             self.sum[i] += shifted[i].sum(0, dtype=torch.float64)
-            self.active[i] += fired[i].sum(0).long()
+            self.active[i] += fired[i].sum(0)
         self.n += len(rows)
 
     def result(self) -> dict[str, np.ndarray]:
@@ -117,8 +117,26 @@ class RunningCoactivation:
         for i, j in self.pairs:
             m2 = self.m2[i, j].double() - torch.outer(offset[i], offset[j]) * self.n
             out[f"m2.{i}.{j}"] = m2.float().cpu().numpy()
-            out[f"both.{i}.{j}"] = self.both[i, j].to(torch.int32).cpu().numpy()
+            # Counts are at most n: uint16 halves the partial of a shard below 2**16 tokens.
+            out[f"both.{i}.{j}"] = self.both[i, j].to(torch.uint16 if self.n < 2**16 else torch.int32).cpu().numpy()
         return out
+
+
+def int8_products(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a @ b`` of int8 matrices [m, k] x [k, n], exactly, in int32, by ``torch._int_mm``.
+
+    Its kernels have limits: on a CPU (torch 2.13) it returns wrong sums when m = 1 (found by the
+    merge's property test), and on CUDA it needs m > 16 and k, n multiples of 8. The operands are
+    zero-padded to fit (zeros add nothing) and the product cut back.
+    """
+    (m, k), n = a.shape, b.shape[1]
+    cuda = a.device.type == "cuda"
+    pad_m = max((17 if cuda else 2) - m, 0)
+    pad_k, pad_n = (-k % 8, -n % 8) if cuda else (0, 0)
+    if pad_m or pad_k or pad_n:
+        a = torch.nn.functional.pad(a, (0, pad_k, 0, pad_m))
+        b = torch.nn.functional.pad(b, (0, pad_n, 0, pad_k))
+    return torch._int_mm(a, b)[:m, :n]
 
 
 class _Folded:
@@ -252,7 +270,7 @@ def _fold_rows(groups, folded: _Folded, i: int, j: int, rows: slice, *, diagonal
 def _create_merged(group, template, folded: _Folded, n_hooks: int) -> None:
     """Arrays for the merged co-moments and counts (filled block by block by the merge), and the
     folded per-neuron sums, shaped as one shard's partial so that later reads take one path."""
-    from storage.store import _ZSTD
+    from storage.store import partial_compressors
 
     group.create_array("n", data=np.array([folded.n], dtype=np.int64), overwrite=True)
     for i in range(n_hooks):
@@ -262,7 +280,7 @@ def _create_merged(group, template, folded: _Folded, n_hooks: int) -> None:
         if name.startswith(("m2.", "both.")):
             chunks = tuple(min(d, BLOCK) for d in array.shape)
             dtype = np.float32 if name.startswith("m2.") else np.int64
-            group.create_array(name, shape=array.shape, dtype=dtype, chunks=chunks, compressors=_ZSTD, overwrite=True)
+            group.create_array(name, shape=array.shape, dtype=dtype, chunks=chunks, compressors=partial_compressors(name), overwrite=True)
 
 
 def drop_shard_partials(store) -> None:

@@ -20,7 +20,9 @@ from __future__ import annotations
 
 import os
 import posixpath
+import warnings
 from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, ClassVar
 
 import numpy as np
@@ -204,7 +206,11 @@ class Store:
         if "shards" not in self.group:  # a run killed while it created the store
             return set()
         shards = self.group["shards"]
-        return {int(key) for key, sub in shards.groups() if sub.attrs.get("committed")}
+        with warnings.catch_warnings():
+            # A worker killed mid-write leaves a temporary file or a group without metadata under
+            # shards/ (and a running one has them for a moment): not shards, and nothing to warn of.
+            warnings.filterwarnings("ignore", "Object at .* is not recognized", zarr.errors.ZarrUserWarning)
+            return {int(key) for key, sub in shards.groups() if sub.attrs.get("committed")}
 
     def read_partial(self, shard: int, hook: str) -> dict[str, np.ndarray]:
         group = self.group[f"shards/{shard_key(shard)}/{hook}"]
@@ -242,16 +248,32 @@ def _write_committed(group: zarr.Group, arrays: Mapping[str, Mapping[str, np.nda
     atomically); a committed group is left as it is."""
     if group.attrs.get("committed"):
         return
-    for hook, stats in arrays.items():
-        for name, value in stats.items():
-            group.create_array(
-                f"{hook}/{name}",
-                data=np.ascontiguousarray(value),
-                chunks=_partial_chunks(value.shape),
-                compressors=_ZSTD,
-                overwrite=True,
-            )
+
+    def write(hook: str, name: str, value: np.ndarray) -> None:
+        group.create_array(
+            f"{hook}/{name}",
+            data=np.ascontiguousarray(value),
+            chunks=_partial_chunks(value.shape),
+            compressors=partial_compressors(name),
+            overwrite=True,
+        )
+
+    for hook in arrays:
+        group.require_group(hook)
+    # A shard writes some 70 arrays, each a few milliseconds of metadata and chunk writes, mostly
+    # waiting on the file system or object store. Written concurrently (Zarr's event loop serves
+    # every thread), a 4-hook shard's partials with co-activation took 0.23-0.27 s, not 0.27-0.37.
+    with ThreadPoolExecutor(max_workers=8, thread_name_prefix="partial-writer") as pool:
+        for done in [pool.submit(write, hook, name, value) for hook, stats in arrays.items() for name, value in stats.items()]:
+            done.result()
     group.attrs.update({**record, "committed": True})
+
+
+def partial_compressors(name: str):
+    """Co-moment matrices (``m2.*``, N x N float32) are stored raw: zstd saves 7 % of their bytes
+    and costs a third of a shard's write. Everything else compresses well (counts, NaN-padded
+    samples) and goes through zstd."""
+    return None if name.startswith("m2.") else _ZSTD
 
 
 def _partial_chunks(shape: tuple[int, ...]) -> tuple[int, ...]:

@@ -137,3 +137,17 @@ def test_merge_over_any_split_equals_brute_force(tmp_path_factory, problem):
     for i, j in site_pairs(hooks, pairs):
         allowed[np.ix_(site == i, site == j)] = allowed[np.ix_(site == j, site == i)] = True
     check_partners([tuple(r.values()) for r in rows], truth, offsets, allowed, 3)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(1, 40), st.integers(1, 40), st.integers(1, 40), st.booleans())
+def test_int8_products_are_exact(m, k, n, transposed):
+    """The co-firing counts' product, on every shape (torch's CPU kernel is wrong when m = 1)."""
+    from pipeline.coactivation import int8_products
+
+    rng = np.random.default_rng(m * 1681 + k * 41 + n)
+    a = torch.from_numpy(rng.integers(0, 2, (k, m) if transposed else (m, k), dtype=np.int8))
+    b = torch.from_numpy(rng.integers(0, 2, (k, n), dtype=np.int8))
+    a = a.T if transposed else a
+    expected = a.numpy().astype(np.int64) @ b.numpy().astype(np.int64)
+    np.testing.assert_array_equal(int8_products(a, b).numpy(), expected)
