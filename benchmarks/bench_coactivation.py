@@ -64,12 +64,15 @@ def job(root: Path, name: str, model: str, tokens: int, **fields) -> Path:
     return path
 
 
-def pipeline_rate(path: Path) -> tuple[float, float]:
-    """(tokens/s of the activate phase, tokens/s end to end) of one in-process run."""
+def pipeline_rate(path: Path) -> tuple[float, float, float]:
+    """(tokens/s of the activate phase, of its steady state once the worker has loaded its model,
+    end to end) of one in-process run."""
     spec = load_job(path)
     start = time.perf_counter()
     summary = run_job(spec, use_ray=False)
-    return summary.n_tokens / summary.seconds_activate, summary.n_tokens / (time.perf_counter() - start)
+    end_to_end = summary.n_tokens / (time.perf_counter() - start)
+    steady = summary.n_tokens / (summary.seconds_activate - summary.seconds_startup)
+    return summary.n_tokens / summary.seconds_activate, steady, end_to_end
 
 
 def bare_rate(model: str, store_url: str, batch: int) -> float:
@@ -99,9 +102,9 @@ def main() -> None:
         for stride in map(int, args.strides.split(",")):
             variants[f"coact_s{stride}"] = {"statistics": ["coactivation"], "coactivation": {"stride": stride}}
         variants["all_default"] = {}
-        rates, ends = {}, {}
+        rates, steady, ends = {}, {}, {}
         for name, fields in variants.items():
-            rates[name], ends[name] = pipeline_rate(job(root, name, model, args.tokens, **fields))
+            rates[name], steady[name], ends[name] = pipeline_rate(job(root, name, model, args.tokens, **fields))
         bare = bare_rate(model, str(root / "topk.zarr"), 16)
         n = LAYERS * D_MLP
         pair_entries = sum(D_MLP * D_MLP for i in range(LAYERS) for j in range(i, LAYERS))  # site pairs i <= j
@@ -114,6 +117,7 @@ def main() -> None:
             "end_to_end_tokens_per_s": {k: round(v) for k, v in ends.items()},
             "over_bare": {k: round(v / bare, 3) for k, v in rates.items()},
             "over_topk": {k: round(v / rates["topk"], 3) for k, v in rates.items()},
+            "steady_state_over_bare": {k: round(v / bare, 3) for k, v in steady.items()},
             "cost_model": {
                 "pair_entries": pair_entries,
                 "coactivation_flops_per_counted_token": 4 * pair_entries,

@@ -61,7 +61,7 @@ class CoactivationSpec(_Frozen):
     """Which neuron pairs co-activation covers, and on how many tokens."""
 
     stride: PositiveInt = Field(
-        16, description="Use a hashed 1-in-stride subsample of the counted tokens (1 = every token)."
+        32, description="Use a hashed 1-in-stride subsample of the counted tokens (1 = every token)."
     )
     pairs: Literal["all", "within", "adjacent"] = Field(
         "all", description="Site pairs: all, within (same hook), adjacent (same or next layer)."
