@@ -20,7 +20,7 @@ import torch
 from jobs.demo import stdlib_docstrings
 from pipeline import sampling
 from pipeline.model import HookedForward, load_model, load_tokenizer, prefer_sdpa
-from pipeline.worker import Batch, HookStatistics
+from pipeline.worker import Batch, HookStatistics, one_thread
 from storage.spec import JobSpec
 
 
@@ -85,10 +85,11 @@ def main() -> None:
             for name, reducer in [*s.extremes.items(), *s.others.items()]:
                 sync()
                 t = time.perf_counter()
-                if name in ("top", "bottom", "stats", "hist"):
-                    reducer.update(x, batch.first, None)
-                else:
-                    reducer.update(x, batch)
+                with one_thread(device):  # as the worker runs them
+                    if name in ("top", "bottom", "stats", "hist"):
+                        reducer.update(x, batch.first, None)
+                    else:
+                        reducer.update(x, batch)
                 sync()
                 timings[name] = timings.get(name, 0.0) + time.perf_counter() - t
     per_batch = {k: round(1000 * v / args.batches, 2) for k, v in timings.items()}
