@@ -46,11 +46,16 @@ def bin_index(x: torch.Tensor) -> torch.Tensor:
     return torch.where(mag < 0, ZERO, index)
 
 
-def _lookup_table(device: torch.device) -> torch.Tensor:
-    """A float32's top 12 bits (sign, exponent, 3 mantissa bits) decide its bin: the bin of each
-    of the 4096 patterns, indexed by ``(bits >> 20) + 2048``."""
+def pattern(x: torch.Tensor) -> torch.Tensor:
+    """A float32's top 12 bits (sign, exponent, 3 mantissa bits) decide its bin: each value's
+    pattern as an index 0..4095 (int32, same shape) into :func:`pattern_bins`."""
+    return (x.float().view(torch.int32) >> _SHIFT).add_(2048)
+
+
+def pattern_bins() -> torch.Tensor:
+    """The bin of each of the 4096 patterns (int64, on the CPU)."""
     top = torch.arange(-2048, 2048, dtype=torch.int32) << _SHIFT
-    return bin_index(top.view(torch.float32)).to(torch.int32).to(device)
+    return bin_index(top.view(torch.float32))
 
 
 class RunningHistogram:
@@ -66,14 +71,13 @@ class RunningHistogram:
     def __init__(self, width: int, device: torch.device):
         self.width = width
         self.counts = torch.zeros(N_BINS * width, dtype=torch.int64, device=device)
-        self.lut = _lookup_table(device) * width
+        self.lut = (pattern_bins() * width).to(torch.int32).to(device)
         self.column = torch.arange(width, device=device, dtype=torch.int32)
 
     def update(self, acts: torch.Tensor, first_index: int, counted: torch.Tensor | None) -> None:
         x = acts if counted is None else acts[counted]
         if x.shape[0]:
-            top = (x.float().view(torch.int32) >> _SHIFT).add_(2048)
-            index = torch.index_select(self.lut, 0, top.view(-1)).view(x.shape).add_(self.column)
+            index = torch.index_select(self.lut, 0, pattern(x).view(-1)).view(x.shape).add_(self.column)
             self.counts += torch.bincount(index.view(-1), minlength=len(self.counts))
 
     def result(self) -> dict[str, np.ndarray]:

@@ -26,7 +26,7 @@ import operator
 import numpy as np
 import torch
 
-from pipeline.histogram import E_MAX, E_MIN, PER_OCTAVE_BITS, ZERO, bin_index
+from pipeline.histogram import E_MAX, E_MIN, PER_OCTAVE_BITS, ZERO, pattern, pattern_bins
 from pipeline.ops import flat_where
 
 _M32 = 0xFFFFFFFF
@@ -66,8 +66,7 @@ def band_edges() -> tuple[np.ndarray, np.ndarray]:
 def _cell_table(width: int, device: torch.device) -> torch.Tensor:
     """``band * width`` for each of the 4096 top-12-bit patterns of a float32 (as the histogram's
     table); the near-zero bin, which is no band, maps to the sentinel row ``N_BANDS``."""
-    top = torch.arange(-2048, 2048, dtype=torch.int32) << (23 - PER_OCTAVE_BITS)
-    band = band_of_bin(bin_index(top.view(torch.float32))).to(torch.int64)
+    band = band_of_bin(pattern_bins())
     return (torch.where(band >= 0, band, N_BANDS) * width).to(device)
 
 
@@ -108,8 +107,7 @@ class RunningBandSamples:
             self._update(torch.index_select(x, 0, chunk), batch.priority[chunk], batch.global_index[chunk])
 
     def _update(self, x, prio, index) -> None:
-        top = (x.view(torch.int32) >> (23 - PER_OCTAVE_BITS)).add_(2048)
-        cell = torch.index_select(self.lut, 0, top.view(-1)).view(x.shape).add_(self.column)
+        cell = torch.index_select(self.lut, 0, pattern(x).view(-1)).view(x.shape).add_(self.column)
         worst = torch.index_select(self.worst, 0, cell.view(-1)).view(x.shape)
         flat = flat_where(operator.lt, prio.unsqueeze(1), worst)
         if len(flat) == 0:

@@ -145,7 +145,7 @@ class RunningTopKPerDocument:
     def update(self, acts: torch.Tensor, first_index: int, counted: torch.Tensor | None, docs: torch.Tensor) -> None:
         n_tokens, width = acts.shape
         index = torch.arange(first_index, first_index + n_tokens, device=acts.device, dtype=torch.int64)
-        keys = (ordered_bits(acts * self.sign) << 32) | (_LOW - index).unsqueeze(1)
+        keys = pack(acts * self.sign, index.unsqueeze(1))
         if counted is not None:
             keys.masked_fill_(~counted.unsqueeze(1), EXCLUDED)
         seg_docs, segment = torch.unique_consecutive(docs, return_inverse=True)
