@@ -23,6 +23,7 @@ import posixpath
 import warnings
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from typing import Any, ClassVar
 
 import numpy as np
@@ -206,15 +207,13 @@ class Store:
         if "shards" not in self.group:  # a run killed while it created the store
             return set()
         shards = self.group["shards"]
-        with warnings.catch_warnings():
-            # A worker killed mid-write leaves a temporary file or a group without metadata under
-            # shards/ (and a running one has them for a moment): not shards, and nothing to warn of.
-            warnings.filterwarnings("ignore", "Object at .* is not recognized", zarr.errors.ZarrUserWarning)
+        with _leftovers_ignored():
             return {int(key) for key, sub in shards.groups() if sub.attrs.get("committed")}
 
     def read_partial(self, shard: int, hook: str) -> dict[str, np.ndarray]:
         group = self.group[f"shards/{shard_key(shard)}/{hook}"]
-        return {name: array[...] for name, array in group.arrays()}
+        with _leftovers_ignored():
+            return {name: array[...] for name, array in group.arrays()}
 
     def shard_record(self, shard: int) -> dict[str, Any]:
         return dict(self.group[f"shards/{shard_key(shard)}"].attrs)
@@ -241,6 +240,16 @@ class Store:
 
     def table_url(self, table: str) -> str:
         return _join(self.index_url, f"{table}.parquet")
+
+
+@contextmanager
+def _leftovers_ignored():
+    """Listing a group: a writer killed mid-write leaves a temporary file or a group without
+    metadata behind (and a running one has them for a moment). They are not members, and nothing
+    to warn a user of."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "Object at .* is not recognized", zarr.errors.ZarrUserWarning)
+        yield
 
 
 def _write_committed(group: zarr.Group, arrays: Mapping[str, Mapping[str, np.ndarray]], record: Mapping[str, Any]) -> None:
