@@ -7,11 +7,14 @@ ids, not the whole vocabulary). The merge adds the shards' rows into one [vocab,
 sum per hook, then ranks the tokens of each neuron by mean activation among those seen at least
 ``min_token_count`` times (a token seen once says little).
 
-A shard sums in float32 and keeps its partial in float32: ``index_add_`` of a 2048x1536 batch took
-1.1 ms so, 4.3 ms converted to float64, and the partial is half the size. The rounding error of a
-float32 sum of n terms is at most n * 6e-8 of the sum of |x| and typically about sqrt(n) * 6e-8
-(4e-6 for a token seen 5,000 times in a shard), far below what separates ranked tokens. The merge
-adds the shards' sums in float64, in shard order.
+A shard sums in float64 and keeps its partial in float64, although float32 would be faster
+(``index_add_`` of a 2048x1536 batch: 1.1 ms in float32, 4.3 ms converted to float64). Sums of a
+few float32 activations are exact in float64 whatever their order, so tokens whose means are equal
+stay equal and rank by id, whatever the shard split. A float32 sum rounds differently for each
+split and breaks such ties either way: the Hypothesis split test in ``tests/test_merges.py`` finds
+it (0.3 - 0.3 + 0.3 against -0.01 + 0.3 + 0.01), and ``test_equal_means_tie_by_id_in_any_split``
+pins that case. Do not narrow these sums again. The merge adds the shards' sums in float64, in
+shard order.
 
 Determinism: on a CPU ``index_add_`` adds rows in order; on a GPU it would add them with atomics
 in any order, so there the rows are summed by sorted segments instead (same result every run).
@@ -28,7 +31,7 @@ class RunningTokenSums:
 
     def __init__(self, shard_tokens: torch.Tensor, counted: torch.Tensor, width: int):
         self.present = torch.unique(shard_tokens[counted])  # sorted
-        self.sums = torch.zeros((len(self.present), width), dtype=torch.float32, device=shard_tokens.device)
+        self.sums = torch.zeros((len(self.present), width), dtype=torch.float64, device=shard_tokens.device)
         self.counts = torch.zeros(len(self.present), dtype=torch.int64, device=shard_tokens.device)
 
     def update(self, x: torch.Tensor, batch) -> None:
@@ -38,17 +41,17 @@ class RunningTokenSums:
         row = torch.searchsorted(self.present, ids)
         self.counts += torch.bincount(row, minlength=len(self.present))
         if x.device.type == "cpu":
-            self.sums.index_add_(0, row, x.float())
+            self.sums.index_add_(0, row, x.double())
         else:
             order = torch.argsort(row, stable=True)
             rows, lengths = torch.unique_consecutive(row[order], return_counts=True)
-            self.sums[rows] += torch.segment_reduce(x[order].float(), "sum", lengths=lengths, axis=0)
+            self.sums[rows] += torch.segment_reduce(x[order].double(), "sum", lengths=lengths, axis=0)
 
     def result(self) -> dict[str, np.ndarray]:
         return {
             "token_ids": self.present.to(torch.int32).cpu().numpy(),
             "token_counts": self.counts.cpu().numpy(),
-            "token_sums": self.sums.cpu().numpy(),
+            "token_sums": self.sums.cpu().numpy(),  # float64: equal means stay equal (ties by id)
         }
 
 

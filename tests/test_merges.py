@@ -89,3 +89,15 @@ def test_merged_reducers_equal_brute_force(job):
                 candidates = [i for i in candidates if not (docs[i] in seen or seen.add(docs[i]))]
             picked = got[f"{side}_index"][:, neuron]
             assert picked[picked >= 0].tolist() == candidates[: spec.top_k]
+
+
+def test_equal_means_tie_by_id_in_any_split():
+    """Token 0 sees 0.3, -0.3, 0.3 and token 1 sees -0.01, 0.3, 0.01: both means are 0.1 exactly in
+    float64, so token 0 ranks first whatever the split. A float32 sum breaks that tie by split."""
+    acts = np.array([[0.3], [-0.01], [0.3], [-0.3], [0.01], [0.3]], dtype=np.float32)
+    token_ids = np.array([0, 1, 1, 0, 1, 0])
+    spec = JobSpec.from_dict({"model": "m", "dataset": {"path": "text"}, "hooks": ["h"], "store": "s", "top_tokens": 2, "min_token_count": 1})
+    for cuts in ([], [1], [2], [3], [1, 4], [2, 3, 5]):
+        for batch_size in (1, 2, 6):
+            got = _merged(spec, acts, np.ones(6, dtype=bool), token_ids, np.zeros(6, dtype=np.int64), cuts, batch_size)
+            assert got["token_top_ids"][:, 0].tolist() == [0, 1], (cuts, batch_size)
