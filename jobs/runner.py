@@ -14,6 +14,7 @@ import os
 import time
 from collections import deque
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -100,6 +101,26 @@ def plan(spec: JobSpec, *, overwrite: bool = False) -> tuple[Store | None, dict,
     raise StoreError(_mismatch(existing, spec))
 
 
+def _plan_while_ray_starts(spec: JobSpec, overwrite: bool, ray_session: RaySession | None):
+    """``plan`` on a thread while Ray starts on this one (``ray.init`` installs signal handlers,
+    so it stays on the main thread). A mistake in the job is reported before any error of Ray's."""
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="plan") as pool:
+        planning = pool.submit(plan, spec, overwrite=overwrite)
+        try:
+            if ray_session is not None:
+                ray_session.ensure()
+        finally:
+            planned = planning.result()
+    return planned
+
+
+def _finished(url: str) -> bool:
+    try:
+        return Store.exists(url) and bool(Store.open(url).status["complete"])
+    except StoreError:
+        return False  # not an actscope store: the plan says so
+
+
 def _planning_device():
     import torch
 
@@ -137,15 +158,17 @@ def run_job(
     address = address or os.environ.get("RAY_ADDRESS") or None
     t0 = time.perf_counter()
     phases = {}
-    existing, model, tokenizer = plan(spec, overwrite=overwrite)
-    phases["plan"] = time.perf_counter() - t0
-    resumed = existing is not None
-    if existing is None:
-        store = Store.create(spec.store, spec=spec, fingerprint=model["fingerprint"], model=model)
-    else:
-        store = Store.open(spec.store, writable=True)
-    ray_session = RaySession(address)  # started on first use, so a finished store never waits for Ray
+    ray_session = RaySession(address)
     try:
+        # Ray starts (3 s embedded: its own processes, mostly waiting) while the plan loads the
+        # model on this process's thread; a finished store never waits for Ray.
+        existing, model, tokenizer = _plan_while_ray_starts(spec, overwrite, ray_session if use_ray and not _finished(spec.store) else None)
+        phases["plan"] = time.perf_counter() - t0
+        resumed = existing is not None
+        if existing is None:
+            store = Store.create(spec.store, spec=spec, fingerprint=model["fingerprint"], model=model)
+        else:
+            store = Store.open(spec.store, writable=True)
         tokenize_tasks = 0
         if not store.status["tokenized"]:
             t = time.perf_counter()
