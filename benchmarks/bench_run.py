@@ -2,6 +2,7 @@
 
 1. bare:     a plain `transformers` forward of the same model (base model, no head) on the same
              packed tokens, batch for batch, using every core. The floor no pipeline can beat.
+             Measured twice (after the pipeline, after the naive recipe); ratios use the mean.
 2. pipeline: `run_job` on embedded Ray with one worker per core (one torch thread each), every
              statistic the job computes; wall time of the whole job and of its activate phase.
 3. naive:    the usual notebook recipe: TransformerLens `run_with_cache` on each batch, then
@@ -131,9 +132,14 @@ def main() -> None:
         tokens, attention = data["tokens"], data["kinds"] != PAD
         n_tokens = tokens.size
         torch.set_num_threads(os.cpu_count())
-        bare = bare_forward(model_dir, tokens, attention, spec.batch_size)
+        # The bare forward twice, right after the pipeline and after the naive recipe: this
+        # machine's speed drifts by 15 % within minutes, so the ratios use their mean and the
+        # JSON shows both.
+        bare_runs = [bare_forward(model_dir, tokens, attention, spec.batch_size)]
         n_naive = max(args.naive_tokens // spec.context_length, 1)
         naive_s = naive(model_dir, hooks, tokens[:n_naive], attention[:n_naive], spec.batch_size, spec.top_k)
+        bare_runs.append(bare_forward(model_dir, tokens, attention, spec.batch_size))
+        bare = float(np.mean(bare_runs))
 
         rate = {
             "bare_forward": n_tokens / bare,
@@ -152,6 +158,7 @@ def main() -> None:
             "workers": summary.workers,
             "phases_s": {k: round(v, 2) for k, v in summary.phases.items()},
             "worker_startup_s": round(summary.seconds_startup, 2),
+            "bare_forward_runs_tokens_per_s": [round(n_tokens / b) for b in bare_runs],
             "tokens_per_s": {k: round(v) for k, v in rate.items()},
             "ratios": {
                 "pipeline_end_to_end / bare_forward": round(rate["pipeline_end_to_end"] / rate["bare_forward"], 3),
