@@ -1,24 +1,26 @@
-"""Co-activation of every pair of neurons across the hooked sites: Pearson correlation, and
-co-firing of the binarised activity (count, P(b|a), Jaccard, lift).
+"""Co-activation of every pair of neurons across the hooked sites: Pearson correlation, and co-firing
+of the binarised activity (count, P(b|a), Jaccard, lift).
 
-**On the device, per shard.** Tokens: the counted ones whose sampling priority falls in the
-lowest 1/``stride`` of its range (a hashed subsample: no aliasing with positions, independent of
-sharding). Per batch and pair of sites (i, j): the cross-product of the activations around a
-fixed shift ``(X_i - k_i)^T (X_j - k_j)``, a float32 matrix product accumulated in place, and the
-co-firing counts ``B_i^T B_j`` (B = activation above the site's threshold), an int8 product with
-int32 accumulation: exact, and 5.5x faster than the float32 one on this CPU (0.26 against 1.42 ms
-for 1024 x 128 x 1024). At the end of the shard the sums become central co-moments. Centring keeps the Pearson correlation accurate where
-raw sums would cancel (residual-stream dimensions with large means). Shards combine with the
-pairwise update of Chan et al.: ``C = C_a + C_b + (m_b - m_a)(m_b - m_a)^T n_a n_b / n``. Cost
-per counted token: 4 N_i N_j FLOPs per site pair, divided by the stride.
+**On the device, per shard.** Tokens: the counted ones whose sampling priority falls in the lowest
+1/``stride`` of its range (a hashed subsample: no aliasing with positions, independent of sharding).
+Per batch and pair of sites (i, j): the cross-product of the activations around a fixed shift
+``(X_i - k_i)^T (X_j - k_j)``, a float32 matrix product accumulated in place, and the co-firing counts
+``B_i^T B_j`` (B = activation above the site's threshold), an int8 product with int32 accumulation:
+exact, and 5.5x faster than the float32 one on this CPU (0.26 against 1.42 ms for 1024 x 128 x
+1024). At the end of the shard the sums become central co-moments. Centring keeps the Pearson
+correlation accurate where raw sums would cancel (residual-stream dimensions with large means).
+Shards combine with the pairwise update of Chan et al.:
+``C = C_a + C_b + (m_b - m_a)(m_b - m_a)^T n_a n_b / n``. Cost per counted token: 4 N_i N_j FLOPs
+per site pair, divided by the stride.
 
-**Merge, blockwise.** Each shard stores its co-moments (float32) and counts (uint16 when the shard has
-fewer than 2**16 co-activation tokens, else int32) per site pair, in 512 x 512 chunks. The merge walks the neurons in row blocks: for each block it folds the
-shards' rows in shard order with the same pairwise update, computes the four statistics against
-every allowed partner, and keeps the top ``partners`` by |pearson| and by Jaccard. Host memory
-is one block's rows, ``512 x N`` float64, never N x N. The merged co-moments are written to the
-store's ``coactivation/`` group as they are computed; once committed, the shards' copies are
-deleted, so a store holds one N x N set, not one per shard.
+**Merge, blockwise.** Each shard stores its co-moments (float32) and counts (uint16 when the shard
+has fewer than 2**16 co-activation tokens, else int32) per site pair, in 512 x 512 chunks. The merge
+walks the neurons in row blocks: for each block it folds the shards' rows in shard order with the
+same pairwise update, computes the four statistics against every allowed partner, and keeps the top
+``partners`` by |pearson| and by Jaccard. Host memory is one block's rows, ``512 x N`` float64,
+never N x N. The merged co-moments are written to the store's ``coactivation/`` group as they are
+computed; once committed, the shards' copies are deleted, so a store holds one N x N set, not one
+per shard.
 """
 
 from __future__ import annotations
