@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import yaml
+from bench_run import bare_forward
 
 from jobs.demo import stdlib_docstrings
 from jobs.jobfile import load_job
@@ -77,18 +78,10 @@ def pipeline_rate(path: Path) -> tuple[float, float, float]:
 
 
 def bare_rate(model: str, store_url: str, batch: int) -> float:
-    from transformers import AutoModel
-
-    data = Store.open(store_url).read_tokens(0, Store.open(store_url).n_seq)
-    ids = torch.from_numpy(data["tokens"].astype(np.int64))
-    mask = torch.from_numpy((data["kinds"] != PAD).astype(np.int64))
-    net = AutoModel.from_pretrained(model).eval()
-    with torch.inference_mode():
-        net(input_ids=ids[:batch], attention_mask=mask[:batch])
-        start = time.perf_counter()
-        for b0 in range(0, len(ids), batch):
-            net(input_ids=ids[b0:b0 + batch], attention_mask=mask[b0:b0 + batch])
-    return ids.numel() / (time.perf_counter() - start)
+    """Tokens/s of a plain ``transformers`` forward over the store's tokens (bench_run's loop)."""
+    store = Store.open(store_url)
+    data = store.read_tokens(0, store.n_seq)
+    return data["tokens"].size / bare_forward(model, data["tokens"], data["kinds"] != PAD, batch)
 
 
 def main() -> None:
