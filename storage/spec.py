@@ -15,6 +15,21 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from storage.errors import JobSpecError
 
 PositiveInt = Annotated[int, Field(gt=0)]
+FiniteFloat = Annotated[float, Field(allow_inf_nan=False)]
+Name = Annotated[str, Field(min_length=1, max_length=4096)]  # paths, URLs, hook names
+
+
+def Bounded(limit: int, why: str) -> Any:
+    """A positive int of at most ``limit`` (``why`` is the reason, shown in the error)."""
+    return Annotated[int, Field(gt=0, le=limit, json_schema_extra={"why": why})]
+
+
+#: Ranks are int16 in the tables; keeping more than this many ranked rows per neuron also costs
+#: a worker 16 bytes per neuron per rank (top and bottom).
+MAX_RANKED = 10_000
+#: Tokens in one shard: token indices within a shard are 32-bit in the top-k keys, and a shard's
+#: tokens and dense buffers live in a worker's memory.
+MAX_SHARD_TOKENS = 1 << 24
 
 #: Fields that say how a job is executed, not what it computes: changing them between a run and
 #: its resumption is allowed, so they are left out of the job's fingerprint.
@@ -37,7 +52,7 @@ class _Frozen(BaseModel):
 class DatasetSpec(_Frozen):
     """Where the corpus comes from: the arguments of ``datasets.load_dataset``."""
 
-    path: str = Field(
+    path: Name = Field(
         description="First argument of datasets.load_dataset: text, json, parquet, csv, or a hub id."
     )
     name: str | None = Field(None, description="Dataset configuration name (hub datasets).")
@@ -46,7 +61,7 @@ class DatasetSpec(_Frozen):
     )
     split: str = Field("train", description="Split to read.")
     text_column: str = Field("text", description="Column holding each document's text.")
-    max_tokens: PositiveInt | None = Field(
+    max_tokens: Bounded(1 << 40, "at most 2**40 tokens") | None = Field(
         None, description="Stop after this many corpus tokens (all of the corpus if unset)."
     )
     revision: str | None = Field(None, description="Hub revision of the dataset.")
@@ -60,41 +75,41 @@ class DatasetSpec(_Frozen):
 class CoactivationSpec(_Frozen):
     """Which neuron pairs co-activation covers, and on how many tokens."""
 
-    stride: PositiveInt = Field(
+    stride: Bounded(1 << 20, "a stride beyond 2**20 keeps no tokens") = Field(
         32, description="Use a hashed 1-in-stride subsample of the counted tokens (1 = every token)."
     )
     pairs: Literal["all", "within", "adjacent"] = Field(
         "all", description="Site pairs: all, within (same hook), adjacent (same or next layer)."
     )
-    partners: PositiveInt = Field(10, description="Partners kept per neuron and ranking.")
+    partners: Bounded(1000, "ranks are kept per neuron") = Field(10, description="Partners kept per neuron and ranking.")
     hooks: list[str] | None = Field(None, description="Hooks taking part (default: every hook).")
 
 
 class JobSpec(_Frozen):
     """One cache job: a model, a corpus, the hook points to record, and where to store it all."""
 
-    model: str = Field(description="A Hugging Face model directory or hub id.")
+    model: Name = Field(description="A Hugging Face model directory or hub id.")
     model_revision: str | None = Field(None, description="Hub revision of the model.")
     dataset: DatasetSpec = Field(description="The corpus.")
-    context_length: PositiveInt = Field(128, description="Tokens per sequence, special tokens included.")
-    hooks: list[str] = Field(
-        min_length=1, description="TransformerLens hook names to record, e.g. blocks.0.mlp.hook_post."
+    context_length: Bounded(1 << 17, "and at most the model's positions") = Field(128, description="Tokens per sequence, special tokens included.")
+    hooks: list[Name] = Field(
+        min_length=1, max_length=4096, description="TransformerLens hook names to record, e.g. blocks.0.mlp.hook_post."
     )
-    dense: list[str] = Field(
+    dense: list[Name] = Field(
         default_factory=list, description="Hooks whose every activation is kept in the store (fp16)."
     )
-    top_k: PositiveInt = Field(32, description="Examples kept per neuron at each extreme.")
-    store: str = Field(description="Where the store goes: a local path or an fsspec URL.")
-    workers: PositiveInt | Literal["auto"] = Field(
+    top_k: Bounded(MAX_RANKED, "ranks are int16 and cost 16 bytes per neuron each") = Field(32, description="Examples kept per neuron at each extreme.")
+    store: Name = Field(description="Where the store goes: a local path or an fsspec URL.")
+    workers: Bounded(4096, "one model each") | Literal["auto"] = Field(
         1, description="Ray workers (one model each); auto = one per GPU, else one per CPU."
     )
-    shard_size: PositiveInt = Field(256, description="Sequences per shard, the unit of work and retry.")
-    batch_size: PositiveInt = Field(16, description="Sequences per forward pass.")
+    shard_size: Bounded(1 << 16, "a shard is one worker's unit of memory") = Field(256, description="Sequences per shard, the unit of work and retry.")
+    batch_size: Bounded(1 << 14, "sequences in one forward") = Field(16, description="Sequences per forward pass.")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto = cuda when available.")
     dtype: Literal["float32", "float16", "bfloat16"] = Field(
         "float32", description="Model weights and activations' dtype."
     )
-    thresholds: dict[str, float] = Field(
+    thresholds: dict[str, FiniteFloat] = Field(
         default_factory=dict,
         description="Per hook, the activation above which a neuron counts as active (default 0).",
     )
@@ -108,17 +123,17 @@ class JobSpec(_Frozen):
     examples: Literal["token", "document"] = Field(
         "token", description="Top and bottom examples: any tokens, or at most one per document (as Neuroscope)."
     )
-    samples_per_band: PositiveInt = Field(4, description="Sampled examples kept per activation band (octave).")
+    samples_per_band: Bounded(256, "a worker holds 32 bands x this per neuron") = Field(4, description="Sampled examples kept per activation band (octave).")
     band_sample_rate: float = Field(
-        0.125, gt=0, le=1, description="Fraction of tokens (a seeded hash decides which) eligible as band samples."
+        0.125, gt=0, le=1, allow_inf_nan=False, description="Fraction of tokens (a seeded hash decides which) eligible as band samples."
     )
-    random_samples: PositiveInt = Field(16, description="Uniformly sampled counted tokens, with every neuron's value.")
+    random_samples: Bounded(4096, "every neuron's value is kept on each") = Field(16, description="Uniformly sampled counted tokens, with every neuron's value.")
     seed: int = Field(0, ge=0, lt=2**32, description="Seed of the deterministic sampling.")
-    top_tokens: PositiveInt = Field(10, description="Vocabulary tokens kept per neuron, by mean activation.")
-    min_token_count: PositiveInt = Field(
+    top_tokens: Bounded(1000, "ranks are kept per neuron") = Field(10, description="Vocabulary tokens kept per neuron, by mean activation.")
+    min_token_count: Bounded(1 << 40, "a count of tokens") = Field(
         4, description="Occurrences a token needs before its mean activation can rank."
     )
-    top_logits: PositiveInt = Field(10, description="Output tokens kept per neuron, promoted and suppressed.")
+    top_logits: Bounded(1000, "ranks are kept per neuron") = Field(10, description="Output tokens kept per neuron, promoted and suppressed.")
     coactivation: CoactivationSpec = Field(
         default_factory=CoactivationSpec, description="Co-activation of neuron pairs (see its fields)."
     )
@@ -144,6 +159,16 @@ class JobSpec(_Frozen):
             missing = [h for h in value if h not in self.hooks]
             if missing:
                 raise ValueError(f"{option} lists hooks that are not in hooks: {', '.join(missing)}")
+        return self
+
+    @model_validator(mode="after")
+    def _shard_fits(self) -> JobSpec:
+        tokens = self.shard_size * self.context_length
+        if tokens > MAX_SHARD_TOKENS:
+            raise ValueError(
+                f"shard_size x context_length is {tokens:,} tokens per shard; at most {MAX_SHARD_TOKENS:,} "
+                "(a shard is held in one worker's memory): lower shard_size"
+            )
         return self
 
     @field_validator("statistics")
@@ -187,17 +212,39 @@ class JobSpec(_Frozen):
 
 def _describe(err: ValidationError, source: str) -> str:
     lines = [f"{source}: {err.error_count()} problem(s) in the job file:"]
-    for problem in err.errors():
-        where = ".".join(str(part) for part in problem["loc"]) or "(top level)"
+    shown = 20
+    for problem in err.errors()[:shown]:
+        where = ".".join(str(part)[:60] for part in problem["loc"]) or "(top level)"
         message = problem["msg"]
         if problem["type"] == "extra_forbidden":
             message = f"unknown key; valid keys here: {_valid_keys(problem['loc'])}"
         elif problem["type"] == "missing":
             message = "required field is missing"
+        elif problem["type"] == "less_than_equal" and _why(problem["loc"]):
+            message = f"{message} ({_why(problem['loc'])}; got {_short(problem.get('input'))})"
         elif "input" in problem and problem["type"] not in ("value_error",):
-            message = f"{message} (got {problem['input']!r})"
+            message = f"{message} (got {_short(problem['input'])})"
         lines.append(f"  - {where}: {message}")
+    if err.error_count() > shown:
+        lines.append(f"  ... and {err.error_count() - shown} more")
     return "\n".join(lines)
+
+
+def _short(value: Any, limit: int = 60) -> str:
+    """A bad value as an error message quotes it: a short prefix of its repr."""
+    text = repr(value) if not isinstance(value, dict | list) else f"a {type(value).__name__} of {len(value)} item(s)"
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def _why(loc: tuple[Any, ...]) -> str | None:
+    """The reason a field has its upper bound (``Bounded``'s ``why``)."""
+    nested = {"dataset": DatasetSpec, "coactivation": CoactivationSpec}
+    model, name = (nested.get(loc[0]), loc[1]) if len(loc) > 1 else (JobSpec, loc[0])
+    field = model.model_fields.get(name) if model is not None and isinstance(name, str) else None
+    extra = field.json_schema_extra if field is not None else None
+    if extra is None and field is not None:  # an optional bounded field keeps it in its annotation
+        extra = next((m.json_schema_extra for a in getattr(field.annotation, "__args__", ()) for m in getattr(a, "__metadata__", ()) if getattr(m, "json_schema_extra", None)), None)
+    return extra.get("why") if isinstance(extra, dict) else None
 
 
 def _valid_keys(loc: tuple[Any, ...]) -> str:
