@@ -63,7 +63,8 @@ def main() -> None:
     }
     (root / "job.yaml").write_text(yaml.safe_dump(job))
     spec = load_job(root / "job.yaml")
-    _, model, tokenizer = plan(spec)
+    planned = plan(spec)
+    model, tokenizer = planned.model, planned.tokenizer
 
     start = time.perf_counter()
     n_tokens = sum(len(corpus.encode(tokenizer, texts)[0]) for texts in corpus.batched(docs))

@@ -18,15 +18,16 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from pipeline.capacity import Estimate, gib, machine_memory, worker_memory
 from pipeline.corpus import Encoded, check_corpus, encode_here, encode_task, tokenize_corpus
-from pipeline.fingerprint import fingerprint
+from pipeline.fingerprint import data_files, fingerprint
 from pipeline.index import build_index
 from pipeline.model import Framing, hook_widths, load_job_model, load_tokenizer, validate_hooks
 from pipeline.reduce import merge_shards
 from pipeline.worker import ShardWorker
-from storage.errors import StoreError
+from storage.errors import ActscopeError, JobSpecError, StoreDamaged, StoreError
 from storage.spec import JobSpec
-from storage.store import Store
+from storage.store import DamagedPartial, Store, inspect_target, local_path
 
 
 class Reporter(Protocol):
@@ -68,16 +69,50 @@ class RunSummary:
         return run_tokens / self.seconds_activate if self.seconds_activate else 0.0
 
 
-def plan(spec: JobSpec, *, overwrite: bool = False) -> tuple[Store | None, dict, object]:
+@dataclass
+class Plan:
+    """What a run will do, decided before anything is written.
+
+    ``action``: ``create`` (nothing at the store's path), ``resume`` (the same job's store), or
+    ``replace`` (``--overwrite`` of another job's store: the new one is built at ``build_url``
+    beside it and swapped in when it is complete; on an object store, where folders cannot be
+    renamed, the old one is deleted just before the new one is created)."""
+
+    action: str
+    build_url: str
+    model: dict
+    tokenizer: object
+    memory: Estimate
+    memory_limit: int | None  # bytes one worker may use where the plan can see its device
+    existing: Store | None = None
+
+    def describe(self, spec: JobSpec) -> list[str]:
+        verbs = {"create": "create a new store at", "resume": "resume the store at", "replace": "replace the store at"}
+        lines = [f"{verbs[self.action]} {spec.store}" + (f" (built at {self.build_url}, swapped in when complete)" if self.build_url != spec.store else "")]
+        lines.append(f"model: {self.model['name']} ({self.model['architecture']}, {self.model['n_layers']} layers, vocabulary {self.model['vocab_size']:,})")
+        for hook, width in self.model["hook_widths"].items():
+            lines.append(f"hook: {hook} ({width:,} units{', dense' if hook in spec.dense else ''})")
+        limit = f" of {gib(self.memory_limit)} available" if self.memory_limit else " (the workers' devices are not visible here)"
+        lines.append(f"worker memory: {gib(self.memory.total)}{limit}; largest parts: " + ", ".join(f"{name} {gib(size)}" for name, size in self.memory.largest()))
+        return lines
+
+
+def plan(spec: JobSpec, *, overwrite: bool = False, job_path: str | None = None, local_workers: int | None = None) -> Plan:
     """Validate everything that can be validated before writing, then decide the store's fate.
 
-    Returns (the existing store to resume, or None to create one; the model description;
-    the tokenizer).
-    """
+    Nothing is written here. ``job_path``: the job file (protected from being a store);
+    ``local_workers``: how many workers will share this machine (None: they run elsewhere)."""
+    protect_paths(spec, job_path)
     tokenizer = load_tokenizer(spec.model, spec.model_revision)
     framing = Framing.from_tokenizer(tokenizer)
+    body = spec.context_length - len(framing.prefix) - len(framing.suffix)
+    if body <= 0:
+        raise JobSpecError(f"context_length: {spec.context_length} leaves no room for text after the special tokens ({-body + 1} more needed).")
     bridge = load_job_model(spec, _planning_device(), tokenizer=tokenizer)
     validate_hooks(bridge, spec.hooks)
+    positions = getattr(bridge.cfg, "n_ctx", None)
+    if positions and spec.context_length > positions:
+        raise JobSpecError(f"context_length: {spec.context_length} is more than the model's {positions} positions; use at most {positions}.")
     model = {
         "name": spec.model,
         "architecture": type(bridge.original_model).__name__,
@@ -87,25 +122,126 @@ def plan(spec: JobSpec, *, overwrite: bool = False) -> tuple[Store | None, dict,
         "hook_widths": hook_widths(bridge, spec.hooks),
         "framing": framing.to_dict(),
     }
+    weight_bytes = sum(p.numel() * p.element_size() for p in bridge.original_model.parameters())
     del bridge
     gc.collect()
+    memory = worker_memory(spec, model["hook_widths"], model["vocab_size"], weight_bytes)
+    limit = _memory_limit(spec, local_workers)
+    if limit is not None and memory.total > limit:
+        raise JobSpecError(_too_big(memory, limit, local_workers))
     check_corpus(spec.dataset, tokenizer)
     model["fingerprint"] = fingerprint(spec)
-    if not Store.exists(spec.store):
-        return None, model, tokenizer
-    existing = Store.open(spec.store)  # refuses anything that is not an actscope store
+
+    def decided(action: str, build_url: str, existing: Store | None = None) -> Plan:
+        return Plan(action, build_url, model, tokenizer, memory, limit, existing)
+
+    if inspect_target(spec.store) == "absent":  # refuses anything that is neither nothing nor a store
+        return decided("create", spec.store)
+    existing = Store.open(spec.store)
     if existing.fingerprint == model["fingerprint"]:
-        return existing, model, tokenizer
-    if overwrite:
-        return None, model, tokenizer
-    raise StoreError(_mismatch(existing, spec))
+        _check_stored_spec(existing, spec)
+        return decided("resume", spec.store, existing)
+    staging = staging_url(spec.store)
+    if not overwrite:
+        raise StoreError(_mismatch(existing, spec, staging))
+    if staging is None:
+        return decided("replace", spec.store)
+    if inspect_target(staging) == "store":
+        partial = Store.open(staging)
+        if partial.fingerprint == model["fingerprint"]:
+            _check_stored_spec(partial, spec)
+            return decided("replace", staging, partial)  # an earlier --overwrite of this job, unfinished
+    return decided("replace", staging)
 
 
-def _plan_while_ray_starts(spec: JobSpec, overwrite: bool, ray_session: RaySession | None):
+def _check_stored_spec(store: Store, spec: JobSpec) -> None:
+    """The stored spec is what workers read: it must be the job's (a hand-edited zarr.json has
+    the right fingerprint and another spec)."""
+    if store.spec.result_fields() != spec.result_fields():
+        raise StoreError(
+            f"{store.url}: the job stored there does not match its fingerprint (its zarr.json was edited or damaged). "
+            "Nothing was changed: use a new store path, or --overwrite."
+        )
+
+
+def staging_url(url: str) -> str | None:
+    """Where ``--overwrite`` builds a local store's replacement (None on object stores)."""
+    path = local_path(url)
+    if path is None:
+        return None
+    real = os.path.realpath(path)
+    return os.path.join(os.path.dirname(real), f".{os.path.basename(real)}.actscope-new")
+
+
+def protect_paths(spec: JobSpec, job_path: str | None = None) -> None:
+    """Refuse, by name, a store that is or contains the file system root, the home or working
+    folder, the model, the corpus or the job file: a store's path is one actscope may one day
+    replace (with --overwrite), so it must never hold anything else of the user's."""
+    path = local_path(spec.store)
+    if path is None:
+        return
+    store = os.path.realpath(path)
+    protected = [("the file system root", "/"), ("your home folder", os.path.expanduser("~")), ("the working folder", os.getcwd())]
+    if os.path.exists(spec.model):
+        protected.append(("the model", spec.model))
+    if job_path is not None:
+        protected.append(("the job file", job_path))
+    protected += [("the corpus", glob_root(pattern)) for pattern in spec.dataset.data_files or []]
+    protected += [("the corpus", found) for found in data_files(spec)[:10_000]]
+    protected = [(what, os.path.realpath(other)) for what, other in protected]
+    inside = store.rstrip(os.sep) + os.sep
+    for holds, clash in (("", lambda other: store == other), ("a folder holding ", lambda other: other.startswith(inside))):
+        for what, other in protected:
+            if clash(other):
+                raise StoreError(f"store: {spec.store} is {holds}{what} ({other}); a store needs a path of its own, e.g. runs/job.zarr.")
+    # Inside the model's or a corpus glob's folder, the store's files would become part of the
+    # model's fingerprint, or of the corpus.
+    roots = [("the model's folder", spec.model)] if os.path.isdir(spec.model) else []
+    roots += [("the corpus's folder", glob_root(p)) for p in spec.dataset.data_files or [] if glob_root(p) != p]
+    for what, folder in roots:
+        if store.startswith(os.path.realpath(folder).rstrip(os.sep) + os.sep):
+            raise StoreError(f"store: {spec.store} is inside {what} ({os.path.realpath(folder)}); give the store a path outside it.")
+
+
+def glob_root(pattern: str) -> str:
+    """The folder a glob pattern starts from (its part before the first wildcard)."""
+    parts = []
+    for part in pattern.split(os.sep):
+        if any(c in part for c in "*?["):
+            break
+        parts.append(part)
+    return os.sep.join(parts) or "."
+
+
+def _memory_limit(spec: JobSpec, local_workers: int | None) -> int | None:
+    """Bytes one worker may hold where the plan can see its device."""
+    import torch
+
+    if local_workers is None:
+        return None
+    if spec.device == "cuda" or (spec.device == "auto" and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            return None  # refused with a clear message when the worker starts
+        return int(torch.cuda.get_device_properties(0).total_memory * 0.9)
+    return int(machine_memory() * 0.8 / max(local_workers, 1))
+
+
+def _too_big(memory: Estimate, limit: int, local_workers: int | None) -> str:
+    parts = ", ".join(f"{name} {gib(size)}" for name, size in memory.largest(4))
+    share = f" (this machine's memory shared by {local_workers} workers)" if local_workers and local_workers > 1 else ""
+    return (
+        f"the job needs about {gib(memory.total)} per worker and {gib(limit)} is available{share}; largest parts: {parts}. "
+        "Ways out: a larger coactivation.stride does not help memory, but coactivation.pairs: within or adjacent, "
+        "fewer coactivation.hooks, or statistics without coactivation do; fewer or narrower hooks; a smaller "
+        "shard_size, batch_size or top_k; fewer workers on one machine; or a device with more memory."
+    )
+
+
+def _plan_while_ray_starts(spec: JobSpec, ray_session: RaySession | None, **options) -> Plan:
     """``plan`` on a thread while Ray starts on this one (``ray.init`` installs signal handlers,
     so it stays on the main thread). A mistake in the job is reported before any error of Ray's."""
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="plan") as pool:
-        planning = pool.submit(plan, spec, overwrite=overwrite)
+        planning = pool.submit(plan, spec, **options)
         try:
             if ray_session is not None:
                 ray_session.ensure()
@@ -127,7 +263,7 @@ def _planning_device():
     return torch.device("cpu")
 
 
-def _mismatch(existing: Store, spec: JobSpec) -> str:
+def _mismatch(existing: Store, spec: JobSpec, staging: str | None = None) -> str:
     try:
         old = existing.spec.result_fields()
     except Exception:  # noqa: BLE001 - an unreadable old spec is still a mismatch
@@ -135,9 +271,12 @@ def _mismatch(existing: Store, spec: JobSpec) -> str:
     new = spec.result_fields()
     changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
     what = f"fields that differ: {', '.join(changed)}" if changed else "the model or corpus files differ"
+    unfinished = ""
+    if staging is not None and os.path.isdir(staging):
+        unfinished = f" An unfinished replacement is at {staging}: --overwrite resumes it."
     return (
         f"{spec.store} holds a different job ({what}). Nothing was changed. "
-        "Use a new store path, or pass --overwrite to replace it."
+        f"Use a new store path, or pass --overwrite to replace it (the old store stays until the new one is complete).{unfinished}"
     )
 
 
@@ -150,25 +289,35 @@ def run_job(
     use_ray: bool = True,
     threads: int | None = None,
     reporter: Reporter | None = None,
+    job_path: str | None = None,
 ) -> RunSummary:
     """Run (or resume) ``spec`` to completion and return what was done. ``threads``: torch threads
-    per CPU worker (default: the cores split between the workers)."""
+    per CPU worker (default: the cores split between the workers); ``job_path``: the job file,
+    which the store may not be."""
     reporter = reporter or _Silent()
     # Inside a Ray job (actscope submit, a KubeRay RayJob) Ray names the cluster in RAY_ADDRESS.
     address = address or os.environ.get("RAY_ADDRESS") or None
     t0 = time.perf_counter()
     phases = {}
     ray_session = RaySession(address)
+    local_workers = _local_worker_count(spec, workers, use_ray) if address is None else None
+    created = None
     try:
         # Ray starts (3 s embedded: its own processes, mostly waiting) while the plan loads the
         # model on this process's thread; a finished store never waits for Ray.
-        existing, model, tokenizer = _plan_while_ray_starts(spec, overwrite, ray_session if use_ray and not _finished(spec.store) else None)
+        planned = _plan_while_ray_starts(
+            spec, ray_session if use_ray and not _finished(spec.store) else None,
+            overwrite=overwrite, job_path=job_path, local_workers=local_workers,
+        )
         phases["plan"] = time.perf_counter() - t0
-        resumed = existing is not None
-        if existing is None:
-            store = Store.create(spec.store, spec=spec, fingerprint=model["fingerprint"], model=model)
+        model, tokenizer, url = planned.model, planned.tokenizer, planned.build_url
+        resumed = planned.action == "resume"
+        if planned.existing is not None:
+            store = Store.open(url, writable=True)
         else:
-            store = Store.open(spec.store, writable=True)
+            if planned.action == "replace" and inspect_target(url) == "store":
+                Store.remove(url)  # an actscope store: the old job's on an object store, or a stale replacement
+            store = created = Store.create(url, spec=spec, fingerprint=model["fingerprint"], model=model)
         tokenize_tasks = 0
         if not store.status["tokenized"]:
             t = time.perf_counter()
@@ -180,6 +329,7 @@ def run_job(
                 store.create_dense(hook, model["hook_widths"][hook], n_seq)
             store.update_status(tokenized=True, n_seq=n_seq)  # last: a crash before it re-tokenizes
             phases["tokenize"] = time.perf_counter() - t
+        created = None  # tokenized: from here on a failure keeps the store, to resume
 
         n_shards = store.n_shards
         done = store.committed_shards()
@@ -194,25 +344,36 @@ def run_job(
         if pending or logits:
             if use_ray:
                 ray_session.ensure()
-                execute = _execute_on_ray(spec.store, pending, n_workers, logits, threads, ready)
+                execute = _execute_on_ray(url, pending, n_workers, logits, threads, ready)
             else:
-                execute = _execute_here(spec.store, pending, logits, threads, ready)
+                execute = _execute_here(url, pending, logits, threads, ready)
             for result in execute:
                 results.append(result)
                 reporter.advance(result.n_tokens)
         phases["activate"] = time.perf_counter() - t
         startup = max(ready) - t if ready else 0.0
+    except ActscopeError:
+        if created is not None:  # a store this run made and could not even tokenize: leave nothing
+            Store.remove(created.url)
+        raise
     finally:
         ray_session.close()
 
     if not store.status["complete"] or pending:
         t = time.perf_counter()
         reporter.phase("reduce", n_tokens)
-        merged = merge_shards(store)
+        try:
+            merged = merge_shards(store)
+        except DamagedPartial as damaged:
+            if damaged.shard is not None:
+                store.uncommit(damaged.shard)
+            raise StoreDamaged(f"{damaged} It was dropped: run the job again to redo it.") from None
         build_index(store, merged, tokenizer)
         store.update_status(complete=True)
         reporter.advance(n_tokens)
         phases["reduce+index"] = time.perf_counter() - t
+    if url != spec.store:
+        _swap_in(url, spec.store)
 
     return RunSummary(
         store=spec.store,
@@ -230,6 +391,41 @@ def run_job(
         tokenize_tasks=tokenize_tasks,
         seconds_startup=startup,
     )
+
+
+def dry_run(spec: JobSpec, *, address: str | None = None, workers: int | None = None, overwrite: bool = False,
+            use_ray: bool = True, job_path: str | None = None) -> list[str]:
+    """What ``run_job`` would do, as lines of text; nothing is written and Ray is not started."""
+    address = address or os.environ.get("RAY_ADDRESS") or None
+    local_workers = _local_worker_count(spec, workers, use_ray) if address is None else None
+    planned = plan(spec, overwrite=overwrite, job_path=job_path, local_workers=local_workers)
+    return planned.describe(spec)
+
+
+def _swap_in(staging: str, url: str) -> None:
+    """Put a complete replacement store in the old one's place: the old one is renamed aside,
+    the new one renamed into place, then the old one deleted (each step checked to be a store)."""
+    path = os.path.realpath(local_path(url))
+    aside = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.actscope-old")
+    if inspect_target(aside) == "store":
+        Store.remove(aside)
+    Store.open(url)  # still an actscope store
+    os.rename(path, aside)
+    os.rename(staging, path)
+    Store.remove(aside)
+
+
+def _local_worker_count(spec: JobSpec, override: int | None, use_ray: bool) -> int:
+    """Workers on this machine for an embedded run (the memory check shares it between them)."""
+    if override is not None:
+        return override
+    if not use_ray:
+        return 1
+    if spec.workers != "auto":
+        return spec.workers
+    import torch
+
+    return max(torch.cuda.device_count(), 1) if torch.cuda.is_available() else os.cpu_count() or 1
 
 
 class RaySession:

@@ -294,6 +294,9 @@ def drop_shard_partials(store) -> None:
         shard = store.group[f"shards/{key}"]
         if GROUP in shard:
             del shard[GROUP]
+            checksums = dict(shard.attrs.get("checksums") or {})
+            if checksums.pop(GROUP, None) is not None:  # the record names what the shard holds
+                shard.attrs["checksums"] = checksums
 
 
 def _block_stats(m2, both, folded: _Folded, variance, i: int, j: int, rows: slice, n: int) -> dict[str, np.ndarray]:

@@ -40,6 +40,7 @@ def read_batches(dataset: DatasetSpec, size: int | None = None) -> Iterator[list
     datasets.logging.set_verbosity_error()
     datasets.disable_progress_bars()
     size = size or DOCUMENTS_PER_BATCH
+    where = f"{dataset.path} {dataset.data_files or ''}".strip()
     try:
         stream = datasets.load_dataset(
             dataset.path,
@@ -51,19 +52,26 @@ def read_batches(dataset: DatasetSpec, size: int | None = None) -> Iterator[list
         )
         batches = stream.iter(batch_size=size)
         first = next(batches, None)
-    except (FileNotFoundError, ValueError, OSError) as err:
-        raise CorpusError(f"dataset: cannot read {dataset.path} {dataset.data_files or ''}: {err}") from None
-    except datasets.exceptions.DatasetNotFoundError as err:
-        raise CorpusError(f"dataset: {err}") from None
+    except Exception as err:  # noqa: BLE001 - datasets' loaders fail in many ways (missing files, bad JSON, no network)
+        raise CorpusError(f"dataset: cannot read {where}: {_cause(err)}") from None
     if first is None:
-        raise CorpusError(f"dataset: {dataset.path} {dataset.data_files or ''} has no documents.")
+        raise CorpusError(f"dataset: {where} has no documents.")
     if dataset.text_column not in first:
         raise CorpusError(
             f"dataset.text_column: no column {dataset.text_column!r}; the corpus has columns "
-            f"{', '.join(first)}."
+            f"{', '.join(map(str, first))}."
         )
-    for batch in itertools.chain([first], batches):
+    batch = first
+    while batch is not None:
         yield ["" if text is None else str(text) for text in batch[dataset.text_column]]
+        try:
+            batch = next(batches, None)
+        except Exception as err:  # noqa: BLE001 - a later file can be malformed too
+            raise CorpusError(f"dataset: cannot read {where}: {_cause(err)}") from None
+
+
+def _cause(err: Exception) -> str:
+    return f"{type(err).__name__}: {(str(err).strip().splitlines() or [''])[0][:300]}"
 
 
 def batched(documents: Iterable[str], size: int | None = None) -> Iterator[list[str]]:

@@ -37,7 +37,7 @@ def load_tokenizer(model: str, revision: str | None = None):
     _quiet_transformers()
     try:
         return AutoTokenizer.from_pretrained(model, revision=revision)
-    except (OSError, ValueError) as err:
+    except Exception as err:  # noqa: BLE001 - a broken model folder fails in many ways (types, values, files)
         raise ModelError(_load_failure(model, err)) from None
 
 
@@ -55,7 +55,7 @@ def load_model(
             bridge = TransformerBridge.boot_transformers(
                 model, device=device, dtype=_DTYPES[dtype], tokenizer=tokenizer, revision=revision
             )
-    except (OSError, ValueError) as err:
+    except Exception as err:  # noqa: BLE001 - a config of the wrong types fails deep inside transformers
         raise ModelError(_load_failure(model, err)) from None
     bridge.eval()
     return bridge
@@ -75,13 +75,14 @@ def _quiet_transformers() -> None:
 
 
 def _load_failure(model: str, err: Exception) -> str:
+    cause = f"{type(err).__name__}: {(str(err).strip().splitlines() or [''])[0][:300]}"
+    if os.path.exists(model):
+        return f"model: cannot load {model} as a Hugging Face model directory ({cause})."
     if os.path.sep in model or model.startswith("."):
-        if not os.path.exists(model):
-            return f"model: {model} does not exist. Give a Hugging Face model directory or a hub id."
-        return f"model: cannot load {model} as a Hugging Face model directory: {err}"
+        return f"model: {model} does not exist. Give a Hugging Face model directory or a hub id."
     return (
         f"model: cannot load {model!r}: it is not a local directory and the hub could not provide "
-        f"it (offline, or no such model). Cause: {str(err).splitlines()[0]}"
+        f"it (offline, or no such model). Cause: {cause}"
     )
 
 

@@ -6,6 +6,7 @@ from storage.errors import (
     CorpusError,
     JobSpecError,
     ModelError,
+    OutputError,
     QueryError,
     StoreError,
 )
@@ -19,6 +20,7 @@ __all__ = [
     "JobSpec",
     "JobSpecError",
     "ModelError",
+    "OutputError",
     "QueryError",
     "Store",
     "StoreError",

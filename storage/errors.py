@@ -8,7 +8,10 @@ from __future__ import annotations
 
 
 class ActscopeError(Exception):
-    """Base class: an error the user can fix. ``str(err)`` is the whole message."""
+    """Base class: an error the user can fix. ``str(err)`` is the whole message; the CLI exits
+    with ``exit_code``."""
+
+    exit_code = 2
 
 
 class JobSpecError(ActscopeError):
@@ -27,5 +30,17 @@ class StoreError(ActscopeError):
     """The store is missing, incomplete, or belongs to a different job."""
 
 
+class StoreDamaged(StoreError):
+    """A store (or its index) that cannot be read as actscope wrote it, or cannot be reached:
+    not the user's mistake, so the CLI exits 1 (still with one line, not a traceback)."""
+
+    exit_code = 1
+
+
 class QueryError(ActscopeError):
     """A query is refused (writes, file access, several statements) or fails."""
+
+
+class OutputError(ActscopeError):
+    """An output path is refused: inside a store, a folder where a file is meant, or a folder
+    that holds something other than an earlier export."""

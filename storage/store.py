@@ -18,8 +18,10 @@ A shard is trusted only once its commit record exists; the job is complete only 
 
 from __future__ import annotations
 
+import json
 import os
 import posixpath
+import shutil
 import warnings
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
@@ -27,13 +29,14 @@ from contextlib import contextmanager
 from typing import Any, ClassVar
 
 import numpy as np
+import xxhash
 import zarr
 import zarr.errors
 
-from storage.errors import StoreError
+from storage.errors import StoreDamaged, StoreError
 from storage.spec import JobSpec
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: commit records carry checksums of what they commit
 
 # Token kinds, as stored in the `kinds` array.
 TEXT, SPECIAL, PAD = 0, 1, 2
@@ -55,11 +58,93 @@ def _join(url: str, *parts: str) -> str:
 _LISTING_CACHES = frozenset({"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss", "adl"})
 
 
+def local_path(url: str) -> str | None:
+    """The local file system path of ``url`` (a plain path, ``~`` expanded, or a ``file://``
+    URL), else None."""
+    if url.startswith("file://"):
+        return url[len("file://") :] or "/"
+    return None if "://" in url else os.path.expanduser(url)
+
+
+def _zarr_url(url: str) -> str:
+    """What zarr is given: local paths as paths (zarr's local store creates folders; fsspec's
+    ``file://`` filesystem does not), other URLs as they are."""
+    path = local_path(url)
+    return path if path is not None else url
+
+
 def storage_options(url: str) -> dict[str, Any] | None:
     """fsspec options for ``url``; credentials are never here: each filesystem reads them from
     its usual environment (AWS_* variables, ~/.aws, GOOGLE_APPLICATION_CREDENTIALS, ...)."""
     protocol = url.split("://", 1)[0] if "://" in url else "file"
     return {"use_listings_cache": False} if protocol in _LISTING_CACHES else None
+
+
+def _short(value: Any, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def _open_group(url: str, mode: str) -> zarr.Group | None:
+    """The Zarr group at ``url``, or None where there is none. A damaged one (unparsable
+    metadata) or an unreachable store is a StoreError, not a traceback."""
+    try:
+        return zarr.open_group(store=_zarr_url(url), mode=mode, storage_options=storage_options(url))
+    except (FileNotFoundError, NotADirectoryError, zarr.errors.GroupNotFoundError, zarr.errors.NodeTypeValidationError):
+        return None
+    except (json.JSONDecodeError, UnicodeDecodeError, zarr.errors.MetadataValidationError, KeyError, TypeError, ValueError) as err:
+        raise StoreDamaged(f"{url}: its zarr.json is damaged and cannot be read ({_first_line(err)}).") from None
+    except PermissionError as err:
+        raise StoreError(f"{url}: permission denied ({_first_line(err)}).") from None
+    except Exception as err:  # noqa: BLE001 - fsspec back ends raise their own errors (connection refused, auth, ...)
+        raise StoreDamaged(f"{url}: cannot reach the store ({type(err).__name__}: {_first_line(err)}).") from None
+
+
+def _first_line(err: Exception) -> str:
+    text = str(err).strip()
+    return (text.splitlines() or [""])[0][:200]
+
+
+def inspect_target(url: str) -> str:
+    """What is at ``url``: ``"absent"`` (nothing, or an empty folder), ``"store"`` (an
+    actscope store). Anything else is refused with a StoreError: actscope creates stores only
+    where nothing is, and replaces only its own."""
+    path = local_path(url)
+    if path is not None:
+        if os.path.islink(path) and not os.path.exists(path):
+            raise StoreError(f"store: {url} is a symbolic link to nothing ({os.readlink(path)}); give a real path.")
+        if not os.path.lexists(path):
+            return "absent"
+        if not os.path.isdir(path):
+            raise StoreError(f"store: {url} is a file, not a store; actscope creates stores only where nothing is.")
+        try:
+            entries = sorted(os.listdir(path))
+        except OSError as err:
+            raise StoreError(f"store: cannot read {url} ({_first_line(err)}).") from None
+    else:
+        import fsspec
+
+        try:
+            fs, root = fsspec.core.url_to_fs(url, **(storage_options(url) or {}))
+            if not fs.exists(root):
+                return "absent"
+            if not fs.isdir(root):
+                raise StoreError(f"store: {url} is a file, not a store; actscope creates stores only where nothing is.")
+            entries = sorted(posixpath.basename(p.rstrip("/")) for p in fs.ls(root, detail=False))
+        except StoreError:
+            raise
+        except Exception as err:  # noqa: BLE001 - each fsspec back end raises its own errors
+            raise StoreDamaged(f"store: cannot reach {url} ({type(err).__name__}: {_first_line(err)}).") from None
+    if not entries:
+        return "absent"
+    group = _open_group(url, "r") if "zarr.json" in entries else None
+    if group is not None and "schema_version" in group.attrs:
+        return "store"
+    shown = ", ".join(entries[:5]) + (", ..." if len(entries) > 5 else "")
+    raise StoreError(
+        f"store: {url} is not an actscope store and not empty ({len(entries)} entries: {shown}). "
+        "actscope creates stores only where nothing is and never touches other files: give a new path or an empty folder."
+    )
 
 
 def shard_key(shard: int) -> str:
@@ -78,30 +163,34 @@ class Store:
     @classmethod
     def open(cls, url: str, *, writable: bool = False) -> Store:
         """Open an existing actscope store, or explain why ``url`` is not one."""
-        try:
-            group = zarr.open_group(store=url, mode="r+" if writable else "r", storage_options=storage_options(url))
-        except (FileNotFoundError, zarr.errors.GroupNotFoundError, zarr.errors.NodeTypeValidationError):
-            raise StoreError(f"No actscope store at {url}. Run a job first: actscope run JOB.yaml") from None
-        if "schema_version" not in group.attrs:
+        group = _open_group(url, "r+" if writable else "r")
+        if group is None:
+            raise StoreError(f"No actscope store at {url}. Run a job first: actscope run JOB.yaml")
+        attrs = group.attrs
+        if "schema_version" not in attrs:
             raise StoreError(f"{url} is a Zarr group but not an actscope store (no schema_version).")
-        if group.attrs["schema_version"] != SCHEMA_VERSION:
+        if attrs["schema_version"] != SCHEMA_VERSION:
             raise StoreError(
-                f"{url} has store schema {group.attrs['schema_version']}; this actscope reads "
+                f"{url} has store schema {_short(attrs['schema_version'])}; this actscope reads "
                 f"schema {SCHEMA_VERSION}. Re-run the job into a new store."
             )
+        missing = [key for key in ("spec", "fingerprint", "model", "status") if key not in attrs]
+        if missing or not all(isinstance(attrs[k], dict) for k in ("spec", "model", "status")):
+            what = f"lacks {', '.join(missing)}" if missing else "has attributes of the wrong types"
+            raise StoreDamaged(f"{url} is damaged: its zarr.json {what}. Run the job again into a new store.")
         return cls(url, group)
 
     @classmethod
     def exists(cls, url: str) -> bool:
-        try:
-            zarr.open_group(store=url, mode="r", storage_options=storage_options(url))
-        except (FileNotFoundError, zarr.errors.GroupNotFoundError, zarr.errors.NodeTypeValidationError):
-            return False
-        return True
+        """Whether a Zarr group (an actscope store or not) is at ``url``."""
+        return _open_group(url, "r") is not None
 
     @classmethod
     def create(cls, url: str, *, spec: JobSpec, fingerprint: str, model: Mapping[str, Any]) -> Store:
-        """Create a fresh store, replacing what is at ``url`` (the caller has checked it may)."""
+        """Create a fresh store where nothing is (no path, or an empty folder). Never deletes:
+        replacing a store is ``remove`` first, by a caller that has checked it may."""
+        if inspect_target(url) != "absent":
+            raise StoreError(f"{url} is not empty: a new store is created only where nothing is.")
         # The attributes go in with the group's own metadata, in one write: a run killed here leaves
         # either no store or a whole (empty) one, never a group that is not yet an actscope store.
         attributes = {
@@ -111,10 +200,26 @@ class Store:
             "model": dict(model),
             "status": {"tokenized": False, "n_seq": 0, "complete": False},
         }
-        group = zarr.open_group(store=url, mode="w", attributes=attributes, storage_options=storage_options(url))
+        try:
+            group = zarr.open_group(store=_zarr_url(url), mode="w-", attributes=attributes, storage_options=storage_options(url))
+        except (FileExistsError, zarr.errors.ContainsGroupError, zarr.errors.ContainsArrayError):
+            raise StoreError(f"{url} is not empty: a new store is created only where nothing is.") from None
         group.require_group("shards")
         group.require_group("acts")
         return cls(url, group)
+
+    @classmethod
+    def remove(cls, url: str) -> None:
+        """Delete the actscope store at ``url``, and nothing that is not one."""
+        cls.open(url)  # refuses anything that is not an actscope store
+        path = local_path(url)
+        if path is not None:
+            shutil.rmtree(path)
+            return
+        import fsspec
+
+        fs, root = fsspec.core.url_to_fs(url, **(storage_options(url) or {}))
+        fs.rm(root, recursive=True)
 
     # -- attributes -----------------------------------------------------------------------
 
@@ -211,9 +316,20 @@ class Store:
             return {int(key) for key, sub in shards.groups() if sub.attrs.get("committed")}
 
     def read_partial(self, shard: int, hook: str) -> dict[str, np.ndarray]:
-        group = self.group[f"shards/{shard_key(shard)}/{hook}"]
-        with _leftovers_ignored():
-            return {name: array[...] for name, array in group.arrays()}
+        """One hook's committed partials of ``shard``, checked against the commit record."""
+        where = f"shards/{shard_key(shard)}"
+        try:
+            group = self.group[f"{where}/{hook}"]
+            with _leftovers_ignored():
+                arrays = {name: array[...] for name, array in group.arrays()}
+        except Exception:  # noqa: BLE001 - committed bytes that do not even decode are damaged
+            raise DamagedPartial(f"{where}/{hook}") from None
+        return _verified(arrays, self.group[where].attrs, hook, f"{where}/{hook}")
+
+    def uncommit(self, shard: int) -> None:
+        """Drop a shard's commit record (its partials are redone by the next run)."""
+        attrs = self.group[f"shards/{shard_key(shard)}"].attrs
+        attrs.update({"committed": False, "checksums": {}})
 
     def shard_record(self, shard: int) -> dict[str, Any]:
         return dict(self.group[f"shards/{shard_key(shard)}"].attrs)
@@ -230,7 +346,10 @@ class Store:
         if not self.has_logits():
             return {}
         group = self.group["logits"]
-        return {hook: {name: a[...] for name, a in group[hook].arrays()} for hook in group.attrs["hooks"]}
+        return {
+            hook: _verified({name: a[...] for name, a in group[hook].arrays()}, group.attrs, hook, f"logits/{hook}")
+            for hook in group.attrs["hooks"]
+        }
 
     # -- the index ------------------------------------------------------------------------
 
@@ -275,7 +394,33 @@ def _write_committed(group: zarr.Group, arrays: Mapping[str, Mapping[str, np.nda
     with ThreadPoolExecutor(max_workers=8, thread_name_prefix="partial-writer") as pool:
         for done in [pool.submit(write, hook, name, value) for hook, stats in arrays.items() for name, value in stats.items()]:
             done.result()
-    group.attrs.update({**record, "committed": True})
+    group.attrs.update({**record, "checksums": {hook: checksum(stats) for hook, stats in arrays.items()}, "committed": True})
+
+
+def checksum(arrays: Mapping[str, np.ndarray]) -> str:
+    """A digest of named arrays (names, dtypes, shapes and bytes), for commit records."""
+    digest = xxhash.xxh3_128()  # 17 GB/s here (sha256: 1.5): a shard's co-moments are gigabytes at real widths
+    for name in sorted(arrays):
+        value = np.ascontiguousarray(arrays[name])
+        digest.update(f"{name}:{value.dtype.str}:{value.shape};".encode())
+        digest.update(memoryview(value).cast("B"))
+    return digest.hexdigest()
+
+
+def _verified(arrays: dict[str, np.ndarray], record: Mapping[str, Any], hook: str, where: str) -> dict[str, np.ndarray]:
+    expected = (record.get("checksums") or {}).get(hook)
+    if expected is None or checksum(arrays) != expected:
+        raise DamagedPartial(where)
+    return arrays
+
+
+class DamagedPartial(StoreDamaged):
+    """Committed partial statistics whose bytes are not those their commit record names."""
+
+    def __init__(self, where: str):
+        self.where = where
+        self.shard = int(where.split("/")[1]) if where.startswith("shards/") else None
+        super().__init__(f"{where}: the committed partial statistics do not match their commit record's checksum (changed or damaged after the commit).")
 
 
 def partial_compressors(name: str):

@@ -83,7 +83,8 @@ def test_partially_done_job_resumes_to_identical_tables(make_job):
     # Run plan + tokenize, then only some shards, as a crashed job would have.
     from jobs import runner
 
-    _existing, model, tokenizer = runner.plan(partial)
+    planned = runner.plan(partial)
+    model, tokenizer = planned.model, planned.tokenizer
     store = Store.create(partial.store, spec=partial, fingerprint=model["fingerprint"], model=model)
     from pipeline.model import Framing
 
@@ -113,9 +114,9 @@ def _committed(store_url: str) -> int:
 
 @pytest.mark.slow
 def test_killed_run_resumes_to_identical_tables(make_job, tmp_path):
-    clean = load_job(make_job("clean-kill", shard_size=2, dataset={"max_tokens": 8000}))
+    clean = load_job(make_job("clean-kill", shard_size=4, dataset={"max_tokens": 8000}))
     run_job(clean, use_ray=False)
-    job = make_job("killed", shard_size=2, dataset={"max_tokens": 8000})
+    job = make_job("killed", shard_size=4, dataset={"max_tokens": 8000})
     spec = load_job(job)
     cmd = [sys.executable, "-m", "jobs.cli", "run", str(job), "--local"]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)

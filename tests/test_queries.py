@@ -84,7 +84,7 @@ def test_incomplete_store_is_not_queried(make_job):
     spec = load_job(make_job("incomplete"))
     from jobs import runner
 
-    _, model, _ = runner.plan(spec)
+    model = runner.plan(spec).model
     Store.create(spec.store, spec=spec, fingerprint=model["fingerprint"], model=model)
     with pytest.raises(Exception, match="has not finished"):
         queries.connect(spec.store)

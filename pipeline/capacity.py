@@ -1,0 +1,85 @@
+"""What a job will cost in memory, before it runs: the plan refuses a job that cannot fit.
+
+The estimate is of the dominant terms, each a formula in the job's sizes (w: a hook's width,
+k: ``top_k``, T: tokens per shard = ``shard_size * context_length``, B: tokens per batch,
+V: vocabulary size):
+
+- top and bottom examples: ``8 w k`` bytes each (int64 keys), plus ``8 B w`` once per shard
+  while the first batch is ranked;
+- moments ``48 w``; histogram ``8 w * N_BINS``; band samples ``20 w * 32 * samples_per_band``;
+  random samples ``4 w * random_samples``;
+- token sums ``8 w * min(V, T)`` (float64 rows of the ids present in the shard);
+- a batch's activations ``4 B w`` (float32), and ``2 T w`` of host buffer per dense hook;
+- co-activation ``8`` bytes per neuron pair on the device (float32 co-moments, int32 counts),
+  ``8`` more per pair for the shard's result on the host and ``16`` per pair of the largest site
+  pair while it is converted;
+- the model's weights.
+
+A worker needs the sum; the machine running the plan checks it against its own memory when the
+job's workers run here (embedded Ray or ``--local``), and against one GPU's when ``device``
+resolves to CUDA here. On a cluster the numbers are printed, not checked (the plan does not see
+the workers' devices).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+from pipeline.coactivation import site_pairs
+from pipeline.histogram import N_BINS
+from pipeline.sampling import N_BANDS
+from storage.spec import JobSpec
+
+
+@dataclass
+class Estimate:
+    """Bytes a worker holds at its peak, by part."""
+
+    parts: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def total(self) -> int:
+        return sum(self.parts.values())
+
+    def largest(self, n: int = 3) -> list[tuple[str, int]]:
+        return sorted(self.parts.items(), key=lambda item: -item[1])[:n]
+
+
+def worker_memory(spec: JobSpec, widths: dict[str, int], vocab_size: int, weight_bytes: int) -> Estimate:
+    shard_tokens = spec.shard_size * spec.context_length
+    batch_tokens = min(spec.batch_size, spec.shard_size) * spec.context_length
+    parts: dict[str, int] = {"model weights": weight_bytes}
+
+    def add(name: str, size: int) -> None:
+        parts[name] = parts.get(name, 0) + int(size)
+
+    for hook, w in widths.items():
+        sides = 2 if spec.computes("bottom") else 1
+        add("top/bottom examples", sides * 8 * w * spec.top_k * (2 if spec.examples == "document" else 1))
+        add("batch ranking", 8 * batch_tokens * w)
+        add("moments", 48 * w)
+        if spec.computes("histogram"):
+            add("histograms", 8 * w * N_BINS)
+        if spec.computes("samples"):
+            add("samples", 20 * w * N_BANDS * spec.samples_per_band + 4 * w * spec.random_samples)
+        if spec.computes("tokens"):
+            add("token sums", 8 * w * min(vocab_size, shard_tokens))
+        add("activations", 4 * batch_tokens * w)
+        if hook in spec.dense:
+            add("dense buffers", 2 * shard_tokens * w)
+    hooks = spec.coactivation_hooks()
+    if hooks:
+        sizes = [widths[hooks[i]] * widths[hooks[j]] for i, j in site_pairs(hooks, spec.coactivation.pairs)]
+        add("co-activation", 16 * sum(sizes) + 16 * max(sizes))
+    add("shard tokens", 64 * shard_tokens)
+    return Estimate(parts)
+
+
+def machine_memory() -> int:
+    """This machine's physical memory in bytes."""
+    return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def gib(n: int) -> str:
+    return f"{n / 2**30:,.2f} GiB" if n >= 2**27 else f"{n / 2**20:,.1f} MiB"
