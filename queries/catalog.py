@@ -1,13 +1,17 @@
 """SQL over a store: a locked-down DuckDB connection with the index's tables as views.
 
-The connection can read the store's own index files and nothing else: external access is off
-(no other files, no network, no ATTACH, no INSTALL/LOAD), Python replacement scans are off, and
-the configuration is locked. User SQL is one SELECT (or EXPLAIN) statement; anything else is
-refused before it runs, and a query past its time limit is interrupted.
+The connection can read the store's own index files and nothing else: the exact table files are
+its only allowed paths, external access is off (no other files, no network, no ATTACH, no
+INSTALL/LOAD), Python replacement scans are off, DuckDB spills only into a private temp folder
+of bounded size, and the configuration is locked. User SQL must be one statement whose whole
+parse tree is a query (``json_serialize_sql``: a COPY or INSERT inside a CTE is found, EXPLAIN
+ANALYZE is refused), and it runs in a child process with a capped data segment and a hard
+deadline (``queries.sandbox``), returning at most a bounded number of rows and bytes.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 import threading
@@ -18,7 +22,8 @@ import duckdb
 import fsspec
 import pyarrow as pa
 
-from storage.errors import QueryError, StoreError
+from queries.sandbox import Limits, Sandbox
+from storage.errors import QueryError, StoreDamaged, StoreError
 from storage.store import Store
 
 TABLES = (
@@ -40,42 +45,46 @@ GROUP BY ALL
 ORDER BY e.rank;
 """
 
-_ALLOWED = {duckdb.StatementType.SELECT, duckdb.StatementType.EXPLAIN}
+#: Query nodes a user's statement may contain anywhere in its parse tree (CTE bodies included).
+_QUERY_NODES = {"SELECT_NODE", "SET_OPERATION_NODE", "RECURSIVE_CTE_NODE", "CTE_NODE"}
 
 
 @dataclass(frozen=True)
 class Result:
     columns: list[str]
     rows: list[tuple[Any, ...]]
+    truncated: bool = False  # more rows (or bytes) than the limits allow: these are the first
 
     def records(self) -> list[dict[str, Any]]:
         return [dict(zip(self.columns, row)) for row in self.rows]
 
 
 class Catalog:
-    """The query side of a store. ``Catalog(url).sql("SELECT ...")``; see also :meth:`top`."""
+    """The query side of a store. ``Catalog(url).sql("SELECT ...")``; see also :meth:`top`.
 
-    def __init__(self, store_url: str, *, timeout: float = 60.0):
+    ``timeout`` (seconds, at most an hour) and ``max_rows`` bound every user query, here as in
+    the CLI (``Limits`` has the rest: memory, result bytes, threads, temp space)."""
+
+    def __init__(self, store_url: str, *, timeout: float = 60.0, max_rows: int = Limits.max_rows):
+        self.limits = Limits(timeout=timeout, max_rows=max_rows)
+        self.timeout = self.limits.timeout
         self.store = Store.open(store_url)
         if not self.store.status.get("complete"):
             raise StoreError(f"{store_url}: the job has not finished; run it again to complete it, then query.")
-        self.timeout = timeout
         self.model = self.store.model
-        self.con = self._connect()
-
-    def _connect(self) -> duckdb.DuckDBPyConnection:
-        con = duckdb.connect(":memory:", config={"python_enable_replacements": False})
+        self._copy = None
         index = self._local_index()
-        for table in TABLES:
-            url = os.path.join(index, f"{table}.parquet")
-            con.execute(f"CREATE VIEW {table} AS SELECT * FROM read_parquet({_literal(url)})")
-        con.execute(_MACROS)
-        con.execute(f"SET allowed_directories = [{_literal(index)}]")
-        con.execute("SET autoinstall_known_extensions = false")
-        con.execute("SET autoload_known_extensions = false")
-        con.execute("SET enable_external_access = false")
-        con.execute("SET lock_configuration = true")
-        return con
+        self.files = {table: os.path.join(index, f"{table}.parquet") for table in TABLES}
+        missing = [t for t, path in self.files.items() if not os.path.isfile(path)]
+        if missing:
+            self.close()
+            raise StoreDamaged(f"{store_url}: the index is damaged: {', '.join(missing)} missing. Run the job again into a new store.")
+        try:
+            self.con, self._temp = lockdown(self.files, Limits(timeout=self.limits.timeout, threads=min(4, os.cpu_count() or 1)))
+        except duckdb.Error as err:
+            self.close()
+            raise StoreDamaged(f"{store_url}: the index is damaged and cannot be read ({_first_line(err)}). Run the job again into a new store.") from None
+        self._sandbox = Sandbox(self.files, self.limits)
 
     def _local_index(self) -> str:
         """The index folder on this machine. A store on object storage (any fsspec URL) has its
@@ -89,9 +98,14 @@ class Catalog:
         return self._copy.name
 
     def close(self) -> None:
-        self.con.close()
-        if getattr(self, "_copy", None) is not None:
-            self._copy.cleanup()
+        for name in ("_sandbox", "con"):
+            if getattr(self, name, None) is not None:
+                getattr(self, name).close()
+                setattr(self, name, None)
+        for name in ("_temp", "_copy"):
+            if getattr(self, name, None) is not None:
+                getattr(self, name).cleanup()
+                setattr(self, name, None)
 
     def __enter__(self) -> Self:
         return self
@@ -101,25 +115,58 @@ class Catalog:
 
     # -- SQL ------------------------------------------------------------------------------
 
-    def sql(self, query: str, params: list[Any] | None = None) -> Result:
-        """Run one read-only statement (user SQL is welcome: anything else is refused)."""
+    def sql(self, query: str, params: list[Any] | None = None, *, truncate: bool = False) -> Result:
+        """Run one read-only query (user SQL is welcome: anything else is refused), in the
+        sandbox process, under the catalog's limits. A result larger than ``max_rows`` rows (or
+        256 MiB) is refused, or with ``truncate`` cut to its first rows (``Result.truncated``)."""
+        self.check_query(query)
+        fetched = self._sandbox.run(query, params)
+        if fetched.truncated and not truncate:
+            raise QueryError(
+                f"The result has more than {self.limits.max_rows:,} rows (or {self.limits.max_bytes >> 20} MiB): "
+                "add a LIMIT or aggregate, or connect with a larger max_rows."
+            )
+        return Result(fetched.columns, fetched.rows, fetched.truncated)
+
+    def check_query(self, query: str) -> None:
+        """Refuse anything but one statement whose whole parse tree is a query."""
+        if not isinstance(query, str):
+            raise QueryError("The query must be text.")
+        try:
+            query.encode("utf-8")
+        except UnicodeEncodeError:
+            raise QueryError("The query is not valid UTF-8 text.") from None
+        if len(query) > 1 << 20:
+            raise QueryError("The query is longer than 1 MiB.")
         statements = _parse(query)
         if len(statements) != 1:
             raise QueryError(f"One statement at a time, please; got {len(statements)}.")
-        if statements[0].type not in _ALLOWED:
-            kind = statements[0].type.name
+        kind = statements[0].type.name
+        if statements[0].type != duckdb.StatementType.SELECT:
             raise QueryError(f"Only SELECT queries are allowed (the store is read-only); this is {_article(kind)} {kind} statement.")
+        tree = json.loads(self._trusted(lambda: self.con.execute("SELECT json_serialize_sql(?)", [query]).fetchone()[0]))
+        if tree.get("error"):
+            raise QueryError(f"Only SELECT queries are allowed: {tree.get('error_message', 'this statement cannot be checked')}")
+        others = sorted(set(_node_types(tree)) - _QUERY_NODES)
+        if others:
+            names = ", ".join(t.removesuffix("_NODE").removesuffix("_QUERY").replace("_", " ") for t in others)
+            raise QueryError(f"Only SELECT queries are allowed (the store is read-only); this one contains {names}.")
+
+    def internal(self, query: str, params: list[Any] | None = None) -> Result:
+        """One of actscope's own queries (never a user's text), in this process, under the time
+        limit: ``top``, ``coact``, the CLI and the pages use it."""
+
         def fetch() -> Result:
             cursor = self.con.execute(query, params or [])
             return Result([d[0] for d in cursor.description], cursor.fetchall())
 
-        return self._guarded(fetch)
+        return self._trusted(fetch)
 
     def arrow(self, query: str, params: list[Any] | None = None) -> pa.Table:
         """Run one of actscope's own queries and return an Arrow table (bulk reads for reports)."""
-        return self._guarded(lambda: self.con.sql(query, params=params or None).to_arrow_table())
+        return self._trusted(lambda: self.con.sql(query, params=params or None).to_arrow_table())
 
-    def _guarded(self, fetch):
+    def _trusted(self, fetch):
         """Run ``fetch()`` under the time limit, with DuckDB's errors made into QueryErrors."""
         timer = threading.Timer(self.timeout, self.con.interrupt)
         timer.start()
@@ -148,7 +195,7 @@ class Catalog:
         self.check_neuron(hook, neuron)
         if k <= 0 or window < 0:
             raise QueryError("k must be positive and window non-negative.")
-        return self.sql("SELECT * FROM top_with_context(?, ?, k := ?, w := ?)", [hook, neuron, k, window])
+        return self.internal("SELECT * FROM top_with_context(?, ?, k := ?, w := ?)", [hook, neuron, k, window])
 
 
     def coact(self, hook: str, neuron: int, k: int = 10, ranking: str = "pearson", tokens: int = 3) -> Result:
@@ -157,7 +204,7 @@ class Catalog:
         self.check_neuron(hook, neuron)
         if ranking not in ("pearson", "jaccard"):
             raise QueryError("ranking must be pearson or jaccard.")
-        return self.sql(
+        return self.internal(
             """
             SELECT c.rank, c.hook_b AS hook, c.neuron_b AS neuron, c.pearson, c.jaccard, c.p_b_given_a,
                    c.lift, c.n_both,
@@ -169,6 +216,47 @@ class Catalog:
             """,
             [tokens, hook, neuron, ranking, k],
         )
+
+
+def lockdown(files: dict[str, str], limits: Limits) -> tuple[duckdb.DuckDBPyConnection, tempfile.TemporaryDirectory]:
+    """An in-memory connection with a view per table file, allowed to read exactly those files,
+    spilling only into a private temp folder (returned: the caller removes it), its memory,
+    threads and temp space bounded and its configuration locked."""
+    temp = tempfile.TemporaryDirectory(prefix="actscope-duckdb-")
+    con = duckdb.connect(":memory:", config={"python_enable_replacements": False})
+    try:
+        for table, path in files.items():
+            con.execute(f"CREATE VIEW {table} AS SELECT * FROM read_parquet({_literal(path)})")
+        con.execute(_MACROS)
+        con.execute(f"SET temp_directory = {_literal(temp.name)}")
+        con.execute(f"SET max_temp_directory_size = '{limits.temp}B'")
+        con.execute(f"SET memory_limit = '{limits.duckdb_memory}B'")
+        con.execute(f"SET threads = {int(limits.threads)}")
+        con.execute(f"SET allowed_paths = [{', '.join(_literal(p) for p in files.values())}]")
+        con.execute("SET autoinstall_known_extensions = false")
+        con.execute("SET autoload_known_extensions = false")
+        con.execute("SET enable_external_access = false")
+        con.execute("SET lock_configuration = true")
+        for table in files:  # a truncated or foreign file fails here, not in a user's query
+            con.execute(f"SELECT * FROM {table} LIMIT 0").fetchall()
+    except BaseException:
+        con.close()
+        temp.cleanup()
+        raise
+    return con, temp
+
+
+def _node_types(tree: Any):
+    """Every query node type anywhere in a ``json_serialize_sql`` tree."""
+    if isinstance(tree, dict):
+        kind = tree.get("type")
+        if isinstance(kind, str) and kind.endswith("_NODE"):
+            yield kind
+        for value in tree.values():
+            yield from _node_types(value)
+    elif isinstance(tree, list):
+        for value in tree:
+            yield from _node_types(value)
 
 
 def _parse(query: str) -> list:

@@ -9,6 +9,7 @@ need no network: styles and scripts are inline.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import time
@@ -22,7 +23,7 @@ from jinja2 import Environment, PackageLoader, select_autoescape
 from queries.catalog import Catalog
 from queries.pages import HookPages, finite
 from queries.text import visible
-from storage.errors import QueryError
+from storage.errors import OutputError, QueryError
 
 FORMATS = ("html", "json", "md", "neuronpedia")
 
@@ -192,18 +193,69 @@ def render(doc: dict, fmt: str) -> str:
 
 
 def write_report(catalog: Catalog, hook: str, neuron: int, out: str, fmt: str | None = None, *, k: int = 20) -> str:
+    check_output_file(out)
     fmt = report_format(out, fmt)
     doc = HookPages(catalog, hook, [neuron], k=k).document(neuron)
     _write_text(Path(out), render(doc, fmt))
     return fmt
 
 
+#: Written into every exported folder: only a folder holding it may receive another export.
+EXPORT_MARKER = ".actscope-export"
+
+
+def check_output_file(out: str) -> None:
+    """Refuse a report path that is a folder, lies under a file, or lies inside a store."""
+    path = Path(out)
+    if path.is_dir():
+        raise OutputError(f"--out {out} is a folder; give a file name (e.g. {path / 'neuron.html'}).")
+    _refuse_inside_store(path, out)
+    parent = _existing_parent(path)
+    if parent is not None and not parent.is_dir():
+        raise OutputError(f"--out {out}: {parent} is a file, not a folder.")
+
+
+def check_output_folder(out: str, *, overwrite: bool) -> None:
+    """An export goes into a new or empty folder, or (with ``overwrite``) one that holds an
+    earlier export; never into a store, and never over other files."""
+    root = Path(out)
+    _refuse_inside_store(root, out)
+    if root.exists() and not root.is_dir():
+        raise OutputError(f"--out {out} exists and is not a folder.")
+    parent = _existing_parent(root)
+    if parent is not None and not parent.is_dir():
+        raise OutputError(f"--out {out}: {parent} is a file, not a folder.")
+    if not root.is_dir() or not any(root.iterdir()):
+        return
+    if not (root / EXPORT_MARKER).is_file():
+        raise OutputError(f"--out {out} is a folder that is not empty and holds no actscope export; give a new or empty folder.")
+    if not overwrite:
+        raise OutputError(f"--out {out} holds an earlier export; pass --overwrite to replace its pages, or give a new folder.")
+
+
+def _existing_parent(path: Path) -> Path | None:
+    for parent in path.absolute().parents:
+        if parent.exists():
+            return parent
+    return None
+
+
+def _refuse_inside_store(path: Path, out: str) -> None:
+    """A store is actscope's to write: a report there would replace its files."""
+    real = Path(os.path.realpath(path))
+    for folder in [real, *real.parents]:
+        if (folder / "zarr.json").is_file():
+            raise OutputError(f"--out {out} is inside a Zarr store ({folder}); write reports somewhere else.")
+
+
 # -- a static site ---------------------------------------------------------------------------
 
-def export(catalog: Catalog, out: str, hooks: list[str] | None = None, *, fmt: str = "html", k: int = 20, progress=None) -> dict:
+def export(catalog: Catalog, out: str, hooks: list[str] | None = None, *, fmt: str = "html", k: int = 20, progress=None,
+           overwrite: bool = False) -> dict:
     """Write a static site (``fmt="html"``), one JSON document per neuron (``json``), or
-    Neuronpedia-style batches (``neuronpedia``) for ``hooks`` (default: all) under ``out``.
-    Returns what was written and how long each step took."""
+    Neuronpedia-style batches (``neuronpedia``) for ``hooks`` (default: all) under ``out``: a new
+    or empty folder, or with ``overwrite`` one holding an earlier export. Returns what was
+    written and how long each step took."""
     if fmt not in ("html", "json", "neuronpedia"):
         raise QueryError(f"export format must be html, json or neuronpedia; got {fmt!r}.")
     widths = catalog.model["hook_widths"]
@@ -211,15 +263,18 @@ def export(catalog: Catalog, out: str, hooks: list[str] | None = None, *, fmt: s
     for hook in hooks:
         if hook not in widths:
             raise QueryError(f"{hook} was not recorded in this store; recorded hooks: {', '.join(widths)}.")
+    check_output_folder(out, overwrite=overwrite)
     root = Path(out)
-    if root.exists() and not root.is_dir():
-        raise QueryError(f"{out} exists and is not a directory.")
+    root.mkdir(parents=True, exist_ok=True)
+    _write_text(root / EXPORT_MARKER, json.dumps({"store": catalog.store.url, "format": fmt}) + "\n")
     site = {"hooks": hooks}
     summary = {"hooks": {}, "files": 0, "bytes": 0}
     for hook in hooks:
         started = time.perf_counter()
         pages = HookPages(catalog, hook, k=k)
         loaded = time.perf_counter()
+        if os.sep in hook or hook.startswith("."):
+            raise OutputError(f"{hook!r} cannot be a folder name under --out.")
         folder = root / hook
         folder.mkdir(parents=True, exist_ok=True)
         written = 0
