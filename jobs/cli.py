@@ -1,5 +1,10 @@
 """The ``actscope`` command: a thin shell over the library, and the only code that knows about
-terminals. A user's mistake (any ``ActscopeError``) prints one clear message and exits 2."""
+terminals. A user's mistake (any ``ActscopeError``) prints one clear message and exits 2; any
+other failure prints one line and exits 1 (the traceback only with ``--debug`` or
+``ACTSCOPE_DEBUG=1``).
+
+Every string that comes from a corpus, a store or a user reaches the terminal as data, never as
+Rich markup: the consoles have markup off, and styles are applied with ``rich.text.Text``."""
 
 from __future__ import annotations
 
@@ -9,14 +14,15 @@ import json
 import math
 import os
 import sys
+import time
 from enum import Enum
 from typing import Annotated
 
 import typer
 from rich.console import Console
-from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
+from rich.text import Text
 
 from storage.errors import ActscopeError
 
@@ -26,8 +32,20 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     help="Cache activations of a TransformerLens model over a corpus, reduce them to exact per-neuron statistics, and query them with SQL.",
 )
-out = Console()
-err = Console(stderr=True)
+out = Console(markup=False, highlight=False)
+err = Console(stderr=True, markup=False, highlight=False)
+_DEBUG = {"on": os.environ.get("ACTSCOPE_DEBUG", "") not in ("", "0")}
+
+
+@app.callback()
+def _options(debug: Annotated[bool, typer.Option("--debug", help="Show the traceback of an unexpected failure.")] = False):
+    if debug:
+        _DEBUG["on"] = True
+
+
+def say(*parts) -> None:
+    """One line on stderr: plain strings are data, ``(text, style)`` pairs are styled."""
+    err.print(Text.assemble(*parts))
 
 
 class Format(str, Enum):
@@ -37,20 +55,43 @@ class Format(str, Enum):
 
 
 def friendly(command):
-    """Turn a user's mistake into a message and exit code 2; Ctrl-C into a resume hint."""
+    """A user's mistake: its message, exit 2. Ctrl-C: a resume hint, exit 130. Anything else:
+    one line, exit 1 (the traceback with --debug or ACTSCOPE_DEBUG=1)."""
 
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
         try:
+            for name, value in kwargs.items():
+                for item in value if isinstance(value, list) else [value]:
+                    if isinstance(item, str):
+                        _check_utf8(name, item)
             return command(*args, **kwargs)
         except ActscopeError as error:
-            err.print(f"[bold red]error:[/] {escape(str(error))}")
-            raise typer.Exit(2) from None
+            say(("error: ", "bold red"), str(error))
+            raise typer.Exit(error.exit_code) from None
         except KeyboardInterrupt:
-            err.print("[yellow]interrupted.[/] Committed shards are kept: run the same command again to resume.")
+            say(("interrupted. ", "yellow"), "Committed shards are kept: run the same command again to resume.")
             raise typer.Exit(130) from None
+        except (typer.Exit, typer.Abort, SystemExit):
+            raise
+        except Exception as error:
+            if _DEBUG["on"]:
+                raise
+            detail = (str(error).strip().splitlines() or [""])[0][:300]
+            kind = "out of memory" if isinstance(error, MemoryError) else type(error).__name__
+            say(("failed: ", "bold red"), f"{kind}: {detail}" if detail else kind, " (--debug shows the traceback)")
+            raise typer.Exit(1) from None
 
     return wrapper
+
+
+def _check_utf8(name: str, value: str) -> None:
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        from storage.errors import JobSpecError
+
+        raise JobSpecError(f"{name.replace('_', '-')}: the argument is not valid UTF-8 text.") from None
 
 
 class RichReporter:
@@ -105,21 +146,28 @@ def run(
     workers: Annotated[int | None, typer.Option(min=1, help="Override the job's worker count.")] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace a store that holds a different job.")] = False,
     local: Annotated[bool, typer.Option(help="Run in this process without Ray (for debugging).")] = False,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Validate the job and print the plan; write nothing.")] = False,
 ):
     """Run a cache job, or resume it where it stopped."""
     from jobs.jobfile import load_job
+    from jobs.runner import dry_run as plan_only
     from jobs.runner import run_job
 
     spec = load_job(job)
+    if dry_run:
+        for line in plan_only(spec, address=address, workers=workers, overwrite=overwrite, use_ray=not local, job_path=job):
+            out.print(line)
+        return
     with RichReporter(err) as reporter:
-        summary = run_job(spec, address=address, workers=workers, overwrite=overwrite, use_ray=not local, reporter=reporter)
+        summary = run_job(spec, address=address, workers=workers, overwrite=overwrite, use_ray=not local, reporter=reporter, job_path=job)
     verb = "resumed" if summary.resumed else "created"
-    err.print(
-        f"[green]done:[/] {summary.store} ({verb}): {summary.n_seq:,} sequences, {summary.n_tokens:,} tokens, "
+    say(
+        ("done: ", "green"),
+        f"{summary.store} ({verb}): {summary.n_seq:,} sequences, {summary.n_tokens:,} tokens, "
         f"{summary.shards_run} shard(s) run, {summary.shards_skipped} already done, {summary.workers} worker(s) on {summary.nodes} node(s); "
-        f"{summary.tokens_per_second:,.0f} tokens/s; {summary.seconds_total:.1f} s in all."
+        f"{summary.tokens_per_second:,.0f} tokens/s; {summary.seconds_total:.1f} s in all.",
     )
-    err.print(f"next: actscope top {summary.store} {spec.hooks[0]} 0")
+    say(f"next: actscope top {summary.store} {spec.hooks[0]} 0")
 
 
 @app.command()
@@ -134,13 +182,14 @@ def submit(
 
     result = submit_job(job, address, force=force)
     messages = {
-        "submitted": "submitted",
-        "running": "[yellow]already running[/] (not submitted again)",
-        "succeeded": "[green]already finished[/] (--force to run it again)",
+        "submitted": ("submitted", ""),
+        "running": ("already running", "yellow"),
+        "succeeded": ("already finished", "green"),
     }
-    err.print(f"{messages[result.state]}: {result.submission_id}")
-    out.print(result.submission_id, highlight=False)
-    err.print(f"follow: actscope logs {escape(job)} --address {address} --follow")
+    notes = {"submitted": "", "running": " (not submitted again)", "succeeded": " (--force to run it again)"}
+    say(messages[result.state], notes[result.state], f": {result.submission_id}")
+    out.print(result.submission_id)
+    say(f"follow: actscope logs {job} --address {address} --follow")
 
 
 @app.command()
@@ -174,25 +223,38 @@ def status(
         from jobs.submit import status as job_status
 
         info = job_status(store, address)
-        out.print(f"{info['submission_id']}: {info['status']}" + (f" ({escape(info['message'])})" if info["message"] else ""), highlight=False)
+        out.print(f"{info['submission_id']}: {info['status']}" + (f" ({info['message']})" if info["message"] else ""))
         if info["store"] and Store.exists(info["store"]):
             store = info["store"]
         else:
             return
     s = Store.open(store)
-    spec, st, model = s.spec, s.status, s.model
-    done = len(s.committed_shards()) if st["tokenized"] else 0
+    try:
+        spec, st, model = s.spec, s.status, s.model
+        rows = _status_rows(s, spec, st, model)
+    except (KeyError, TypeError, ValueError, ActscopeError) as error:
+        from storage.errors import StoreDamaged
+
+        raise StoreDamaged(f"{store}: the store's attributes are damaged ({type(error).__name__}: {error}).") from None
     table = Table(show_header=False, box=None)
-    table.add_row("store", s.url)
-    table.add_row("model", f"{model['name']} ({model['architecture']}, {model['n_layers']} layers)")
-    table.add_row("corpus", f"{spec.dataset.path} {spec.dataset.data_files or ''}")
-    table.add_row("sequences", f"{st['n_seq']:,} × {spec.context_length} tokens" if st["tokenized"] else "not tokenized yet")
-    table.add_row("shards", f"{done} of {s.n_shards} committed" if st["tokenized"] else "-")
-    for hook, width in model["hook_widths"].items():
-        table.add_row("hook", f"{hook} ({width} neurons{', dense' if hook in spec.dense else ''})")
-    table.add_row("status", "[green]complete[/]" if st["complete"] else "[yellow]incomplete: run the job again to resume[/]")
-    table.add_row("fingerprint", s.fingerprint)
+    for name, value in rows:
+        table.add_row(name, value)
     out.print(table)
+
+
+def _status_rows(s, spec, st, model) -> list[tuple[str, Text]]:
+    done = len(s.committed_shards()) if st["tokenized"] else 0
+    rows = [
+        ("store", s.url),
+        ("model", f"{model['name']} ({model['architecture']}, {model['n_layers']} layers)"),
+        ("corpus", f"{spec.dataset.path} {spec.dataset.data_files or ''}"),
+        ("sequences", f"{st['n_seq']:,} × {spec.context_length} tokens" if st["tokenized"] else "not tokenized yet"),
+        ("shards", f"{done} of {s.n_shards} committed" if st["tokenized"] else "-"),
+    ]
+    rows += [("hook", f"{hook} ({width} neurons{', dense' if hook in spec.dense else ''})") for hook, width in model["hook_widths"].items()]
+    rows.append(("status", Text("complete", "green") if st["complete"] else Text("incomplete: run the job again to resume", "yellow")))
+    rows.append(("fingerprint", s.fingerprint))
+    return [(name, value if isinstance(value, Text) else Text(_plain(str(value)))) for name, value in rows]
 
 
 @app.command()
@@ -201,13 +263,18 @@ def query(
     store: StoreArg,
     sql: Annotated[str, typer.Argument(help="One SELECT statement over the tables (see README).")],
     format: Annotated[Format, typer.Option("--format", "-f")] = Format.table,
-    timeout: Annotated[float, typer.Option(help="Seconds before the query is interrupted.")] = 60.0,
+    timeout: Annotated[float, typer.Option(help="Seconds before the query is stopped (at most 3600); output stops then too.")] = 60.0,
+    max_rows: Annotated[int, typer.Option(help="Rows shown at most (up to 10,000,000); a larger result is cut.")] = 100_000,
 ):
     """Run one read-only SQL query over a store's tables."""
     import queries
 
-    with queries.connect(store, timeout=timeout) as catalog:
-        _print_result(catalog.sql(sql), format)
+    deadline = time.monotonic() + timeout if math.isfinite(timeout) and timeout > 0 else None
+    with queries.connect(store, timeout=timeout, max_rows=max_rows) as catalog:
+        result = catalog.sql(sql, truncate=True)
+    _print_result(result, format, deadline)
+    if result.truncated:
+        say(("note: ", "yellow"), f"only the first {len(result.rows):,} rows were returned (--max-rows, or 256 MiB of results); add a LIMIT or aggregate.")
 
 
 @app.command()
@@ -228,12 +295,12 @@ def top(
     if format is not Format.table:
         _print_result(result, format)
         return
-    table = Table(title=f"{hook} neuron {neuron}: top {len(result.rows)}", show_lines=False)
+    table = Table(title=Text(f"{hook} neuron {neuron}: top {len(result.rows)}"), show_lines=False)
     for column in ("rank", "activation", "seq", "pos", "context"):
         table.add_column(column, justify="right" if column != "context" else "left")
     for row in result.records():
-        mark = "[bold reverse]{}[/]" if out.is_terminal else "⟦{}⟧"
-        context = _visible(row["before"]) + mark.format(_visible(row["token"])) + _visible(row["after"])
+        token = Text(_plain(row["token"]), style="bold reverse") if out.is_terminal else Text(f"⟦{_plain(row['token'])}⟧")
+        context = Text.assemble(_plain(row["before"]), token, _plain(row["after"]))
         table.add_row(str(row["rank"]), f"{row['activation']:.4f}", str(row["seq_id"]), str(row["pos"]), context)
     out.print(table)
 
@@ -256,13 +323,13 @@ def coact(
     if format is not Format.table:
         _print_result(result, format)
         return
-    table = Table(title=f"{hook} neuron {neuron}: partners by {by}")
+    table = Table(title=Text(f"{hook} neuron {neuron}: partners by {by}"))
     for column in ("rank", "hook", "neuron", "pearson", "jaccard", "P(b|a)", "lift", "n_both", "top tokens"):
         table.add_column(column, justify="left" if column in ("hook", "top tokens") else "right")
     for row in result.records():
         numbers = [_number(row[c]) for c in ("pearson", "jaccard", "p_b_given_a", "lift")]
-        tokens = _visible(row["top_tokens"] or "")
-        table.add_row(str(row["rank"]), row["hook"], str(row["neuron"]), *numbers, str(row["n_both"]), tokens)
+        tokens = Text(_plain(row["top_tokens"]))
+        table.add_row(str(row["rank"]), Text(row["hook"]), str(row["neuron"]), *numbers, str(row["n_both"]), tokens)
     out.print(table)
 
 
@@ -282,7 +349,7 @@ def report(
 
     with queries.connect(store) as catalog:
         fmt = write_report(catalog, hook, neuron, out_path, format, k=k)
-    err.print(f"[green]wrote[/] {escape(out_path)} ({fmt})")
+    say(("wrote ", "green"), f"{out_path} ({fmt})")
 
 
 @app.command()
@@ -293,18 +360,19 @@ def export(
     hook: Annotated[list[str] | None, typer.Option("--hook", help="Only these hooks (repeatable).")] = None,
     format: Annotated[str, typer.Option("--format", help="html (a static site), json (a document per neuron) or neuronpedia.")] = "html",
     k: Annotated[int, typer.Option("-k", min=1, help="Top and bottom examples per page.")] = 20,
+    overwrite: Annotated[bool, typer.Option(help="Replace the pages of an earlier export in --out.")] = False,
 ):
     """A static site: an index per hook (sortable by max, density, kurtosis) and a page per neuron."""
     import queries
     from queries.report import export as export_site
 
     with queries.connect(store) as catalog:
-        summary = export_site(catalog, out_dir, hook, fmt=format, k=k)
+        summary = export_site(catalog, out_dir, hook, fmt=format, k=k, overwrite=overwrite)
     for name, info in summary["hooks"].items():
-        err.print(f"{name}: {info['neurons']:,} neurons ({info['source']} activations), {info['load_s'] + info['render_s']:.1f} s")
-    err.print(f"[green]wrote[/] {summary['files']:,} files, {summary['bytes'] / 1e6:,.1f} MB under {escape(out_dir)}")
+        say(f"{name}: {info['neurons']:,} neurons ({info['source']} activations), {info['load_s'] + info['render_s']:.1f} s")
+    say(("wrote ", "green"), f"{summary['files']:,} files, {summary['bytes'] / 1e6:,.1f} MB under {out_dir}")
     if format == "html":
-        err.print(f"open {escape(os.path.join(out_dir, 'index.html'))}")
+        say(f"open {os.path.join(out_dir, 'index.html')}")
 
 
 @app.command()
@@ -322,23 +390,21 @@ def probe(
 
     with queries.connect(store) as catalog:
         result = run_probe(catalog, hook, neuron, text)
-        lo, hi = catalog.sql("SELECT min, max FROM neuron_stats WHERE hook = ? AND neuron = ?", [hook, neuron]).rows[0]
+        lo, hi = catalog.internal("SELECT min, max FROM neuron_stats WHERE hook = ? AND neuron = ?", [hook, neuron]).rows[0]
     if format is not Format.table:
         records = result.records()
         _print_result(queries.Result(list(records[0]), [tuple(r.values()) for r in records]), format)
         return
-    from rich.text import Text
-
     line = Text()
     for token, value in zip(result.tokens, result.activations):
         line.append(_plain(token), style=f"on {_shade(float(value), lo, hi)}")
     out.print(line)
     best = int(result.activations.argmax())
     share = f" ({result.activations[best] / hi:.0%} of its corpus max {hi:.4g})" if hi and hi > 0 and result.activations[best] > 0 else ""
-    out.print(
-        f"max {result.activations[best]:.4g} at token {best} {_visible(repr(result.tokens[best]))}{share}; "
-        f"min {result.activations.min():.4g}." + (" [yellow]The text was cut to the job's context length.[/]" if result.truncated else "")
-    )
+    out.print(Text.assemble(
+        f"max {result.activations[best]:.4g} at token {best} {_plain(repr(result.tokens[best]))}{share}; min {result.activations.min():.4g}.",
+        (" The text was cut to the job's context length." if result.truncated else "", "yellow"),
+    ))
 
 
 def _shade(value: float, lo: float, hi: float) -> str:
@@ -364,7 +430,7 @@ def hooks(model: Annotated[str, typer.Argument(help="A Hugging Face model direct
     from pipeline.model import load_model, per_token_hooks
 
     for name in per_token_hooks(load_model(model, torch.device("cpu"))):
-        out.print(name, highlight=False)
+        out.print(name)
 
 
 @app.command()
@@ -380,52 +446,96 @@ def demo(
     from jobs.runner import run_job
 
     job_path = write_demo_job(out_dir, max_tokens=max_tokens, workers=workers)
-    err.print(f"demo job: {job_path}")
+    say(f"demo job: {job_path}")
     spec = load_job(job_path)
     with RichReporter(err) as reporter:
         summary = run_job(spec, reporter=reporter)
-    err.print(f"[green]done:[/] {summary.store}: {summary.n_tokens:,} tokens, {summary.tokens_per_second:,.0f} tokens/s.")
+    say(("done: ", "green"), f"{summary.store}: {summary.n_tokens:,} tokens, {summary.tokens_per_second:,.0f} tokens/s.")
     with __import__("queries").connect(spec.store) as catalog:
         hook = spec.hooks[1]
-        best = catalog.sql(
+        best = catalog.internal(
             "SELECT neuron FROM top_examples WHERE hook = ? AND rank = 1 ORDER BY activation DESC LIMIT 1", [hook]
         ).rows[0][0]
-    err.print(f"try:  actscope top {spec.store} {hook} {best} -k 10")
-    err.print(f"      actscope query {spec.store} \"SELECT hook, count(*) FROM top_examples GROUP BY ALL\"")
-    err.print(f"      actscope report {spec.store} {hook} {best} --out neuron-{best}.html")
-    err.print(f"      actscope export {spec.store} --out {os.path.join(out_dir, 'site')}")
+    say(f"try:  actscope top {spec.store} {hook} {best} -k 10")
+    say(f"      actscope query {spec.store} \"SELECT hook, count(*) FROM top_examples GROUP BY ALL\"")
+    say(f"      actscope report {spec.store} {hook} {best} --out neuron-{best}.html")
+    say(f"      actscope export {spec.store} --out {os.path.join(out_dir, 'site')}")
 
 
-def _plain(text: str) -> str:
-    """Corpus text for a rich Text object (no markup there): newlines, tabs, controls shown."""
+def _plain(text: str | None) -> str:
+    """Corpus text for the terminal: newlines, tabs and control characters shown (printed as a
+    ``Text`` or by a markup-free console, so brackets are brackets)."""
     from queries.text import visible
 
-    return visible(text)
+    return visible(text or "")
 
 
-def _visible(text: str | None) -> str:
-    """Corpus text for a rich markup string: newlines, tabs and control characters shown, markup escaped."""
-    from queries.text import visible
+def _print_result(result, format: Format, deadline: float | None = None) -> None:
+    """A result as a table, CSV or JSON. Output stops at ``deadline`` (the query's own time
+    limit covers printing too). JSON is strict (NaN and infinities as null); CSV keeps the data
+    as it is, except on a terminal, where control characters are shown, not sent."""
 
-    return escape(visible(text or ""))
+    def rows():
+        for i, row in enumerate(result.rows):
+            if deadline is not None and i % 256 == 0 and time.monotonic() > deadline:
+                raise _PastDeadline(i)
+            yield row
+
+    try:
+        if format is Format.json:
+            records = [dict(zip(result.columns, row)) for row in rows()]
+            sys.stdout.write(json.dumps(_strict(records), default=str, indent=1, allow_nan=False) + "\n")
+        elif format is Format.csv:
+            writer = csv.writer(sys.stdout)
+            shown = (lambda v: _plain(v) if isinstance(v, str) else v) if sys.stdout.isatty() else (lambda v: v)
+            writer.writerow([shown(c) for c in result.columns])
+            for row in rows():
+                writer.writerow([shown(v) for v in row])
+        else:
+            # In tables of at most 2,000 rows (Rich lays a table out whole: 100,000 rows took 14 s),
+            # so the deadline is checked between them.
+            def table(first: bool) -> Table:
+                table = Table(show_header=first)
+                for column in result.columns:
+                    table.add_column(Text(_plain(str(column))))
+                return table
+
+            part = table(True)
+            for i, row in enumerate(rows()):
+                part.add_row(*(Text(_plain(v) if isinstance(v, str) else repr(v) if isinstance(v, float) else str(v)) for v in row))
+                if part.row_count == 2000:
+                    out.print(part)
+                    part = table(False)
+                    if deadline is not None and time.monotonic() > deadline:
+                        raise _PastDeadline(i + 1)
+            if part.row_count or not result.rows:
+                out.print(part)
+    except _PastDeadline as stop:
+        from storage.errors import QueryError
+
+        raise QueryError(f"The output ran past the time limit after {stop.args[0]:,} rows and was stopped (--timeout, or a LIMIT).") from None
 
 
-def _print_result(result, format: Format) -> None:
-    if format is Format.json:
-        sys.stdout.write(json.dumps(result.records(), default=str, indent=1) + "\n")
-    elif format is Format.csv:
-        writer = csv.writer(sys.stdout)
-        writer.writerow(result.columns)
-        writer.writerows(result.rows)
-    else:
-        table = Table(*result.columns)
-        for row in result.rows:
-            table.add_row(*(_visible(str(v)) if isinstance(v, str) else escape(repr(v) if isinstance(v, float) else str(v)) for v in row))
-        out.print(table)
+class _PastDeadline(Exception):
+    pass
+
+
+def _strict(value):
+    """JSON without NaN or infinities (they become null)."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _strict(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_strict(v) for v in value]
+    return value
 
 
 def main() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    for stream in (sys.stdout, sys.stderr):  # a terminal that cannot show a character gets an escape, not a crash
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="backslashreplace")
     app()
 
 
