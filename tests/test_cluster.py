@@ -289,3 +289,32 @@ def test_queries_read_an_object_store_index_without_network_access(s3, clean_s3,
         assert c.sql("SELECT count(*) FROM neuron_stats").rows[0][0] == 256 + 64
         with pytest.raises(Exception, match="Refused|only"):
             c.sql("SELECT * FROM read_csv('/etc/passwd')")
+
+
+# Only what the store's path rules need: one hook, no optional statistics, few shards.
+SMALL_S3 = {"shard_size": 32, "dataset": {"max_tokens": 600}, "hooks": ["blocks.0.mlp.hook_post"], "statistics": []}
+
+
+def test_object_store_paths_follow_the_local_rules(s3, tmp_path, tiny_model, corpus_dir):
+    """A prefix holding a user's objects is never a store; --overwrite replaces an actscope store
+    there (deleted only once the new job is validated) and nothing else."""
+    fs = fsspec.filesystem("s3", skip_instance_cache=True)
+    fs.pipe("actscope-test/userfiles/notes.txt", b"keep me")
+    runner = CliRunner()
+    job = write_job(tmp_path, "users", tiny_model, corpus_dir, store="s3://actscope-test/userfiles", **SMALL_S3)
+    for extra in ([], ["--overwrite"]):
+        result = runner.invoke(app, ["run", str(job), "--local", *extra])
+        assert result.exit_code == 2 and "not an actscope store and not empty" in " ".join(result.output.split()), result.output
+    assert fs.cat("actscope-test/userfiles/notes.txt") == b"keep me"
+    url = "s3://actscope-test/runs/replaced.zarr"
+    first = write_job(tmp_path, "first", tiny_model, corpus_dir, store=url, top_k=3, dense=[], **SMALL_S3)
+    assert runner.invoke(app, ["run", str(first), "--local"]).exit_code == 0
+    bad = write_job(tmp_path, "bad", tiny_model, corpus_dir, store=url, top_k=4, context_length=65, dense=[], **SMALL_S3)
+    result = runner.invoke(app, ["run", str(bad), "--local", "--overwrite"])
+    assert result.exit_code == 2 and "positions" in result.output
+    assert Store.open(url).spec.top_k == 3  # a job that fails validation deletes nothing
+    second = write_job(tmp_path, "second", tiny_model, corpus_dir, store=url, top_k=4, dense=[], **SMALL_S3)
+    result = runner.invoke(app, ["run", str(second), "--local", "--overwrite"])
+    assert result.exit_code == 0, result.output
+    with queries.connect(url) as catalog:
+        assert catalog.sql("SELECT max(rank) FROM top_examples").rows == [(4,)]
