@@ -249,7 +249,7 @@ def _status_rows(s, spec, st, model) -> list[tuple[str, Text]]:
         ("model", f"{model['name']} ({model['architecture']}, {model['n_layers']} layers)"),
         ("corpus", f"{spec.dataset.path} {spec.dataset.data_files or ''}"),
         ("sequences", f"{st['n_seq']:,} × {spec.context_length} tokens" if st["tokenized"] else "not tokenized yet"),
-        ("shards", f"{done} of {s.n_shards} committed" if st["tokenized"] else "-"),
+        ("shards", f"{done} of {s.n_shards} committed, in groups of {s.shards_per_group}" if st["tokenized"] else "-"),
     ]
     rows += [("hook", f"{hook} ({width} neurons{', dense' if hook in spec.dense else ''})") for hook, width in model["hook_widths"].items()]
     rows.append(("status", Text("complete", "green") if st["complete"] else Text("incomplete: run the job again to resume", "yellow")))

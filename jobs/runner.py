@@ -18,7 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from pipeline.capacity import Estimate, gib, machine_memory, worker_memory
+from pipeline.capacity import Estimate, gib, machine_memory, partial_bytes, shards_per_group, worker_memory
 from pipeline.corpus import Encoded, check_corpus, encode_here, encode_task, tokenize_corpus
 from pipeline.fingerprint import data_files, fingerprint
 from pipeline.index import build_index
@@ -92,6 +92,12 @@ class Plan:
         lines.append(f"model: {self.model['name']} ({self.model['architecture']}, {self.model['n_layers']} layers, vocabulary {self.model['vocab_size']:,})")
         for hook, width in self.model["hook_widths"].items():
             lines.append(f"hook: {hook} ({width:,} units{', dense' if hook in spec.dense else ''})")
+        partial = partial_bytes(spec, self.model["hook_widths"], self.model["vocab_size"])
+        group = self.model["shards_per_group"]
+        lines.append(
+            f"partial state: {gib(partial)} per group of {group} shard(s) ({group * spec.shard_size * spec.context_length:,} tokens), "
+            "written once per group and merged in the reduce"
+        )
         limit = f" of {gib(self.memory_limit)} available" if self.memory_limit else " (the workers' devices are not visible here)"
         lines.append(f"worker memory: {gib(self.memory.total)}{limit}; largest parts: " + ", ".join(f"{name} {gib(size)}" for name, size in self.memory.largest()))
         return lines
@@ -122,10 +128,12 @@ def plan(spec: JobSpec, *, overwrite: bool = False, job_path: str | None = None,
         "hook_widths": hook_widths(bridge, spec.hooks),
         "framing": framing.to_dict(),
     }
+    model["shards_per_group"] = shards_per_group(spec, model["hook_widths"], model["vocab_size"])
     weight_bytes = sum(p.numel() * p.element_size() for p in bridge.original_model.parameters())
     del bridge
     gc.collect()
-    memory = worker_memory(spec, model["hook_widths"], model["vocab_size"], weight_bytes)
+    group_tokens = model["shards_per_group"] * spec.shard_size * spec.context_length
+    memory = worker_memory(spec, model["hook_widths"], model["vocab_size"], weight_bytes, group_tokens)
     limit = _memory_limit(spec, local_workers)
     if limit is not None and memory.total > limit:
         raise JobSpecError(_too_big(memory, limit, local_workers))
@@ -332,12 +340,13 @@ def run_job(
         created = None  # tokenized: from here on a failure keeps the store, to resume
 
         n_shards = store.n_shards
-        done = store.committed_shards()
-        pending = [s for s in range(n_shards) if s not in done]
+        done = store.committed_groups()
+        pending = [g for g in range(store.n_groups) if g not in done]
         n_tokens = store.n_seq * spec.context_length
         n_workers = _worker_count(spec, workers, use_ray, address, ray_session)
         t = time.perf_counter()
-        reporter.phase("activate", n_tokens, sum(store.shard_range(s)[1] - store.shard_range(s)[0] for s in done) * spec.context_length)
+        done_seqs = sum(store.group_range(g)[1] - store.group_range(g)[0] for g in done)
+        reporter.phase("activate", n_tokens, done_seqs * spec.context_length)
         results = []
         ready: list[float] = []  # when each of the first workers had loaded its model
         logits = spec.computes("logits") and not store.has_logits()
@@ -365,8 +374,8 @@ def run_job(
         try:
             merged = merge_shards(store)
         except DamagedPartial as damaged:
-            if damaged.shard is not None:
-                store.uncommit(damaged.shard)
+            if damaged.first_shard is not None:
+                store.uncommit(damaged.first_shard // store.shards_per_group)
             raise StoreDamaged(f"{damaged} It was dropped: run the job again to redo it.") from None
         build_index(store, merged, tokenizer)
         store.update_status(complete=True)
@@ -380,8 +389,8 @@ def run_job(
         n_seq=store.n_seq,
         n_tokens=n_tokens,
         shards_total=n_shards,
-        shards_run=sum(not r.skipped for r in results),
-        shards_skipped=len(done) + sum(r.skipped for r in results),
+        shards_run=sum(r.shards for r in results if not r.skipped),
+        shards_skipped=sum(len(store.group_shards(g)) for g in done) + sum(r.shards for r in results if r.skipped),
         workers=n_workers,
         seconds_activate=phases["activate"],
         seconds_total=time.perf_counter() - t0,
@@ -611,11 +620,17 @@ def _execute_on_ray(store_url: str, shards: list[int], n_workers: int, logits: b
             continue
         idle.append(actor)
         yield result
-    if logits:
-        if not idle:  # every actor was lost on the last shards: one more to compute them
+    for attempt in range(MAX_SHARD_ATTEMPTS if logits else 0):
+        if not idle:  # every actor was lost: one more to compute them
             ref, actor = start()
             ray.get(ref)
             idle.append(actor)
-        ray.get(idle[0].write_logit_effects.remote())
+        try:
+            ray.get(idle[0].write_logit_effects.remote())
+            break
+        except RayActorError:  # an idle actor can die too (its process killed, its node gone)
+            idle.pop(0)
+            if attempt == MAX_SHARD_ATTEMPTS - 1:
+                raise StoreError("the logit effects lost their worker every time; committed shards are kept: run the job again.") from None
     for actor in idle + list(starting.values()):
         ray.kill(actor)

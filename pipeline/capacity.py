@@ -8,7 +8,7 @@ V: vocabulary size):
   while the first batch is ranked;
 - moments ``48 w``; histogram ``8 w * N_BINS``; band samples ``20 w * 32 * samples_per_band``;
   random samples ``4 w * random_samples``;
-- token sums ``8 w * min(V, T)`` (float64 rows of the ids present in the shard);
+- token sums ``8 w * min(V, G)`` (float64 rows of the ids present in the group of G tokens);
 - a batch's activations ``4 B w`` (float32), and ``2 T w`` of host buffer per dense hook;
 - co-activation ``8`` bytes per neuron pair on the device (float32 co-moments, int32 counts),
   ``8`` more per pair for the shard's result on the host and ``16`` per pair of the largest site
@@ -46,8 +46,10 @@ class Estimate:
         return sorted(self.parts.items(), key=lambda item: -item[1])[:n]
 
 
-def worker_memory(spec: JobSpec, widths: dict[str, int], vocab_size: int, weight_bytes: int) -> Estimate:
+def worker_memory(spec: JobSpec, widths: dict[str, int], vocab_size: int, weight_bytes: int, group_tokens: int | None = None) -> Estimate:
+    """``group_tokens``: tokens in one accumulation group (default: one shard's)."""
     shard_tokens = spec.shard_size * spec.context_length
+    group_tokens = group_tokens or shard_tokens
     batch_tokens = min(spec.batch_size, spec.shard_size) * spec.context_length
     parts: dict[str, int] = {"model weights": weight_bytes}
 
@@ -64,7 +66,7 @@ def worker_memory(spec: JobSpec, widths: dict[str, int], vocab_size: int, weight
         if spec.computes("samples"):
             add("samples", 20 * w * N_BANDS * spec.samples_per_band + 4 * w * spec.random_samples)
         if spec.computes("tokens"):
-            add("token sums", 8 * w * min(vocab_size, shard_tokens))
+            add("token sums", 8 * w * min(vocab_size, group_tokens))
         add("activations", 4 * batch_tokens * w)
         if hook in spec.dense:
             add("dense buffers", 2 * shard_tokens * w)
@@ -72,8 +74,40 @@ def worker_memory(spec: JobSpec, widths: dict[str, int], vocab_size: int, weight
     if hooks:
         sizes = [widths[hooks[i]] * widths[hooks[j]] for i, j in site_pairs(hooks, spec.coactivation.pairs)]
         add("co-activation", 16 * sum(sizes) + 16 * max(sizes))
-    add("shard tokens", 64 * shard_tokens)
+    add("shard tokens", 64 * shard_tokens + 5 * group_tokens)
     return Estimate(parts)
+
+
+#: The partial state a group of shards may write per corpus token (the plan's target).
+PARTIAL_BYTES_PER_TOKEN = 1024
+
+
+def partial_bytes(spec: JobSpec, widths: dict[str, int], vocab_size: int) -> int:
+    """Bytes one group's partial statistics take in the store, at most: the same terms as the
+    worker's, without its buffers (token sums counted for the whole vocabulary)."""
+    total = 0
+    for w in widths.values():
+        sides = 2 if spec.computes("bottom") else 1
+        total += sides * 12 * w * spec.top_k * (2 if spec.examples == "document" else 1) + 48 * w
+        if spec.computes("histogram"):
+            total += 8 * w * N_BINS
+        if spec.computes("samples"):
+            total += 20 * w * N_BANDS * spec.samples_per_band + 4 * w * spec.random_samples
+        if spec.computes("tokens"):
+            total += 8 * w * vocab_size
+    hooks = spec.coactivation_hooks()
+    if hooks:
+        total += 8 * sum(widths[hooks[i]] * widths[hooks[j]] for i, j in site_pairs(hooks, spec.coactivation.pairs))
+    return total
+
+
+def shards_per_group(spec: JobSpec, widths: dict[str, int], vocab_size: int) -> int:
+    """The fewest shards whose tokens bring a group's partial state to at most
+    ``PARTIAL_BYTES_PER_TOKEN`` a token: the state does not grow with the corpus, it is written
+    once per group, so the store holds state x groups, not state x shards."""
+    shard_tokens = spec.shard_size * spec.context_length
+    size = -(-partial_bytes(spec, widths, vocab_size) // (PARTIAL_BYTES_PER_TOKEN * shard_tokens))
+    return max(1, min(size, (1 << 31) // shard_tokens))  # token indices within a group stay 32-bit
 
 
 def machine_memory() -> int:

@@ -238,9 +238,10 @@ def coactivation_table(store, spec: JobSpec) -> pa.Table:
 
 
 def _shard_keys(store) -> Iterable[str]:
+    """The partials' groups, in order (each named by its first shard)."""
     from storage.store import shard_key
 
-    return [shard_key(s) for s in range(store.n_shards)]
+    return [shard_key(g * store.shards_per_group) for g in range(store.n_groups)]
 
 
 def _fold_rows(groups, folded: _Folded, i: int, j: int, rows: slice, *, diagonal: bool = False):

@@ -22,15 +22,15 @@ def merge_shards(store: Store) -> dict[str, dict[str, np.ndarray]]:
     """{hook: {top_values, top_index, bottom_*, count, mean, m2, ..., hist, band_*, random_*,
     token_*}} over all shards; every shard must be committed."""
     spec = store.spec
-    missing = sorted(set(range(store.n_shards)) - store.committed_shards())
+    missing = sorted(set(range(store.n_groups)) - store.committed_groups())
     if missing:
-        raise StoreError(f"{store.url}: {len(missing)} shard(s) are not committed yet (first: {missing[0]}). Re-run the job to finish them.")
+        raise StoreError(f"{store.url}: {len(missing)} group(s) of shards are not committed yet (first: {missing[0]}). Re-run the job to finish them.")
     widths = store.model["hook_widths"]
     merged = {}
     for hook in spec.hooks:
         merge = HookMerge(spec, widths[hook], store.model["vocab_size"])
-        for shard in range(store.n_shards):
-            merge.add(store.read_partial(shard, hook))
+        for group in range(store.n_groups):
+            merge.add(store.read_partial(group, hook))
         merged[hook] = merge.result()
     return merged
 

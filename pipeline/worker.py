@@ -33,11 +33,14 @@ from storage.store import PAD, TEXT, Store
 
 @dataclass(frozen=True)
 class ShardResult:
+    """What running one accumulation group (``shard``: its index) did."""
+
     shard: int
     n_tokens: int  # positions processed, padding included
     seconds: float
     skipped: bool  # already committed by an earlier run or attempt
     node: str = "local"  # the Ray node that ran it
+    shards: int = 1  # shards in the group
 
 
 def _node() -> str:
@@ -70,25 +73,51 @@ class ShardWorker:
         """Answers once the model is loaded (a scheduler's signal that the actor can take work)."""
         return True
 
-    def __call__(self, shard: int) -> ShardResult:
+    def __call__(self, group: int) -> ShardResult:
+        """Run accumulation group ``group``: its shards in order into one set of accumulators,
+        each shard's dense chunks written as it ends, the group's partials committed last."""
         start = time.perf_counter()
-        first, last = self.store.shard_range(shard)
+        first, last = self.store.group_range(group)
         n_tokens = (last - first) * self.spec.context_length
-        if self.store.is_committed(shard):
-            return ShardResult(shard, n_tokens, 0.0, skipped=True, node=_node())
-        partials, dense = self._reduce(first, last)
-        # Dense chunks belong to this shard alone: write them whole, one hook per thread.
-        writes = [
-            self._writer.submit(self.store.dense(hook).__setitem__, slice(first, last), array)
-            for hook, array in dense.items()
-        ]
-        for write in writes:
-            write.result()
-        record = {"first_seq": first, "last_seq": last, "n_tokens": n_tokens}
-        self.store.write_partial(shard, partials, record)
-        return ShardResult(shard, n_tokens, time.perf_counter() - start, skipped=False, node=_node())
+        shards = self.store.group_shards(group)
+        if self.store.is_committed(group):
+            return ShardResult(group, n_tokens, 0.0, skipped=True, node=_node(), shards=len(shards))
+        partials = self._reduce(first, last, [self.store.shard_range(s) for s in shards])
+        record = {"first_seq": first, "last_seq": last, "n_tokens": n_tokens, "shards": [shards[0], shards[-1] + 1]}
+        self.store.write_partial(group, partials, record)
+        return ShardResult(group, n_tokens, time.perf_counter() - start, skipped=False, node=_node(), shards=len(shards))
 
-    def _reduce(self, first: int, last: int):
+    def _reduce(self, first: int, last: int, shards: list[tuple[int, int]]):
+        """Every statistic over sequences [first, last), shard by shard (the dense arrays'
+        chunks), into one set of accumulators."""
+        spec, ctx = self.spec, self.spec.context_length
+        # The group's token ids (5 bytes a token) size the token sums; everything else is read a
+        # shard at a time.
+        ids = self.store.read_tokens(first, last, ("tokens", "kinds"))
+        group_tokens = torch.from_numpy(ids["tokens"].astype(np.int64)).reshape(-1)
+        group_kinds = torch.from_numpy(ids["kinds"]).reshape(-1)
+        group_counted = group_kinds != PAD if spec.include_special_tokens else group_kinds == TEXT
+        del ids
+        stats = {
+            h: HookStatistics(spec, h, self.widths[h], group_tokens.to(self.device), group_counted.to(self.device))
+            for h in spec.hooks
+        }
+        del group_tokens, group_kinds, group_counted
+        # Once the job's co-activation is merged (and the groups' copies dropped), a group written
+        # again (a retried task) must not bring its copy back.
+        merged = COACTIVATION in self.store.group and self.store.group[COACTIVATION].attrs.get("committed")
+        coact = RunningCoactivation(spec, self.widths, self.device) if spec.coactivation_hooks() and not merged else None
+        for lo, hi in shards:
+            self._reduce_shard(lo, hi, first * ctx, stats, coact)
+        offset = first * ctx
+        partials = {hook: s.result(offset) for hook, s in stats.items()}
+        if coact is not None:
+            partials[COACTIVATION] = coact.result()
+        return partials
+
+    def _reduce_shard(self, first: int, last: int, group_offset: int, stats: dict, coact) -> None:
+        """Fold sequences [first, last) (one shard) into ``stats`` and ``coact``; write the
+        shard's dense chunks whole (they belong to this shard alone), one hook per thread."""
         spec, ctx = self.spec, self.spec.context_length
         data = self.store.read_tokens(first, last, ("tokens", "kinds", "doc_ids"))
         tokens = torch.from_numpy(data["tokens"].astype(np.int64)).to(self.device)
@@ -99,11 +128,7 @@ class ShardWorker:
         offset = first * ctx  # global index of the shard's first token
         shard = torch.arange(offset, offset + tokens.numel(), device=self.device)
         priority = sampling.priority(shard, spec.seed)
-        stats = {h: HookStatistics(spec, h, self.widths[h], tokens.reshape(-1), counted.reshape(-1)) for h in spec.hooks}
-        # Once the job's co-activation is merged (and the shards' copies dropped), a shard written
-        # again (a retried task) must not bring its copy back.
-        merged = COACTIVATION in self.store.group and self.store.group[COACTIVATION].attrs.get("committed")
-        coact = RunningCoactivation(spec, self.widths, self.device) if spec.coactivation_hooks() and not merged else None
+        local = offset - group_offset  # the shard's first token, counted from the group's
         dense = {h: np.empty((last - first, ctx, self.widths[h]), dtype=np.float16) for h in spec.dense}
         for b0 in range(0, last - first, spec.batch_size):
             b1 = min(b0 + spec.batch_size, last - first)
@@ -111,7 +136,7 @@ class ShardWorker:
             span = slice(b0 * ctx, b1 * ctx)
             mask = counted[b0:b1].reshape(-1)
             batch = Batch(
-                first=b0 * ctx,
+                first=local + b0 * ctx,
                 counted=None if bool(mask.all()) else mask,  # decided once per batch: one host sync
                 global_index=shard[span],
                 token_ids=tokens[b0:b1].reshape(-1),
@@ -130,10 +155,9 @@ class ShardWorker:
                 array[b0:b1] = acts[hook].to(torch.float16).cpu().numpy()
             if coact is not None:
                 coact.update(flat, batch)
-        partials = {hook: s.result(offset) for hook, s in stats.items()}
-        if coact is not None:
-            partials[COACTIVATION] = coact.result()
-        return partials, dense
+        writes = [self._writer.submit(self.store.dense(hook).__setitem__, slice(first, last), array) for hook, array in dense.items()]
+        for write in writes:
+            write.result()
 
     def write_logit_effects(self) -> bool:
         """Compute the logit effects of every hook from the weights, once per job; True if the

@@ -255,6 +255,34 @@ class Store:
         size = self.spec.shard_size
         return shard * size, min((shard + 1) * size, self.n_seq)
 
+    # -- accumulation groups: the unit of work, commit and retry --------------------------
+    #
+    # A group is a fixed run of consecutive shards (the plan sizes it so that the partial state
+    # written per group is about 1 KB per corpus token at most). A worker runs a group's shards
+    # in order into one set of accumulators and commits them once; shards stay the unit of the
+    # token and dense arrays' chunks. Groups are fixed by the plan, so the results do not depend
+    # on how many workers ran them or which were retried.
+
+    @property
+    def shards_per_group(self) -> int:
+        return int(self.model.get("shards_per_group", 1))
+
+    @property
+    def n_groups(self) -> int:
+        size = self.shards_per_group
+        return (self.n_shards + size - 1) // size
+
+    def group_shards(self, group: int) -> range:
+        size = self.shards_per_group
+        return range(group * size, min((group + 1) * size, self.n_shards))
+
+    def group_range(self, group: int) -> tuple[int, int]:
+        shards = self.group_shards(group)
+        return self.shard_range(shards[0])[0], self.shard_range(shards[-1])[1]
+
+    def _group_path(self, group: int) -> str:
+        return f"shards/{shard_key(group * self.shards_per_group)}"  # named by its first shard
+
     # -- tokens ---------------------------------------------------------------------------
 
     TOKEN_ARRAYS: ClassVar[dict[str, str]] = {"tokens": "int32", "doc_ids": "int64", "doc_pos": "int32", "kinds": "uint8"}
@@ -298,26 +326,30 @@ class Store:
 
     # -- per-shard partial statistics -----------------------------------------------------
 
-    def write_partial(self, shard: int, arrays: Mapping[str, Mapping[str, np.ndarray]], record: Mapping[str, Any]) -> None:
-        """Write one shard's partial statistics, then its commit record (last, atomically)."""
-        _write_committed(self.group.require_group("shards").require_group(shard_key(shard)), arrays, record)
+    def write_partial(self, group: int, arrays: Mapping[str, Mapping[str, np.ndarray]], record: Mapping[str, Any]) -> None:
+        """Write one group's partial statistics, then its commit record (last, atomically)."""
+        _write_committed(self.group.require_group(self._group_path(group)), arrays, record)
 
-    def is_committed(self, shard: int) -> bool:
+    def is_committed(self, group: int) -> bool:
         try:
-            return bool(self.group[f"shards/{shard_key(shard)}"].attrs.get("committed"))
+            return bool(self.group[self._group_path(group)].attrs.get("committed"))
         except KeyError:
             return False
 
-    def committed_shards(self) -> set[int]:
+    def committed_groups(self) -> set[int]:
         if "shards" not in self.group:  # a run killed while it created the store
             return set()
-        shards = self.group["shards"]
+        size, shards = self.shards_per_group, self.group["shards"]
         with _leftovers_ignored():
-            return {int(key) for key, sub in shards.groups() if sub.attrs.get("committed")}
+            return {int(key) // size for key, sub in shards.groups() if sub.attrs.get("committed") and int(key) % size == 0}
 
-    def read_partial(self, shard: int, hook: str) -> dict[str, np.ndarray]:
-        """One hook's committed partials of ``shard``, checked against the commit record."""
-        where = f"shards/{shard_key(shard)}"
+    def committed_shards(self) -> set[int]:
+        """The shards of the committed groups."""
+        return {shard for group in self.committed_groups() for shard in self.group_shards(group)}
+
+    def read_partial(self, group: int, hook: str) -> dict[str, np.ndarray]:
+        """One hook's committed partials of ``group``, checked against the commit record."""
+        where = self._group_path(group)
         try:
             group = self.group[f"{where}/{hook}"]
             with _leftovers_ignored():
@@ -326,13 +358,13 @@ class Store:
             raise DamagedPartial(f"{where}/{hook}") from None
         return _verified(arrays, self.group[where].attrs, hook, f"{where}/{hook}")
 
-    def uncommit(self, shard: int) -> None:
-        """Drop a shard's commit record (its partials are redone by the next run)."""
-        attrs = self.group[f"shards/{shard_key(shard)}"].attrs
+    def uncommit(self, group: int) -> None:
+        """Drop a group's commit record (its partials are redone by the next run)."""
+        attrs = self.group[self._group_path(group)].attrs
         attrs.update({"committed": False, "checksums": {}})
 
-    def shard_record(self, shard: int) -> dict[str, Any]:
-        return dict(self.group[f"shards/{shard_key(shard)}"].attrs)
+    def shard_record(self, group: int) -> dict[str, Any]:
+        return dict(self.group[self._group_path(group)].attrs)
 
     # -- logit effects (from the weights, once per job) -----------------------------------
 
@@ -419,7 +451,7 @@ class DamagedPartial(StoreDamaged):
 
     def __init__(self, where: str):
         self.where = where
-        self.shard = int(where.split("/")[1]) if where.startswith("shards/") else None
+        self.first_shard = int(where.split("/")[1]) if where.startswith("shards/") else None
         super().__init__(f"{where}: the committed partial statistics do not match their commit record's checksum (changed or damaged after the commit).")
 
 

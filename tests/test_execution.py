@@ -19,7 +19,7 @@ from pipeline import corpus
 from pipeline.worker import ShardWorker
 from queries.catalog import TABLES  # every table must match
 from storage.errors import StoreError
-from storage.store import Store
+from storage.store import Store, shard_key
 from tests.conftest import tree_digest
 
 
@@ -77,9 +77,10 @@ def test_rerun_resumes_and_a_shard_written_twice_is_harmless(make_job, ray_sessi
 
 
 def test_partially_done_job_resumes_to_identical_tables(make_job):
-    clean = load_job(make_job("clean"))
+    # Enough tokens for several groups of shards (each of several shards at this job's state).
+    clean = load_job(make_job("clean", dataset={"max_tokens": 16000}))
     run_job(clean, use_ray=False)
-    partial = load_job(make_job("partial"))
+    partial = load_job(make_job("partial", dataset={"max_tokens": 16000}))
     # Run plan + tokenize, then only some shards, as a crashed job would have.
     from jobs import runner
 
@@ -93,13 +94,18 @@ def test_partially_done_job_resumes_to_identical_tables(make_job):
     for hook in partial.dense:
         store.create_dense(hook, model["hook_widths"][hook], n_seq)
     store.update_status(tokenized=True, n_seq=n_seq)
+    assert store.n_groups >= 3 and store.shards_per_group > 1, "the test needs three groups of several shards"
     worker = ShardWorker(partial.store)
-    for shard in (0, 2):
-        worker(shard)
-    # A half-written shard with no commit record: its files exist, but it must be redone.
-    store.group["shards"].require_group("000001").create_array("junk", shape=(2,), dtype="int8")
+    for group in (0, 2):
+        worker(group)
+    # A half-written group with no commit record: its files exist, but it must be redone.
+    store.group["shards"].require_group(shard_key(store.shards_per_group)).create_array("junk", shape=(2,), dtype="int8")
     summary = run_job(partial, use_ray=False)
-    assert summary.resumed and summary.shards_skipped == 2 and summary.shards_run == summary.shards_total - 2
+    done = len(store.group_shards(0)) + len(store.group_shards(2))
+    assert summary.resumed and summary.shards_skipped == done and summary.shards_run == summary.shards_total - done
+    # Every shard is counted by exactly one committed group, and the groups are those of the plan.
+    covered = [shard for g in range(store.n_groups) for shard in range(*store.shard_record(g)["shards"])]
+    assert covered == list(range(store.n_shards))
     assert tables(partial.store) == tables(clean.store)
 
 
