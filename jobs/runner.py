@@ -145,8 +145,13 @@ def plan(spec: JobSpec, *, overwrite: bool = False, job_path: str | None = None,
 
     if inspect_target(spec.store) == "absent":  # refuses anything that is neither nothing nor a store
         return decided("create", spec.store)
-    existing = Store.open(spec.store)
-    if existing.fingerprint == model["fingerprint"]:
+    try:
+        existing = Store.open(spec.store)
+    except StoreError:
+        if not overwrite:
+            raise
+        existing = None  # an actscope store of another schema, or a damaged one: --overwrite replaces it
+    if existing is not None and existing.fingerprint == model["fingerprint"]:
         _check_stored_spec(existing, spec)
         return decided("resume", spec.store, existing)
     staging = staging_url(spec.store)
@@ -416,9 +421,9 @@ def _swap_in(staging: str, url: str) -> None:
     the new one renamed into place, then the old one deleted (each step checked to be a store)."""
     path = os.path.realpath(local_path(url))
     aside = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.actscope-old")
-    if inspect_target(aside) == "store":
-        Store.remove(aside)
-    Store.open(url)  # still an actscope store
+    Store.remove(aside)  # a stale one, if an earlier swap was cut short
+    if inspect_target(url) != "store":
+        raise StoreError(f"{url} changed while the job ran; the new store is kept at {staging}.")
     os.rename(path, aside)
     os.rename(staging, path)
     Store.remove(aside)

@@ -172,7 +172,7 @@ class Store:
         if attrs["schema_version"] != SCHEMA_VERSION:
             raise StoreError(
                 f"{url} has store schema {_short(attrs['schema_version'])}; this actscope reads "
-                f"schema {SCHEMA_VERSION}. Re-run the job into a new store."
+                f"schema {SCHEMA_VERSION}. Re-run the job into a new store, or with --overwrite to replace it."
             )
         missing = [key for key in ("spec", "fingerprint", "model", "status") if key not in attrs]
         if missing or not all(isinstance(attrs[k], dict) for k in ("spec", "model", "status")):
@@ -210,8 +210,9 @@ class Store:
 
     @classmethod
     def remove(cls, url: str) -> None:
-        """Delete the actscope store at ``url``, and nothing that is not one."""
-        cls.open(url)  # refuses anything that is not an actscope store
+        """Delete the actscope store at ``url`` (of any schema version), and nothing that is not one."""
+        if inspect_target(url) != "store":  # refuses anything that is neither nothing nor a store
+            return
         path = local_path(url)
         if path is not None:
             shutil.rmtree(path)

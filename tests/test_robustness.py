@@ -442,3 +442,17 @@ def test_model_and_corpus_mistakes(scratch):
         fails(["run", job(), "--local"], "model")
         (root / "model" / "config.json").write_text(json.dumps(config))
     assert not (root / "out.zarr").exists()
+
+
+def test_a_store_of_another_schema_is_replaced_only_with_overwrite(scratch):
+    root, job = scratch
+    invoke(["run", job(), "--local"])
+    meta = root / "out.zarr" / "zarr.json"
+    old = json.loads(meta.read_text())
+    old["attributes"]["schema_version"] = 1
+    meta.write_text(json.dumps(old))
+    before = folder_digest(root)
+    fails(["run", job(), "--local"], "schema 1")
+    assert folder_digest(root) == before
+    invoke(["run", job(), "--local", "--overwrite"], 0, "done")
+    invoke(["status", "out.zarr"], 0, "complete")
