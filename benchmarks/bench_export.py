@@ -75,7 +75,7 @@ def main() -> None:
                 out = root / f"site-{fmt}"
                 shutil.rmtree(out / hook, ignore_errors=True)
                 started = time.perf_counter()
-                summary = export(catalog, str(out), [hook], fmt=fmt)
+                summary = export(catalog, str(out), [hook], fmt=fmt, overwrite=True)
                 seconds = time.perf_counter() - started
                 info = summary["hooks"][hook]
                 results[f"{hook}/{fmt}"] = {

@@ -30,13 +30,15 @@ def write_table(store: Store, name: str, table: pa.Table) -> None:
         pq.write_table(table, f, row_group_size=ROW_GROUP, compression="zstd")
 
 
-def tokens_table(store: Store) -> pa.Table:
-    n_seq, ctx = store.n_seq, store.spec.context_length
-    data = store.read_tokens(0, n_seq, ("tokens", "doc_ids", "doc_pos", "kinds"))
+def tokens_table(store: Store, first: int = 0, last: int | None = None) -> pa.Table:
+    """Sequences [first, last) of the corpus as rows of the ``tokens`` table."""
+    last = store.n_seq if last is None else last
+    ctx = store.spec.context_length
+    data = store.read_tokens(first, last, ("tokens", "doc_ids", "doc_pos", "kinds"))
     return pa.table(
         {
-            "seq_id": np.repeat(np.arange(n_seq, dtype=np.int64), ctx),
-            "pos": np.tile(np.arange(ctx, dtype=np.int32), n_seq),
+            "seq_id": np.repeat(np.arange(first, last, dtype=np.int64), ctx),
+            "pos": np.tile(np.arange(ctx, dtype=np.int32), last - first),
             "token_id": data["tokens"].reshape(-1),
             "doc_id": data["doc_ids"].reshape(-1),
             "doc_pos": data["doc_pos"].reshape(-1),
@@ -45,6 +47,27 @@ def tokens_table(store: Store) -> pa.Table:
             ),
         }
     )
+
+
+def write_tokens_table(store: Store, block_seqs: int | None = None) -> None:
+    """The ``tokens`` table, written a block of sequences at a time (100M tokens are gigabytes:
+    the table is never whole in memory), in the row groups of ``write_table``: rows are held
+    back until a whole row group can be written, so the file is the same for any block size."""
+    block_seqs = block_seqs or max(1, (32 * ROW_GROUP) // store.spec.context_length)
+    fs, path = fsspec.core.url_to_fs(store.table_url("tokens"))
+    fs.makedirs(fs._parent(path), exist_ok=True)
+    schema = tokens_table(store, 0, 0).schema
+    with fs.open(path, "wb") as f, pq.ParquetWriter(f, schema, compression="zstd") as writer:
+        held = None
+        for first in range(0, store.n_seq, block_seqs):
+            block = tokens_table(store, first, min(first + block_seqs, store.n_seq))
+            held = block if held is None else pa.concat_tables([held, block])
+            whole = held.num_rows // ROW_GROUP * ROW_GROUP
+            if whole:
+                writer.write_table(held.slice(0, whole), row_group_size=ROW_GROUP)
+                held = held.slice(whole)
+        if held is not None and held.num_rows:
+            writer.write_table(held, row_group_size=ROW_GROUP)
 
 
 def running_text(tokenizer) -> list[str]:
@@ -223,7 +246,7 @@ def _per_hook(merged: dict[str, dict[str, np.ndarray]], rows, schema: pa.Schema 
 
 def build_index(store: Store, merged: dict[str, dict[str, np.ndarray]], tokenizer) -> None:
     ctx = store.spec.context_length
-    write_table(store, "tokens", tokens_table(store))
+    write_tokens_table(store)
     write_table(store, "vocab", vocab_table(tokenizer))
     write_table(store, "top_examples", examples_table(merged, ctx, "top"))
     write_table(store, "bottom_examples", examples_table(merged, ctx, "bottom"))

@@ -24,7 +24,7 @@ import pyarrow as pa
 
 from queries.sandbox import Limits, Sandbox
 from storage.errors import QueryError, StoreDamaged, StoreError
-from storage.store import Store
+from storage.store import PAD, Store
 
 TABLES = (
     "tokens", "vocab", "top_examples", "bottom_examples", "neuron_stats", "histograms",
@@ -195,7 +195,38 @@ class Catalog:
         self.check_neuron(hook, neuron)
         if k <= 0 or window < 0:
             raise QueryError("k must be positive and window non-negative.")
-        return self.internal("SELECT * FROM top_with_context(?, ?, k := ?, w := ?)", [hook, neuron, k, window])
+        k, window = min(k, 1 << 20), min(window, 1 << 20)
+        examples = self.internal(
+            "SELECT rank, activation, seq_id, pos FROM top_examples WHERE hook = ? AND neuron = ? AND rank <= ? ORDER BY rank",
+            [hook, neuron, k],
+        ).rows
+        return Result(["rank", "activation", "seq_id", "pos", "before", "token", "after"], self._contexts(examples, window))
+
+    def _contexts(self, examples: list[tuple], window: int) -> list[tuple]:
+        """Each example with its window of text, from the store's token arrays: the same text as
+        the ``top_with_context`` macro builds from the ``tokens`` table, without scanning it (a
+        window is two small chunk reads, whatever the corpus's length)."""
+        if not examples:
+            return []
+        ctx = self.store.spec.context_length
+        seqs = sorted({int(row[2]) for row in examples})
+        data = self.store.read_rows(seqs, ("tokens", "kinds"))
+        where = {seq: i for i, seq in enumerate(seqs)}
+        vocab = self._vocab()
+        out = []
+        for rank, activation, seq, pos in examples:
+            row = where[int(seq)]
+            lo, hi = max(pos - window, 0), min(pos + window + 1, ctx)
+            ids, kinds = data["tokens"][row, lo:hi], data["kinds"][row, lo:hi]
+            text = [vocab[t] if kind != PAD else "" for t, kind in zip(ids.tolist(), kinds.tolist())]
+            at = pos - lo
+            out.append((rank, activation, seq, pos, "".join(text[:at]), text[at], "".join(text[at + 1 :])))
+        return out
+
+    def _vocab(self) -> list[str]:
+        if getattr(self, "_vocab_cache", None) is None:
+            self._vocab_cache = self.arrow("SELECT token FROM vocab ORDER BY token_id").column(0).to_pylist()
+        return self._vocab_cache
 
 
     def coact(self, hook: str, neuron: int, k: int = 10, ranking: str = "pearson", tokens: int = 3) -> Result:
@@ -225,18 +256,8 @@ def lockdown(files: dict[str, str], limits: Limits) -> tuple[duckdb.DuckDBPyConn
     temp = tempfile.TemporaryDirectory(prefix="actscope-duckdb-")
     con = duckdb.connect(":memory:", config={"python_enable_replacements": False})
     try:
-        for table, path in files.items():
-            con.execute(f"CREATE VIEW {table} AS SELECT * FROM read_parquet({_literal(path)})")
-        con.execute(_MACROS)
-        con.execute(f"SET temp_directory = {_literal(temp.name)}")
-        con.execute(f"SET max_temp_directory_size = '{limits.temp}B'")
-        con.execute(f"SET memory_limit = '{limits.duckdb_memory}B'")
-        con.execute(f"SET threads = {int(limits.threads)}")
-        con.execute(f"SET allowed_paths = [{', '.join(_literal(p) for p in files.values())}]")
-        con.execute("SET autoinstall_known_extensions = false")
-        con.execute("SET autoload_known_extensions = false")
-        con.execute("SET enable_external_access = false")
-        con.execute("SET lock_configuration = true")
+        for statement in lockdown_statements(files, temp.name, limits):
+            con.execute(statement)
         for table in files:  # a truncated or foreign file fails here, not in a user's query
             con.execute(f"SELECT * FROM {table} LIMIT 0").fetchall()
     except BaseException:
@@ -244,6 +265,23 @@ def lockdown(files: dict[str, str], limits: Limits) -> tuple[duckdb.DuckDBPyConn
         temp.cleanup()
         raise
     return con, temp
+
+
+def lockdown_statements(files: dict[str, str], temp: str, limits: Limits) -> list[str]:
+    """The SQL that sets a fresh connection up and locks it (the sandbox runs the same)."""
+    return [
+        *(f"CREATE VIEW {table} AS SELECT * FROM read_parquet({_literal(path)})" for table, path in files.items()),
+        _MACROS,
+        f"SET temp_directory = {_literal(temp)}",
+        f"SET max_temp_directory_size = '{limits.temp}B'",
+        f"SET memory_limit = '{limits.duckdb_memory}B'",
+        f"SET threads = {int(limits.threads)}",
+        f"SET allowed_paths = [{', '.join(_literal(p) for p in files.values())}]",
+        "SET autoinstall_known_extensions = false",
+        "SET autoload_known_extensions = false",
+        "SET enable_external_access = false",
+        "SET lock_configuration = true",
+    ]
 
 
 def _node_types(tree: Any):

@@ -8,16 +8,23 @@ the parent's: past the deadline the child is killed and a fresh one serves the n
 child opens the same locked-down connection as the parent (``queries.catalog.lockdown``), fetches
 at most ``max_rows`` rows and ``max_bytes`` bytes, and sends them back.
 
-The child is started on the first user query of a catalog (0.2-0.3 s) and reused after that;
+The child is a bare ``python -c`` that imports DuckDB alone (0.1 s, not the parent's modules: a
+``multiprocessing`` spawn re-imports the parent's ``__main__``, 2 s for a script that imports
+torch), receives the lockdown statements and then queries as pickled frames on its stdin, and
+answers on its stdout. It is started on the first user query of a catalog and reused after that;
 actscope's own queries (``top``, ``coact``, pages) run in the parent, where their SQL is known.
 """
 
 from __future__ import annotations
 
-import multiprocessing
 import os
-import resource
-from dataclasses import dataclass
+import pickle
+import select
+import struct
+import subprocess
+import sys
+import tempfile
+from dataclasses import asdict, dataclass
 
 from storage.errors import QueryError
 
@@ -58,57 +65,64 @@ class Sandbox:
 
     def __init__(self, files: dict[str, str], limits: Limits):
         self.files, self.limits = files, limits
-        self._process = self._conn = None
+        self._process: subprocess.Popen | None = None
+        self._temp = None
 
     def run(self, query: str, params: list | None) -> Fetched:
         self._start()
         try:
-            self._conn.send((query, list(params or [])))
+            _send(self._process.stdin, (query, list(params or [])))
         except (BrokenPipeError, OSError):
             self.close()
             raise QueryError("The query process stopped unexpectedly; run the query again.") from None
-        if not self._conn.poll(self.limits.timeout):
+        ready, _, _ = select.select([self._process.stdout], [], [], self.limits.timeout)
+        if not ready:
             self.close()  # killed: DuckDB does not always see an interrupt inside one large operator
             raise QueryError(f"The query ran past {self.limits.timeout:g} s and was stopped.")
         try:
-            kind, *payload = self._conn.recv()
-        except (EOFError, OSError):
+            kind, *payload = _receive(self._process.stdout)
+        except (EOFError, OSError, pickle.UnpicklingError):
             self.close()
             raise QueryError(_memory_message(self.limits)) from None
         if kind == "error":
             name, message = payload
-            if name == "OutOfMemoryException" or name == "MemoryError":
+            if name in ("OutOfMemoryException", "MemoryError"):
                 raise QueryError(_memory_message(self.limits))
             if name == "PermissionException":
                 raise QueryError(f"Refused: the query may only read this store's tables. ({message})")
+            if name == "SetupError":
+                self.close()
             raise QueryError(message)
         return Fetched(*payload)
 
     def _start(self) -> None:
-        if self._process is not None and self._process.is_alive():
+        if self._process is not None and self._process.poll() is None:
             return
         self.close()
-        context = multiprocessing.get_context("spawn")  # never fork a process that runs threads
-        parent, child = context.Pipe()
-        self._process = context.Process(target=_serve, args=(child, self.files, self.limits), daemon=True, name="actscope-sql")
-        self._process.start()
-        child.close()
-        self._conn = parent
+        from queries.catalog import lockdown_statements
+
+        self._temp = tempfile.TemporaryDirectory(prefix="actscope-duckdb-")
+        self._process = subprocess.Popen(
+            [sys.executable, "-c", _CHILD], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+            env={**os.environ, "OMP_NUM_THREADS": "1"},
+        )
+        setup = {"sql": lockdown_statements(self.files, self._temp.name, self.limits), "limits": asdict(self.limits)}
+        _send(self._process.stdin, setup)
 
     def close(self) -> None:
-        if self._conn is not None:
-            try:
-                self._conn.send(None)
-            except (BrokenPipeError, OSError):
-                pass
-            self._conn.close()
-            self._conn = None
         if self._process is not None:
-            self._process.join(timeout=0.5)
-            if self._process.is_alive():
+            try:
+                _send(self._process.stdin, None)
+                self._process.stdin.close()
+                self._process.wait(timeout=0.5)
+            except (BrokenPipeError, OSError, subprocess.TimeoutExpired):
                 self._process.kill()
-                self._process.join()
+                self._process.wait()
+            self._process.stdout.close()
             self._process = None
+        if self._temp is not None:
+            self._temp.cleanup()
+            self._temp = None
 
 
 def _memory_message(limits: Limits) -> str:
@@ -118,52 +132,80 @@ def _memory_message(limits: Limits) -> str:
     )
 
 
-def _serve(conn, files: dict[str, str], limits: Limits) -> None:
-    """The child: cap the data segment, open the locked-down connection, answer queries."""
-    import duckdb
-
-    from queries.catalog import lockdown
-
-    if hasattr(resource, "RLIMIT_DATA"):
-        resource.setrlimit(resource.RLIMIT_DATA, (limits.memory, limits.memory))
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
-    con, temp = lockdown(files, limits)
-    try:
-        while True:
-            message = conn.recv()
-            if message is None:
-                return
-            query, params = message
-            try:
-                conn.send(("ok", *_fetch(con, query, params, limits)))
-            except duckdb.Error as err:
-                conn.send(("error", type(err).__name__, _first_line(err)))
-            except MemoryError:
-                conn.send(("error", "MemoryError", ""))
-            except Exception as err:  # noqa: BLE001 - e.g. a type Arrow cannot carry: the query fails, the process stays
-                conn.send(("error", type(err).__name__, f"the result cannot be returned ({_first_line(err)})"))
-    except (EOFError, KeyboardInterrupt):
-        return
-    finally:
-        con.close()
-        temp.cleanup()
+def _send(stream, message) -> None:
+    data = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
+    stream.write(struct.pack("<Q", len(data)) + data)
+    stream.flush()
 
 
-def _fetch(con, query: str, params: list, limits: Limits):
-    relation = con.sql(query, params=params or None)
-    columns = list(relation.columns)
-    reader = relation.to_arrow_reader(1024)
-    rows: list[tuple] = []
-    size, truncated = 0, False
-    for batch in reader:
-        size += batch.nbytes
-        values = [column.to_pylist() for column in batch.columns]
-        rows.extend(zip(*values, strict=True) if values else [() for _ in range(batch.num_rows)])
-        if len(rows) > limits.max_rows or size > limits.max_bytes:
-            truncated = True
-            break
-    return columns, rows[: limits.max_rows], truncated
+def _receive(stream):
+    header = stream.read(8)
+    if len(header) < 8:
+        raise EOFError
+    (size,) = struct.unpack("<Q", header)
+    data = stream.read(size)
+    if len(data) < size:
+        raise EOFError
+    return pickle.loads(data)
 
 
-def _first_line(err: Exception) -> str:
+# The child: DuckDB alone, frames on its stdin and stdout (anything printed goes to stderr).
+_CHILD = r"""
+import os, pickle, resource, struct, sys
+out = os.fdopen(os.dup(1), "wb")
+os.dup2(2, 1)
+inp = sys.stdin.buffer
+
+def receive():
+    header = inp.read(8)
+    if len(header) < 8:
+        sys.exit(0)
+    return pickle.loads(inp.read(struct.unpack("<Q", header)[0]))
+
+def send(message):
+    data = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
+    out.write(struct.pack("<Q", len(data)) + data)
+    out.flush()
+
+def first_line(err):
     return (str(err).strip().splitlines() or [""])[0][:500]
+
+setup = receive()
+limits = setup["limits"]
+import duckdb
+if hasattr(resource, "RLIMIT_DATA"):
+    resource.setrlimit(resource.RLIMIT_DATA, (limits["memory"], limits["memory"]))
+con = duckdb.connect(":memory:", config={"python_enable_replacements": False})
+failed = None
+try:
+    for statement in setup["sql"]:
+        con.execute(statement)
+except duckdb.Error as err:
+    failed = first_line(err)
+while True:
+    message = receive()
+    if message is None:
+        break
+    if failed is not None:
+        send(("error", "SetupError", failed))
+        continue
+    query, params = message
+    try:
+        relation = con.sql(query, params=params or None)
+        columns = list(relation.columns)
+        rows, size, truncated = [], 0, False
+        for batch in relation.to_arrow_reader(1024):
+            size += batch.nbytes
+            values = [column.to_pylist() for column in batch.columns]
+            rows.extend(zip(*values) if values else [() for _ in range(batch.num_rows)])
+            if len(rows) > limits["max_rows"] or size > limits["max_bytes"]:
+                truncated = True
+                break
+        send(("ok", columns, rows[: limits["max_rows"]], truncated))
+    except duckdb.Error as err:
+        send(("error", type(err).__name__, first_line(err)))
+    except MemoryError:
+        send(("error", "MemoryError", ""))
+    except Exception as err:
+        send(("error", type(err).__name__, "the result cannot be returned (" + first_line(err) + ")"))
+"""

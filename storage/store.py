@@ -308,6 +308,10 @@ class Store:
     def read_tokens(self, start: int, stop: int, names: tuple[str, ...] = ("tokens", "kinds")) -> dict[str, np.ndarray]:
         return {name: self.group[name][start:stop] for name in names}
 
+    def read_rows(self, seqs: list[int], names: tuple[str, ...] = ("tokens", "kinds")) -> dict[str, np.ndarray]:
+        """Whole sequences ``seqs`` (sorted), each array read once for all of them."""
+        return {name: self.group[name].get_orthogonal_selection((np.asarray(seqs, dtype=np.int64), slice(None))) for name in names}
+
     # -- dense activations ----------------------------------------------------------------
 
     def create_dense(self, hook: str, width: int, n_seq: int) -> None:

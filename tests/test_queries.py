@@ -116,3 +116,14 @@ def test_coact_command_prints_partners_with_their_top_tokens(finished):
     assert table.exit_code == 0 and "partners by jaccard" in table.output
     bad = CliRunner().invoke(app, ["coact", finished.store, hook, "99999"])
     assert bad.exit_code == 2 and "Traceback" not in bad.output
+
+
+def test_top_reads_the_same_windows_as_the_sql_macro(finished):
+    """``top`` builds its windows from the token arrays (no scan of the tokens table); the SQL
+    macro builds them from the table: the same rows, for every neuron and window."""
+    with queries.connect(finished.store) as catalog:
+        for neuron in range(0, 256, 5):
+            for k, window in ((5, 0), (3, 8), (5, 40)):
+                fast = catalog.top("blocks.1.mlp.hook_post", neuron, k=k, window=window)
+                macro = catalog.sql("SELECT * FROM top_with_context(?, ?, k := ?, w := ?)", ["blocks.1.mlp.hook_post", neuron, k, window])
+                assert (fast.columns, fast.rows) == (macro.columns, macro.rows)
