@@ -93,11 +93,14 @@ class Plan:
         for hook, width in self.model["hook_widths"].items():
             lines.append(f"hook: {hook} ({width:,} units{', dense' if hook in spec.dense else ''})")
         partial = partial_bytes(spec, self.model["hook_widths"], self.model["vocab_size"])
-        group = self.model["shards_per_group"]
-        lines.append(
-            f"partial state: {gib(partial)} per group of {group} shard(s) ({group * spec.shard_size * spec.context_length:,} tokens), "
-            "written once per group and merged in the reduce"
-        )
+        shard_tokens = spec.shard_size * spec.context_length
+        if spec.dataset.max_tokens:
+            n_shards = -(-spec.dataset.max_tokens // shard_tokens)
+            group = shards_per_group(spec, self.model["hook_widths"], self.model["vocab_size"], n_shards)
+            grouping = f"groups of {group} shard(s) ({group * shard_tokens:,} tokens) for {spec.dataset.max_tokens:,} tokens"
+        else:
+            grouping = "groups sized once the corpus is tokenized"
+        lines.append(f"partial state: at most {gib(partial)} per group, written once per group ({grouping})")
         limit = f" of {gib(self.memory_limit)} available" if self.memory_limit else " (the workers' devices are not visible here)"
         lines.append(f"worker memory: {gib(self.memory.total)}{limit}; largest parts: " + ", ".join(f"{name} {gib(size)}" for name, size in self.memory.largest()))
         return lines
@@ -128,12 +131,10 @@ def plan(spec: JobSpec, *, overwrite: bool = False, job_path: str | None = None,
         "hook_widths": hook_widths(bridge, spec.hooks),
         "framing": framing.to_dict(),
     }
-    model["shards_per_group"] = shards_per_group(spec, model["hook_widths"], model["vocab_size"])
     weight_bytes = sum(p.numel() * p.element_size() for p in bridge.original_model.parameters())
     del bridge
     gc.collect()
-    group_tokens = model["shards_per_group"] * spec.shard_size * spec.context_length
-    memory = worker_memory(spec, model["hook_widths"], model["vocab_size"], weight_bytes, group_tokens)
+    memory = worker_memory(spec, model["hook_widths"], model["vocab_size"], weight_bytes, group_tokens=model["vocab_size"])
     limit = _memory_limit(spec, local_workers)
     if limit is not None and memory.total > limit:
         raise JobSpecError(_too_big(memory, limit, local_workers))
@@ -340,7 +341,7 @@ def run_job(
             tokenize_tasks = encoder.tasks
             for hook in spec.dense:
                 store.create_dense(hook, model["hook_widths"][hook], n_seq)
-            store.update_status(tokenized=True, n_seq=n_seq)  # last: a crash before it re-tokenizes
+            mark_tokenized(store, spec, n_seq)
             phases["tokenize"] = time.perf_counter() - t
         created = None  # tokenized: from here on a failure keeps the store, to resume
 
@@ -414,6 +415,15 @@ def dry_run(spec: JobSpec, *, address: str | None = None, workers: int | None = 
     local_workers = _local_worker_count(spec, workers, use_ray) if address is None else None
     planned = plan(spec, overwrite=overwrite, job_path=job_path, local_workers=local_workers)
     return planned.describe(spec)
+
+
+def mark_tokenized(store: Store, spec: JobSpec, n_seq: int) -> None:
+    """Record the corpus's length and its accumulation groups (a function of the job and the
+    length alone); last, so a crash before it re-tokenizes."""
+    model = store.model
+    n_shards = -(-n_seq // spec.shard_size)
+    group = shards_per_group(spec, model["hook_widths"], model["vocab_size"], n_shards)
+    store.update_status(tokenized=True, n_seq=n_seq, shards_per_group=group)
 
 
 def _swap_in(staging: str, url: str) -> None:

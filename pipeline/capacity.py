@@ -101,12 +101,26 @@ def partial_bytes(spec: JobSpec, widths: dict[str, int], vocab_size: int) -> int
     return total
 
 
-def shards_per_group(spec: JobSpec, widths: dict[str, int], vocab_size: int) -> int:
-    """The fewest shards whose tokens bring a group's partial state to at most
-    ``PARTIAL_BYTES_PER_TOKEN`` a token: the state does not grow with the corpus, it is written
-    once per group, so the store holds state x groups, not state x shards."""
+#: Groups a corpus is cut into at least, where their state fits ``SMALL_JOB_PARTIALS`` in all:
+#: so that several workers share even a job too short for the per-token target.
+MIN_GROUPS = 8
+SMALL_JOB_PARTIALS = 4 << 30
+
+
+def shards_per_group(spec: JobSpec, widths: dict[str, int], vocab_size: int, n_shards: int) -> int:
+    """Shards per accumulation group, from the job and its corpus's length alone (never from the
+    worker count: the groups fix the float sums). A group holds the fewest shards whose tokens
+    bring its partial state to at most ``PARTIAL_BYTES_PER_TOKEN`` a token (the state does not
+    grow with the corpus and is written once per group, so the store holds state x groups, not
+    state x shards); a short job is still cut into up to ``MIN_GROUPS`` groups while their state
+    stays within ``SMALL_JOB_PARTIALS`` in all, or within the per-token target."""
     shard_tokens = spec.shard_size * spec.context_length
-    size = -(-partial_bytes(spec, widths, vocab_size) // (PARTIAL_BYTES_PER_TOKEN * shard_tokens))
+    state = max(partial_bytes(spec, widths, vocab_size), 1)
+    size = -(-state // (PARTIAL_BYTES_PER_TOKEN * shard_tokens))
+    groups = -(-n_shards // size)
+    budget = max(PARTIAL_BYTES_PER_TOKEN * n_shards * shard_tokens, SMALL_JOB_PARTIALS)
+    groups = max(groups, min(MIN_GROUPS, n_shards, budget // state))
+    size = -(-n_shards // max(groups, 1))
     return max(1, min(size, (1 << 31) // shard_tokens))  # token indices within a group stay 32-bit
 
 

@@ -266,7 +266,7 @@ class Store:
 
     @property
     def shards_per_group(self) -> int:
-        return int(self.model.get("shards_per_group", 1))
+        return int(self.status.get("shards_per_group", 1))  # decided once the corpus is tokenized
 
     @property
     def n_groups(self) -> int:

@@ -93,7 +93,7 @@ def test_partially_done_job_resumes_to_identical_tables(make_job):
     n_seq = corpus.tokenize_corpus(store, partial, Framing.from_tokenizer(tokenizer), encoder)
     for hook in partial.dense:
         store.create_dense(hook, model["hook_widths"][hook], n_seq)
-    store.update_status(tokenized=True, n_seq=n_seq)
+    runner.mark_tokenized(store, partial, n_seq)
     assert store.n_groups >= 3 and store.shards_per_group > 1, "the test needs three groups of several shards"
     worker = ShardWorker(partial.store)
     for group in (0, 2):
