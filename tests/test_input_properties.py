@@ -60,7 +60,7 @@ def test_generated_job_files_are_refused_cleanly_or_planned(tmp_path_factory, ti
     job_path = root / "job.yaml"
 
     @given(job_texts(base))
-    @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow], database=None)
+    @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow], database=None)
     def check(text: str):
         job_path.write_text(text, errors="surrogateescape")
         result = runner.invoke(app, ["run", str(job_path), "--dry-run", "--local"])
@@ -93,7 +93,7 @@ def test_generated_sql_is_answered_or_refused(small_store):
     with queries.connect(small_store, timeout=3) as catalog:
 
         @given(st.lists(SQL_PIECES, min_size=1, max_size=12))
-        @settings(max_examples=150, deadline=None, database=None)
+        @settings(max_examples=100, deadline=None, database=None)
         def check(pieces):
             try:
                 result = catalog.sql(" ".join(pieces))
