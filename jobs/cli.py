@@ -24,7 +24,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 from rich.text import Text
 
-from storage.errors import ActscopeError
+from storage.errors import ActscopeError, first_line
 
 app = typer.Typer(
     no_args_is_help=True,
@@ -77,7 +77,7 @@ def friendly(command):
         except Exception as error:
             if _DEBUG["on"]:
                 raise
-            detail = (str(error).strip().splitlines() or [""])[0][:300]
+            detail = first_line(error)
             kind = "out of memory" if isinstance(error, MemoryError) else type(error).__name__
             say(("failed: ", "bold red"), f"{kind}: {detail}" if detail else kind, " (--debug shows the traceback)")
             raise typer.Exit(1) from None

@@ -134,7 +134,7 @@ def plan(spec: JobSpec, *, overwrite: bool = False, job_path: str | None = None,
     weight_bytes = sum(p.numel() * p.element_size() for p in bridge.original_model.parameters())
     del bridge
     gc.collect()
-    memory = worker_memory(spec, model["hook_widths"], model["vocab_size"], weight_bytes, group_tokens=model["vocab_size"])
+    memory = worker_memory(spec, model["hook_widths"], model["vocab_size"], weight_bytes)
     limit = _memory_limit(spec, local_workers)
     if limit is not None and memory.total > limit:
         raise JobSpecError(_too_big(memory, limit, local_workers))

@@ -47,9 +47,10 @@ class Estimate:
 
 
 def worker_memory(spec: JobSpec, widths: dict[str, int], vocab_size: int, weight_bytes: int, group_tokens: int | None = None) -> Estimate:
-    """``group_tokens``: tokens in one accumulation group (default: one shard's)."""
+    """``group_tokens``: tokens in one accumulation group; unknown before the corpus is
+    tokenized, so by default the token sums are counted for the whole vocabulary."""
     shard_tokens = spec.shard_size * spec.context_length
-    group_tokens = group_tokens or shard_tokens
+    group_tokens = group_tokens or vocab_size
     batch_tokens = min(spec.batch_size, spec.shard_size) * spec.context_length
     parts: dict[str, int] = {"model weights": weight_bytes}
 
@@ -74,7 +75,7 @@ def worker_memory(spec: JobSpec, widths: dict[str, int], vocab_size: int, weight
     if hooks:
         sizes = [widths[hooks[i]] * widths[hooks[j]] for i, j in site_pairs(hooks, spec.coactivation.pairs)]
         add("co-activation", 16 * sum(sizes) + 16 * max(sizes))
-    add("shard tokens", 64 * shard_tokens + 5 * group_tokens)
+    add("shard tokens", 64 * shard_tokens + 5 * max(group_tokens, shard_tokens))
     return Estimate(parts)
 
 

@@ -21,7 +21,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 from pipeline.model import Framing, load_tokenizer
-from storage.errors import CorpusError
+from storage.errors import CorpusError, cause
 from storage.spec import DatasetSpec, JobSpec
 from storage.store import PAD, SPECIAL, TEXT, Store
 
@@ -53,7 +53,7 @@ def read_batches(dataset: DatasetSpec, size: int | None = None) -> Iterator[list
         batches = stream.iter(batch_size=size)
         first = next(batches, None)
     except Exception as err:  # noqa: BLE001 - datasets' loaders fail in many ways (missing files, bad JSON, no network)
-        raise CorpusError(f"dataset: cannot read {where}: {_cause(err)}") from None
+        raise CorpusError(f"dataset: cannot read {where}: {cause(err)}") from None
     if first is None:
         raise CorpusError(f"dataset: {where} has no documents.")
     if dataset.text_column not in first:
@@ -67,11 +67,7 @@ def read_batches(dataset: DatasetSpec, size: int | None = None) -> Iterator[list
         try:
             batch = next(batches, None)
         except Exception as err:  # noqa: BLE001 - a later file can be malformed too
-            raise CorpusError(f"dataset: cannot read {where}: {_cause(err)}") from None
-
-
-def _cause(err: Exception) -> str:
-    return f"{type(err).__name__}: {(str(err).strip().splitlines() or [''])[0][:300]}"
+            raise CorpusError(f"dataset: cannot read {where}: {cause(err)}") from None
 
 
 def batched(documents: Iterable[str], size: int | None = None) -> Iterator[list[str]]:

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from storage.errors import ModelError
+from storage.errors import ModelError, cause
 from storage.spec import JobSpec
 
 _BLOCK = re.compile(r"^blocks\.(\d+)\.")
@@ -75,14 +75,14 @@ def _quiet_transformers() -> None:
 
 
 def _load_failure(model: str, err: Exception) -> str:
-    cause = f"{type(err).__name__}: {(str(err).strip().splitlines() or [''])[0][:300]}"
+    why = cause(err)
     if os.path.exists(model):
-        return f"model: cannot load {model} as a Hugging Face model directory ({cause})."
+        return f"model: cannot load {model} as a Hugging Face model directory ({why})."
     if os.path.sep in model or model.startswith("."):
         return f"model: {model} does not exist. Give a Hugging Face model directory or a hub id."
     return (
         f"model: cannot load {model!r}: it is not a local directory and the hub could not provide "
-        f"it (offline, or no such model). Cause: {cause}"
+        f"it (offline, or no such model). Cause: {why}"
     )
 
 

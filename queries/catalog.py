@@ -23,7 +23,7 @@ import fsspec
 import pyarrow as pa
 
 from queries.sandbox import Limits, Sandbox
-from storage.errors import QueryError, StoreDamaged, StoreError
+from storage.errors import QueryError, StoreDamaged, StoreError, first_line
 from storage.store import PAD, Store
 
 TABLES = (
@@ -83,7 +83,7 @@ class Catalog:
             self.con, self._temp = lockdown(self.files, Limits(timeout=self.limits.timeout, threads=min(4, os.cpu_count() or 1)))
         except duckdb.Error as err:
             self.close()
-            raise StoreDamaged(f"{store_url}: the index is damaged and cannot be read ({_first_line(err)}). Run the job again into a new store.") from None
+            raise StoreDamaged(f"{store_url}: the index is damaged and cannot be read ({first_line(err)}). Run the job again into a new store.") from None
         self._sandbox = Sandbox(self.files, self.limits)
 
     def _local_index(self) -> str:
@@ -175,9 +175,9 @@ class Catalog:
         except duckdb.InterruptException:
             raise QueryError(f"The query ran past {self.timeout:g} s and was interrupted.") from None
         except duckdb.PermissionException as err:
-            raise QueryError(f"Refused: the query may only read this store's tables. ({_first_line(err)})") from None
+            raise QueryError(f"Refused: the query may only read this store's tables. ({first_line(err)})") from None
         except duckdb.Error as err:
-            raise QueryError(_first_line(err)) from None
+            raise QueryError(first_line(err)) from None
         finally:
             timer.cancel()
 
@@ -301,7 +301,7 @@ def _parse(query: str) -> list:
     try:
         return duckdb.extract_statements(query)
     except duckdb.Error as err:
-        raise QueryError(_first_line(err)) from None
+        raise QueryError(first_line(err)) from None
 
 
 def _article(word: str) -> str:
@@ -312,5 +312,3 @@ def _literal(text: str) -> str:
     return "'" + text.replace("'", "''") + "'"
 
 
-def _first_line(err: Exception) -> str:
-    return str(err).strip().splitlines()[0]

@@ -6,6 +6,25 @@ says what was wrong and how to fix it. Anything that is not an ``ActscopeError``
 
 from __future__ import annotations
 
+from typing import Any
+
+
+def first_line(err: BaseException, limit: int = 300) -> str:
+    """An exception's message as an error line quotes it: its first line, cut to ``limit``."""
+    return (str(err).strip().splitlines() or [""])[0][:limit]
+
+
+def cause(err: BaseException) -> str:
+    """``Type: first line`` of an exception, for "cannot read X (cause)" messages."""
+    return f"{type(err).__name__}: {first_line(err)}"
+
+
+def short(value: Any, limit: int = 60) -> str:
+    """A bad value as an error message quotes it: a short prefix of its repr (a list or a
+    mapping by its size)."""
+    text = repr(value) if not isinstance(value, dict | list) else f"a {type(value).__name__} of {len(value)} item(s)"
+    return text if len(text) <= limit else text[:limit] + "..."
+
 
 class ActscopeError(Exception):
     """Base class: an error the user can fix. ``str(err)`` is the whole message; the CLI exits

@@ -12,7 +12,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from storage.errors import JobSpecError
+from storage.errors import JobSpecError, short
 
 PositiveInt = Annotated[int, Field(gt=0)]
 FiniteFloat = Annotated[float, Field(allow_inf_nan=False)]
@@ -221,19 +221,13 @@ def _describe(err: ValidationError, source: str) -> str:
         elif problem["type"] == "missing":
             message = "required field is missing"
         elif problem["type"] == "less_than_equal" and _why(problem["loc"]):
-            message = f"{message} ({_why(problem['loc'])}; got {_short(problem.get('input'))})"
+            message = f"{message} ({_why(problem['loc'])}; got {short(problem.get('input'))})"
         elif "input" in problem and problem["type"] not in ("value_error",):
-            message = f"{message} (got {_short(problem['input'])})"
+            message = f"{message} (got {short(problem['input'])})"
         lines.append(f"  - {where}: {message}")
     if err.error_count() > shown:
         lines.append(f"  ... and {err.error_count() - shown} more")
     return "\n".join(lines)
-
-
-def _short(value: Any, limit: int = 60) -> str:
-    """A bad value as an error message quotes it: a short prefix of its repr."""
-    text = repr(value) if not isinstance(value, dict | list) else f"a {type(value).__name__} of {len(value)} item(s)"
-    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def _why(loc: tuple[Any, ...]) -> str | None:

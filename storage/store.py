@@ -33,7 +33,7 @@ import xxhash
 import zarr
 import zarr.errors
 
-from storage.errors import StoreDamaged, StoreError
+from storage.errors import StoreDamaged, StoreError, first_line, short
 from storage.spec import JobSpec
 
 SCHEMA_VERSION = 2  # 2: commit records carry checksums of what they commit
@@ -80,11 +80,6 @@ def storage_options(url: str) -> dict[str, Any] | None:
     return {"use_listings_cache": False} if protocol in _LISTING_CACHES else None
 
 
-def _short(value: Any, limit: int = 60) -> str:
-    text = repr(value)
-    return text if len(text) <= limit else text[:limit] + "..."
-
-
 def _open_group(url: str, mode: str) -> zarr.Group | None:
     """The Zarr group at ``url``, or None where there is none. A damaged one (unparsable
     metadata) or an unreachable store is a StoreError, not a traceback."""
@@ -93,16 +88,11 @@ def _open_group(url: str, mode: str) -> zarr.Group | None:
     except (FileNotFoundError, NotADirectoryError, zarr.errors.GroupNotFoundError, zarr.errors.NodeTypeValidationError):
         return None
     except (json.JSONDecodeError, UnicodeDecodeError, zarr.errors.MetadataValidationError, KeyError, TypeError, ValueError) as err:
-        raise StoreDamaged(f"{url}: its zarr.json is damaged and cannot be read ({_first_line(err)}).") from None
+        raise StoreDamaged(f"{url}: its zarr.json is damaged and cannot be read ({first_line(err)}).") from None
     except PermissionError as err:
-        raise StoreError(f"{url}: permission denied ({_first_line(err)}).") from None
+        raise StoreError(f"{url}: permission denied ({first_line(err)}).") from None
     except Exception as err:  # noqa: BLE001 - fsspec back ends raise their own errors (connection refused, auth, ...)
-        raise StoreDamaged(f"{url}: cannot reach the store ({type(err).__name__}: {_first_line(err)}).") from None
-
-
-def _first_line(err: Exception) -> str:
-    text = str(err).strip()
-    return (text.splitlines() or [""])[0][:200]
+        raise StoreDamaged(f"{url}: cannot reach the store ({type(err).__name__}: {first_line(err)}).") from None
 
 
 def inspect_target(url: str) -> str:
@@ -120,7 +110,7 @@ def inspect_target(url: str) -> str:
         try:
             entries = sorted(os.listdir(path))
         except OSError as err:
-            raise StoreError(f"store: cannot read {url} ({_first_line(err)}).") from None
+            raise StoreError(f"store: cannot read {url} ({first_line(err)}).") from None
     else:
         import fsspec
 
@@ -134,7 +124,7 @@ def inspect_target(url: str) -> str:
         except StoreError:
             raise
         except Exception as err:  # noqa: BLE001 - each fsspec back end raises its own errors
-            raise StoreDamaged(f"store: cannot reach {url} ({type(err).__name__}: {_first_line(err)}).") from None
+            raise StoreDamaged(f"store: cannot reach {url} ({type(err).__name__}: {first_line(err)}).") from None
     if not entries:
         return "absent"
     group = _open_group(url, "r") if "zarr.json" in entries else None
@@ -171,7 +161,7 @@ class Store:
             raise StoreError(f"{url} is a Zarr group but not an actscope store (no schema_version).")
         if attrs["schema_version"] != SCHEMA_VERSION:
             raise StoreError(
-                f"{url} has store schema {_short(attrs['schema_version'])}; this actscope reads "
+                f"{url} has store schema {short(attrs['schema_version'])}; this actscope reads "
                 f"schema {SCHEMA_VERSION}. Re-run the job into a new store, or with --overwrite to replace it."
             )
         missing = [key for key in ("spec", "fingerprint", "model", "status") if key not in attrs]
