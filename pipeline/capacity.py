@@ -86,19 +86,23 @@ PARTIAL_BYTES_PER_TOKEN = 1024
 def partial_bytes(spec: JobSpec, widths: dict[str, int], vocab_size: int) -> int:
     """Bytes one group's partial statistics take in the store, at most: the same terms as the
     worker's, without its buffers (token sums counted for the whole vocabulary)."""
-    total = 0
-    for w in widths.values():
-        sides = 2 if spec.computes("bottom") else 1
-        total += sides * 12 * w * spec.top_k * (2 if spec.examples == "document" else 1) + 48 * w
-        if spec.computes("histogram"):
-            total += 8 * w * N_BINS
-        if spec.computes("samples"):
-            total += 20 * w * N_BANDS * spec.samples_per_band + 4 * w * spec.random_samples
-        if spec.computes("tokens"):
-            total += 8 * w * vocab_size
+    total = sum(hook_partial_bytes(spec, w, vocab_size) for w in widths.values())
     hooks = spec.coactivation_hooks()
     if hooks:
         total += 8 * sum(widths[hooks[i]] * widths[hooks[j]] for i, j in site_pairs(hooks, spec.coactivation.pairs))
+    return total
+
+
+def hook_partial_bytes(spec: JobSpec, w: int, vocab_size: int) -> int:
+    """One hook's share of ``partial_bytes`` (co-activation aside), for a hook of width ``w``."""
+    sides = 2 if spec.computes("bottom") else 1
+    total = sides * 12 * w * spec.top_k * (2 if spec.examples == "document" else 1) + 48 * w
+    if spec.computes("histogram"):
+        total += 8 * w * N_BINS
+    if spec.computes("samples"):
+        total += 20 * w * N_BANDS * spec.samples_per_band + 4 * w * spec.random_samples
+    if spec.computes("tokens"):
+        total += 8 * w * vocab_size
     return total
 
 
@@ -123,6 +127,29 @@ def shards_per_group(spec: JobSpec, widths: dict[str, int], vocab_size: int, n_s
     groups = max(groups, min(MIN_GROUPS, n_shards, budget // state))
     size = -(-n_shards // max(groups, 1))
     return max(1, min(size, (1 << 31) // shard_tokens))  # token indices within a group stay 32-bit
+
+
+def store_bytes(spec: JobSpec, widths: dict[str, int], vocab_size: int, n_tokens: int, group_shards: int) -> Estimate:
+    """Bytes the store will hold for ``n_tokens`` corpus tokens, by part, at most (uncompressed:
+    zstd makes the tables and token arrays smaller). ``partial state`` is its peak, during the
+    reduce: every group's partials, the merged co-moments (4 + 4 bytes per pair) and the parts'
+    tables; once the index is written, the groups' co-activation copies are dropped."""
+    shard_tokens = spec.shard_size * spec.context_length
+    groups = -(-n_tokens // (group_shards * shard_tokens))
+    units = sum(widths.values())
+    parts: dict[str, int] = {"token arrays": 17 * n_tokens}
+    dense = sum(2 * widths[h] * n_tokens for h in spec.dense)
+    if dense:
+        parts["dense activations"] = dense
+    pairs = 0
+    hooks = spec.coactivation_hooks()
+    if hooks:
+        pairs = sum(widths[hooks[i]] * widths[hooks[j]] for i, j in site_pairs(hooks, spec.coactivation.pairs))
+    per_unit = 2 * spec.top_k * 22 + N_BINS * 30 + N_BANDS * spec.samples_per_band * 30 + spec.random_samples * 22
+    per_unit += spec.top_tokens * 22 + 2 * spec.top_logits * 20 + (2 * spec.coactivation.partners * 40 if hooks else 0) + 100
+    parts["tables"] = 25 * n_tokens + per_unit * units
+    parts["partial state (peak)"] = groups * partial_bytes(spec, widths, vocab_size) + 8 * pairs + per_unit * units
+    return Estimate(parts)
 
 
 def machine_memory() -> int:

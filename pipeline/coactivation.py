@@ -13,20 +13,23 @@ Shards combine with the pairwise update of Chan et al.:
 ``C = C_a + C_b + (m_b - m_a)(m_b - m_a)^T n_a n_b / n``. Cost per counted token: 4 N_i N_j FLOPs
 per site pair, divided by the stride.
 
-**Merge, blockwise.** Each shard stores its co-moments (float32) and counts (uint16 when the shard
-has fewer than 2**16 co-activation tokens, else int32) per site pair, in 512 x 512 chunks. The merge
-walks the neurons in row blocks: for each block it folds the shards' rows in shard order with the
-same pairwise update, computes the four statistics against every allowed partner, and keeps the top
-``partners`` by |pearson| and by Jaccard. Host memory is one block's rows, ``512 x N`` float64,
-never N x N. The merged co-moments are written to the store's ``coactivation/`` group as they are
-computed; once committed, the shards' copies are deleted, so a store holds one N x N set, not one
-per shard.
+**Merge, blockwise, in parallel.** Each group of shards stores its co-moments (float32) and counts
+(uint16 when the group has fewer than 2**16 co-activation tokens, else int32) per site pair, in
+512 x 512 chunks. The reduce first runs ``prepare`` (the groups' per-neuron sums folded, every
+neuron's variance, the merged group created), then ``block_table`` for every block of ``BLOCK``
+rows of every site, as independent parts (Ray tasks in a job): a block folds the groups' rows in
+group order with the same pairwise update, computes the four statistics against every allowed
+partner, and keeps the top ``partners`` by |pearson| and by Jaccard. It reads each chunk of its
+rows once (a chunk of an off-diagonal site pair is read by one block of each of its two sites),
+and holds a few ``512 x w_j`` float64 arrays, never N x N. The merged co-moments are written to the
+store's ``coactivation/`` group block by block (a block's rows are its own chunks); once every
+block is done, the merge is committed and the groups' copies are deleted, so a store holds one
+N x N set, not one per group.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
 
 import numpy as np
 import pyarrow as pa
@@ -34,8 +37,8 @@ import torch
 
 from pipeline.tokenstats import top_rows
 from storage.spec import JobSpec
+from storage.tables import SCHEMAS
 
-GROUP = "coactivation"  # the shard partials' pseudo-hook (hook names all contain "hook")
 BLOCK = 512
 #: Variance per token below this fraction of (1 + mean²) is float32 rounding, not signal.
 RELATIVE_FLOOR = 1e-10
@@ -165,83 +168,108 @@ class _Folded:
         self.mean = mean or []
 
 
-def coactivation_table(store, spec: JobSpec) -> pa.Table:
-    """The ``coactivation`` table: for each neuron, its top partners by |pearson| and by Jaccard."""
-    from pipeline.index import SCHEMAS
+RANKINGS = ("pearson", "jaccard")
 
+
+def blocks(spec: JobSpec, widths: dict[str, int]) -> list[tuple[int, int]]:
+    """The merge's units after ``prepare``: (site, first row) of every block of ``BLOCK`` rows."""
+    return [(i, start) for i, hook in enumerate(spec.coactivation_hooks()) for start in range(0, widths[hook], BLOCK)]
+
+
+def prepare(store, spec: JobSpec) -> None:
+    """Fold the groups' per-neuron sums, compute every neuron's variance over the co-activation
+    tokens, and create the merged group that the blocks fill (once: a prepared store is kept)."""
+    if store.merged_coactivation() is not None:
+        return
     hooks = spec.coactivation_hooks()
-    if not hooks:
-        return SCHEMAS["coactivation"].empty_table()
-    pairs = site_pairs(hooks, spec.coactivation.pairs)
-    merged = store.group.require_group(GROUP)
-    if merged.attrs.get("committed"):
-        groups, keep = [merged], None  # merged by an earlier run: one "shard" holding everything
-    else:
-        groups = [store.group[f"shards/{key}/{GROUP}"] for key in _shard_keys(store)]
-        keep = merged
-    small = [{name: g[name][...] for name in g.array_keys() if not name.startswith(("m2.", "both."))} for g in groups]
-    folded = _Folded(small, len(hooks))
-    if keep is not None:
-        _create_merged(keep, groups[0], folded, len(hooks))
+    sources = store.coactivation_partials()
+    folded = _Folded([s.vectors() for s in sources], len(hooks))
     n = folded.n
-    # The diagonal co-moments (variances) of every neuron, folded like every other entry.
-    variance = [_fold_rows(groups, folded, i, i, slice(None), diagonal=True)[0] for i in range(len(hooks))]
-    # A neuron (near-)constant over the co-activation tokens has no correlation: its co-moments
-    # are float noise (seen on BERT's outlier residual dimensions), so its variance becomes NaN.
-    variance = [np.where(v > RELATIVE_FLOOR * max(n, 1) * (1.0 + m**2), v, np.nan) for v, m in zip(variance, folded.mean)]
-    partners_of = {i: [j for a, b in pairs for j in ((b,) if a == i else (a,) if b == i else ())] for i in range(len(hooks))}
-    columns: dict[str, list[np.ndarray]] = {name: [] for name in SCHEMAS["coactivation"].names}
-    m = spec.coactivation.partners
-    for i, hook in enumerate(hooks):
-        js = sorted(set(partners_of[i]))
-        width = len(variance[i])
-        for start in range(0, width, BLOCK):
-            rows = slice(start, min(start + BLOCK, width))
-            blocks = []
-            for j in js:
-                m2, both = _fold_rows(groups, folded, i, j, rows)
-                if keep is not None and i <= j:
-                    keep[f"m2.{i}.{j}"][rows, :] = m2.astype(np.float32)
-                    keep[f"both.{i}.{j}"][rows, :] = both
-                blocks.append(_block_stats(m2, both, folded, variance, i, j, rows, n))
-            stats = {k: np.concatenate([b[k] for b in blocks], axis=1) for k in blocks[0]}
-            partner_hook = np.concatenate([np.full(len(variance[j]), j) for j in js])
-            partner = np.concatenate([np.arange(len(variance[j])) for j in js])
-            own = np.arange(rows.start, rows.stop)
-            is_self = (partner_hook[None, :] == i) & (partner[None, :] == own[:, None])
-            for ranking, score in (("pearson", np.abs(stats["pearson"])), ("jaccard", stats["jaccard"])):
-                score = np.where(is_self | np.isnan(score), -np.inf, score)
-                k = min(m, score.shape[1])
-                best = top_rows(score.T, k).T  # [rows, k]
-                valid = np.take_along_axis(score, best, 1) > -np.inf
-                r, c = np.nonzero(valid)
-                col = best[r, c]
-                columns["hook_a"].append(np.full(len(r), hook, dtype=object))
-                columns["neuron_a"].append(own[r])
-                columns["hook_b"].append(np.array(hooks, dtype=object)[partner_hook[col]])
-                columns["neuron_b"].append(partner[col])
-                columns["ranking"].append(np.full(len(r), ranking, dtype=object))
-                columns["rank"].append(c + 1)
-                for name in ("pearson", "jaccard", "p_b_given_a", "lift", "n_both"):
-                    columns[name].append(stats[name][r, col])
-    if keep is not None:
-        keep.attrs["committed"] = True
-    if not columns["hook_a"]:
-        return SCHEMAS["coactivation"].empty_table()
+    vectors = {"n": np.array([n], dtype=np.int64)}
+    for i in range(len(hooks)):
+        # The diagonal co-moments (variances), folded like every other entry. A neuron
+        # (near-)constant over the co-activation tokens has no correlation: its co-moments are
+        # float noise (seen on BERT's outlier residual dimensions), so its variance becomes NaN.
+        v = _fold_rows(sources, folded, i, i, slice(None), diagonal=True)[0]
+        vectors[f"mean.{i}"] = folded.mean[i]
+        vectors[f"active.{i}"] = np.asarray(folded.active[i], dtype=np.int64)
+        vectors[f"variance.{i}"] = np.where(v > RELATIVE_FLOOR * max(n, 1) * (1.0 + folded.mean[i] ** 2), v, np.nan)
+    template = sources[0]
+    matrices = {
+        name: (template.shape(name), "float32" if name.startswith("m2.") else "int32" if n < 2**31 else "int64")
+        for name in template.names() if name.startswith(("m2.", "both."))
+    }
+    store.prepare_merged_coactivation(vectors, matrices)
+
+
+def block_table(store, spec: JobSpec, site: int, start: int) -> pa.Table:
+    """The ``coactivation`` rows of the neurons ``[start, start + BLOCK)`` of ``site``: their top
+    partners by |pearson| and by Jaccard. The block's co-moments and counts are folded over the
+    groups in group order (and written to the merged group unless it is already complete), one
+    partner site at a time; each site's top candidates are kept, and the best of them taken with
+    ties by the partner's place in the job (site, neuron), as one ranking over every partner
+    would. Host memory: a few ``BLOCK x w_j`` float64 arrays for the widest partner site."""
+    hooks = spec.coactivation_hooks()
+    pairs = site_pairs(hooks, spec.coactivation.pairs)
+    merged = store.merged_coactivation().vectors()
+    sources = store.coactivation_partials()
+    folded = _Folded([s.vectors() for s in sources], len(hooks))
+    variance = [merged[f"variance.{k}"] for k in range(len(hooks))]
+    keep = not store.has_merged_coactivation()
+    i, n, m = site, int(merged["n"][0]), spec.coactivation.partners
+    rows = slice(start, min(start + BLOCK, len(variance[i])))
+    own = np.arange(rows.start, rows.stop)
+    js = sorted({j for a, b in pairs for j in ((b,) if a == i else (a,) if b == i else ())})
+    names = ("pearson", "jaccard", "p_b_given_a", "lift", "n_both")
+    found: dict[str, list[dict[str, np.ndarray]]] = {ranking: [] for ranking in RANKINGS}
+    offset = 0  # the partner site's first column in the job's order of every partner
+    for j in js:
+        m2, both = _fold_rows(sources, folded, i, j, rows)
+        if keep and i <= j:
+            store.write_merged_coactivation(f"m2.{i}.{j}", rows, m2.astype(np.float32))
+            store.write_merged_coactivation(f"both.{i}.{j}", rows, both)
+        stats = _block_stats(m2, both, folded, variance, i, j, rows, n)
+        for ranking, score in (("pearson", np.abs(stats["pearson"])), ("jaccard", stats["jaccard"])):
+            score = np.where(np.isnan(score), -np.inf, score)
+            if j == i:
+                score[np.arange(len(own)), own] = -np.inf  # a neuron is not its own partner
+            best = top_rows(score.T, min(m, score.shape[1])).T  # [rows, k], ties by lower neuron
+            found[ranking].append({
+                "score": np.take_along_axis(score, best, 1), "column": best + offset, "site": np.full(best.shape, j), "neuron": best,
+                **{name: np.take_along_axis(stats[name], best, 1) for name in names},
+            })
+        offset += len(variance[j])
+    columns: dict[str, list[np.ndarray]] = {name: [] for name in ("hook_a", "neuron_a", "hook_b", "neuron_b", "ranking", "rank", *names)}
+    for ranking in RANKINGS:
+        cand = {key: np.concatenate([f[key] for f in found[ranking]], axis=1) for key in found[ranking][0]}
+        order = np.lexsort((cand["column"], -cand["score"]), axis=1)[:, :m]
+        cand = {key: np.take_along_axis(value, order, 1) for key, value in cand.items()}
+        r, c = np.nonzero(cand["score"] > -np.inf)
+        columns["hook_a"].append(np.full(len(r), hooks[i], dtype=object))
+        columns["neuron_a"].append(own[r])
+        columns["hook_b"].append(np.array(hooks, dtype=object)[cand["site"][r, c]])
+        columns["neuron_b"].append(cand["neuron"][r, c])
+        columns["ranking"].append(np.full(len(r), ranking, dtype=object))
+        columns["rank"].append(c + 1)
+        for name in names:
+            columns[name].append(cand[name][r, c])
     table = {name: np.concatenate(parts) for name, parts in columns.items()}
-    site = {h: k for k, h in enumerate(hooks)}
-    order = np.lexsort((table["rank"], table["ranking"].astype(str), table["neuron_a"], [site[h] for h in table["hook_a"]]))
+    order = np.lexsort((table["rank"], table["ranking"].astype(str), table["neuron_a"]))
     arrays = {name: pa.array(values[order]) for name, values in table.items()}
     for name in ("hook_a", "hook_b"):
         arrays[name] = arrays[name].dictionary_encode()
     return pa.table(arrays).cast(SCHEMAS["coactivation"])
 
 
-def _shard_keys(store) -> Iterable[str]:
-    """The partials' groups, in order (each named by its first shard)."""
-    from storage.store import shard_key
-
-    return [shard_key(g * store.shards_per_group) for g in range(store.n_groups)]
+def coactivation_table(store, spec: JobSpec) -> pa.Table:
+    """The whole ``coactivation`` table in this process (the reduce runs the same steps as
+    parts), and the merged co-moments committed."""
+    if not spec.coactivation_hooks():
+        return SCHEMAS["coactivation"].empty_table()
+    prepare(store, spec)
+    tables = [block_table(store, spec, i, start) for i, start in blocks(spec, store.model["hook_widths"])]
+    store.commit_merged_coactivation()
+    return pa.concat_tables(tables).unify_dictionaries().combine_chunks()
 
 
 def _fold_rows(groups, folded: _Folded, i: int, j: int, rows: slice, *, diagonal: bool = False):
@@ -254,13 +282,13 @@ def _fold_rows(groups, folded: _Folded, i: int, j: int, rows: slice, *, diagonal
     for group, (n0, nb, delta) in zip(groups, folded.steps):
         if diagonal:
             # The diagonal of a square chunked array: read it block by block along the diagonal.
-            width = group[f"m2.{name}"].shape[0]
-            part_m2 = np.concatenate([np.diagonal(group[f"m2.{name}"][s:s + BLOCK, s:s + BLOCK]) for s in range(0, width, BLOCK)]).astype(np.float64)
+            width = group.shape(f"m2.{name}")[0]
+            part_m2 = np.concatenate([np.diagonal(group.read(f"m2.{name}", slice(s, s + BLOCK), slice(s, s + BLOCK))) for s in range(0, width, BLOCK)]).astype(np.float64)
             part_both = None
             correction = delta[i] * delta[j]
         else:
-            part_m2 = (group[f"m2.{name}"][rows, :] if i <= j else group[f"m2.{name}"][:, rows].T).astype(np.float64)
-            part_both = (group[f"both.{name}"][rows, :] if i <= j else group[f"both.{name}"][:, rows].T).astype(np.int64)
+            part_m2 = (group.read(f"m2.{name}", rows) if i <= j else group.read(f"m2.{name}", slice(None), rows).T).astype(np.float64)
+            part_both = (group.read(f"both.{name}", rows) if i <= j else group.read(f"both.{name}", slice(None), rows).T).astype(np.int64)
             correction = np.outer(delta[i][rows], delta[j])
         total = n0 + nb
         weight = n0 * nb / total if total else 0.0
@@ -268,36 +296,6 @@ def _fold_rows(groups, folded: _Folded, i: int, j: int, rows: slice, *, diagonal
         if part_both is not None:
             both = part_both if both is None else both + part_both
     return m2, both
-
-
-def _create_merged(group, template, folded: _Folded, n_hooks: int) -> None:
-    """Arrays for the merged co-moments and counts (filled block by block by the merge), and the
-    folded per-neuron sums, shaped as one shard's partial so that later reads take one path."""
-    from storage.store import partial_compressors
-
-    group.create_array("n", data=np.array([folded.n], dtype=np.int64), overwrite=True)
-    for i in range(n_hooks):
-        group.create_array(f"mean.{i}", data=folded.mean[i], overwrite=True)
-        group.create_array(f"active.{i}", data=np.asarray(folded.active[i], dtype=np.int64), overwrite=True)
-    for name, array in template.arrays():
-        if name.startswith(("m2.", "both.")):
-            chunks = tuple(min(d, BLOCK) for d in array.shape)
-            dtype = np.float32 if name.startswith("m2.") else np.int64
-            group.create_array(name, shape=array.shape, dtype=dtype, chunks=chunks, compressors=partial_compressors(name), overwrite=True)
-
-
-def drop_shard_partials(store) -> None:
-    """Once the merged co-moments are committed, the shards' copies (N x N each) go: the store
-    keeps one, not one per shard."""
-    if GROUP not in store.group or not store.group[GROUP].attrs.get("committed"):
-        return
-    for key in _shard_keys(store):
-        shard = store.group[f"shards/{key}"]
-        if GROUP in shard:
-            del shard[GROUP]
-            checksums = dict(shard.attrs.get("checksums") or {})
-            if checksums.pop(GROUP, None) is not None:  # the record names what the shard holds
-                shard.attrs["checksums"] = checksums
 
 
 def _block_stats(m2, both, folded: _Folded, variance, i: int, j: int, rows: slice, n: int) -> dict[str, np.ndarray]:

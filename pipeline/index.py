@@ -9,25 +9,14 @@ natural key with row groups of 32k rows, so DuckDB reads one neuron's rows from 
 
 from __future__ import annotations
 
-import fsspec
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from pipeline import sampling
-from pipeline.coactivation import coactivation_table, drop_shard_partials
 from pipeline.histogram import bin_edges, quantiles
 from pipeline.moments import describe
 from storage.store import Store
-
-ROW_GROUP = 32768
-
-
-def write_table(store: Store, name: str, table: pa.Table) -> None:
-    fs, path = fsspec.core.url_to_fs(store.table_url(name))
-    fs.makedirs(fs._parent(path), exist_ok=True)
-    with fs.open(path, "wb") as f:
-        pq.write_table(table, f, row_group_size=ROW_GROUP, compression="zstd")
+from storage.tables import ROW_GROUP, SCHEMAS, TableWriter
 
 
 def tokens_table(store: Store, first: int = 0, last: int | None = None) -> pa.Table:
@@ -51,23 +40,11 @@ def tokens_table(store: Store, first: int = 0, last: int | None = None) -> pa.Ta
 
 def write_tokens_table(store: Store, block_seqs: int | None = None) -> None:
     """The ``tokens`` table, written a block of sequences at a time (100M tokens are gigabytes:
-    the table is never whole in memory), in the row groups of ``write_table``: rows are held
-    back until a whole row group can be written, so the file is the same for any block size."""
+    the table is never whole in memory)."""
     block_seqs = block_seqs or max(1, (32 * ROW_GROUP) // store.spec.context_length)
-    fs, path = fsspec.core.url_to_fs(store.table_url("tokens"))
-    fs.makedirs(fs._parent(path), exist_ok=True)
-    schema = tokens_table(store, 0, 0).schema
-    with fs.open(path, "wb") as f, pq.ParquetWriter(f, schema, compression="zstd") as writer:
-        held = None
+    with TableWriter(store.table_url("tokens"), "tokens") as writer:
         for first in range(0, store.n_seq, block_seqs):
-            block = tokens_table(store, first, min(first + block_seqs, store.n_seq))
-            held = block if held is None else pa.concat_tables([held, block])
-            whole = held.num_rows // ROW_GROUP * ROW_GROUP
-            if whole:
-                writer.write_table(held.slice(0, whole), row_group_size=ROW_GROUP)
-                held = held.slice(whole)
-        if held is not None and held.num_rows:
-            writer.write_table(held, row_group_size=ROW_GROUP)
+            writer.write(tokens_table(store, first, min(first + block_seqs, store.n_seq)))
 
 
 def running_text(tokenizer) -> list[str]:
@@ -96,23 +73,6 @@ def vocab_table(tokenizer) -> pa.Table:
     )
 
 
-_HOOK = pa.dictionary(pa.int32(), pa.string())
-_EXAMPLE = [("neuron", pa.int32()), ("rank", pa.int16()), ("activation", pa.float32()), ("seq_id", pa.int64()), ("pos", pa.int32())]
-SCHEMAS = {
-    "examples": pa.schema([("hook", _HOOK), *_EXAMPLE]),
-    "histograms": pa.schema([("hook", _HOOK), ("neuron", pa.int32()), ("bin", pa.int16()), ("lo", pa.float64()), ("hi", pa.float64()), ("count", pa.int64())]),
-    "band_samples": pa.schema([("hook", _HOOK), ("neuron", pa.int32()), ("band", pa.int16()), ("lo", pa.float64()), ("hi", pa.float64()), *_EXAMPLE[1:]]),
-    "random_samples": pa.schema([("hook", _HOOK), *_EXAMPLE]),
-    "token_stats": pa.schema([("hook", _HOOK), ("neuron", pa.int32()), ("rank", pa.int16()), ("token_id", pa.int32()), ("mean_activation", pa.float64()), ("count", pa.int64())]),
-    "coactivation": pa.schema([
-        ("hook_a", _HOOK), ("neuron_a", pa.int32()), ("hook_b", _HOOK), ("neuron_b", pa.int32()), ("ranking", pa.string()),
-        ("rank", pa.int16()), ("pearson", pa.float32()), ("jaccard", pa.float32()), ("p_b_given_a", pa.float32()),
-        ("lift", pa.float32()), ("n_both", pa.int64()),
-    ]),
-    "logit_effects": pa.schema([("hook", _HOOK), ("neuron", pa.int32()), ("direction", pa.string()), ("rank", pa.int16()), ("token_id", pa.int32()), ("effect", pa.float32())]),
-}
-
-
 def _ranked(index: np.ndarray, ctx: int, values: np.ndarray) -> dict[str, np.ndarray]:
     """Rows of a [rank, neuron] table of token indices (-1 = empty), by neuron then rank."""
     rank, neuron = np.nonzero(index >= 0)
@@ -130,7 +90,7 @@ def _ranked(index: np.ndarray, ctx: int, values: np.ndarray) -> dict[str, np.nda
 
 def examples_table(merged: dict[str, dict[str, np.ndarray]], ctx: int, prefix: str) -> pa.Table:
     """One row per (hook, neuron, rank) that has an example; rank 1 is the most extreme."""
-    return _per_hook(merged, lambda hook, m: _ranked(m[f"{prefix}_index"], ctx, m[f"{prefix}_values"]), SCHEMAS["examples"], f"{prefix}_index")
+    return _per_hook(merged, lambda hook, m: _ranked(m[f"{prefix}_index"], ctx, m[f"{prefix}_values"]), SCHEMAS["top_examples"], f"{prefix}_index")
 
 
 def band_samples_table(merged: dict[str, dict[str, np.ndarray]], ctx: int) -> pa.Table:
@@ -224,7 +184,7 @@ def stats_table(merged: dict[str, dict[str, np.ndarray]]) -> pa.Table:
             columns.update({name: pa.nulls(len(columns["neuron"]), pa.float64()) for name in QUANTILES})
         return columns
 
-    return _per_hook(merged, rows)
+    return _per_hook(merged, rows, SCHEMAS["neuron_stats"])
 
 
 def _per_hook(merged: dict[str, dict[str, np.ndarray]], rows, schema: pa.Schema | None = None, needs: str | None = None) -> pa.Table:
@@ -244,17 +204,15 @@ def _per_hook(merged: dict[str, dict[str, np.ndarray]], rows, schema: pa.Schema 
     return pa.concat_tables(parts).unify_dictionaries().combine_chunks()
 
 
-def build_index(store: Store, merged: dict[str, dict[str, np.ndarray]], tokenizer) -> None:
-    ctx = store.spec.context_length
-    write_tokens_table(store)
-    write_table(store, "vocab", vocab_table(tokenizer))
-    write_table(store, "top_examples", examples_table(merged, ctx, "top"))
-    write_table(store, "bottom_examples", examples_table(merged, ctx, "bottom"))
-    write_table(store, "neuron_stats", stats_table(merged))
-    write_table(store, "histograms", histogram_table(merged))
-    write_table(store, "band_samples", band_samples_table(merged, ctx))
-    write_table(store, "random_samples", random_samples_table(merged, ctx))
-    write_table(store, "token_stats", token_stats_table(merged))
-    write_table(store, "logit_effects", logit_effects_table(store.read_logits()))
-    write_table(store, "coactivation", coactivation_table(store, store.spec))
-    drop_shard_partials(store)
+def hook_tables(merged: dict[str, dict[str, np.ndarray]], ctx: int, logits: dict[str, dict[str, np.ndarray]]) -> dict[str, pa.Table]:
+    """The rows of every per-hook table for the hooks in ``merged`` (the reduce gives one)."""
+    return {
+        "top_examples": examples_table(merged, ctx, "top"),
+        "bottom_examples": examples_table(merged, ctx, "bottom"),
+        "neuron_stats": stats_table(merged),
+        "histograms": histogram_table(merged),
+        "band_samples": band_samples_table(merged, ctx),
+        "random_samples": random_samples_table(merged, ctx),
+        "token_stats": token_stats_table(merged),
+        "logit_effects": logit_effects_table(logits),
+    }

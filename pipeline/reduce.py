@@ -1,76 +1,135 @@
-"""Merge every shard's partial statistics into the job's results, exactly.
+"""The reduce: every group's partial statistics merged into the job's tables, exactly, as
+independent *parts* that run in parallel (Ray tasks in a job, or one after another here).
 
-Shards are folded in shard order, and every merge is a function of the data alone (top-k and
-samples by (value or priority, token index), sums in a fixed order), so the result is the same
-whatever the number of workers and whichever shards were retried.
+- A **hook part** folds one hook's partials over the groups, in group order, and writes that hook's
+  rows of every per-hook table (examples, stats, histograms, samples, token stats, logit effects).
+  Memory: the token sums, ``16 V w`` bytes (the [vocab, width] float64 sums and the means), and
+  two groups' partials of the hook.
+- The **co-activation** merge runs ``prepare`` first (one part), then one part per block of 512
+  rows of each site (``pipeline.coactivation``): ``~100 * 512 * w_j`` bytes for the widest
+  partner site.
+
+Each part writes its rows to ``index/parts/<part>/`` and then a ``DONE`` file; a part that has one
+is not run again, so a stopped reduce resumes where it was (a part is its unit of work). The
+driver then *assembles* each table from its parts in order (hooks sorted; co-activation by site
+and block), a part at a time (``storage.tables.TableWriter``): it never holds more than one
+part's rows, and never an N x N matrix. Every merge is a function of the data alone (top-k and
+samples by (value or priority, token index), sums in group order), so the tables are the same
+whatever the number of workers, the parts' order, and whichever groups or parts were retried.
 """
 
 from __future__ import annotations
 
+import resource
+import time
+from dataclasses import dataclass
+
 import numpy as np
 
-from pipeline.moments import FIELDS, combine
-from pipeline.sampling import merge_band_samples, merge_random_samples
-from pipeline.tokenstats import TokenSumMerge
-from pipeline.topk import merge_topk
+from pipeline import coactivation
+from pipeline.capacity import hook_partial_bytes
+from pipeline.index import hook_tables, vocab_table, write_tokens_table
+from pipeline.reducers import HookMerge
 from storage.errors import StoreError
-from storage.spec import JobSpec
 from storage.store import Store
+from storage.tables import HOOK_TABLES, TableWriter, read_table, write_table
 
 
-def merge_shards(store: Store) -> dict[str, dict[str, np.ndarray]]:
-    """{hook: {top_values, top_index, bottom_*, count, mean, m2, ..., hist, band_*, random_*,
-    token_*}} over all shards; every shard must be committed."""
+@dataclass(frozen=True)
+class Part:
+    """One unit of the reduce. ``memory``: bytes it holds at its peak (the scheduler's request)."""
+
+    key: str
+    kind: str  # "hook", "prepare" (co-activation), "block" (co-activation rows)
+    hook: str = ""
+    site: int = 0
+    start: int = 0
+    memory: int = 0
+
+
+@dataclass(frozen=True)
+class PartDone:
+    key: str
+    seconds: float
+    peak_rss: int  # the process's peak resident bytes so far (a Ray worker runs several parts)
+
+
+def plan_parts(store: Store) -> tuple[list[Part], list[Part]]:
+    """(parts that can start now, co-activation blocks that wait for ``prepare``); the parts
+    already done are left out. Every group must be committed."""
     spec = store.spec
     missing = sorted(set(range(store.n_groups)) - store.committed_groups())
     if missing:
         raise StoreError(f"{store.url}: {len(missing)} group(s) of shards are not committed yet (first: {missing[0]}). Re-run the job to finish them.")
-    widths = store.model["hook_widths"]
-    merged = {}
-    for hook in spec.hooks:
-        merge = HookMerge(spec, widths[hook], store.model["vocab_size"])
-        for group in range(store.n_groups):
-            merge.add(store.read_partial(group, hook))
-        merged[hook] = merge.result()
-    return merged
+    widths, vocab = store.model["hook_widths"], store.model["vocab_size"]
+    first = []
+    for n, hook in enumerate(sorted(spec.hooks)):
+        w = widths[hook]
+        memory = (16 * vocab * w if spec.computes("tokens") else 0) + 2 * hook_partial_bytes(spec, w, vocab) + (64 << 20)
+        first.append(Part(f"hook-{n:04d}", "hook", hook=hook, memory=memory))
+    later = []
+    hooks = spec.coactivation_hooks()
+    if hooks:
+        total = sum(widths[h] for h in hooks)
+        first.insert(0, Part("coactivation", "prepare", memory=32 * total * store.n_groups + 8 * coactivation.BLOCK**2 + (64 << 20)))
+        for site, start in coactivation.blocks(spec, widths):
+            widest = max(widths[hooks[j]] for j in range(len(hooks)))
+            memory = 100 * coactivation.BLOCK * widest + 16 * total * store.n_groups + (64 << 20)
+            later.append(Part(f"coactivation-{site:04d}-{start:08d}", "block", site=site, start=start, memory=memory))
+    return [p for p in first if not store.part_done(p.key)], [p for p in later if not store.part_done(p.key)]
 
 
-class HookMerge:
-    """Folds one hook's shard partials, in the order they are added."""
+def run_part(store_url: str, part: Part) -> PartDone:
+    """Run one part against the store at ``store_url`` (in any process) and mark it done."""
+    t = time.perf_counter()
+    store = Store.open(store_url, writable=True)
+    spec = store.spec
+    if part.kind == "hook":
+        merged = {part.hook: merge_hook(store, part.hook)}
+        logits = store.read_logits([part.hook])
+        for name, table in hook_tables(merged, spec.context_length, logits).items():
+            write_table(store.part_url(part.key, name), name, table)
+    elif part.kind == "prepare":
+        coactivation.prepare(store, spec)
+    else:
+        table = coactivation.block_table(store, spec, part.site, part.start)
+        write_table(store.part_url(part.key, "coactivation"), "coactivation", table)
+    store.mark_part_done(part.key)
+    return PartDone(part.key, time.perf_counter() - t, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
 
-    def __init__(self, spec: JobSpec, width: int, vocab_size: int):
-        self.spec = spec
-        self.running: dict[str, np.ndarray] | None = None
-        self.tokens = TokenSumMerge(vocab_size, width) if spec.computes("tokens") else None
 
-    def add(self, part: dict[str, np.ndarray]) -> None:
-        if self.tokens is not None:
-            self.tokens.add(part)
-        part = {k: v for k, v in part.items() if not k.startswith("token_")}
-        self.running = part if self.running is None else self._merge(self.running, part)
+def assemble(store: Store, tokenizer) -> None:
+    """Write every table of the index from the parts (all done), then commit the merged
+    co-activation (dropping the groups' copies) and drop the parts."""
+    spec = store.spec
+    write_tokens_table(store)
+    write_table(store.table_url("vocab"), "vocab", vocab_table(tokenizer))
+    hooks = [f"hook-{n:04d}" for n in range(len(spec.hooks))]
+    for name in HOOK_TABLES:
+        with TableWriter(store.table_url(name), name) as writer:
+            for key in hooks:
+                writer.write(read_table(store.part_url(key, name)))
+    with TableWriter(store.table_url("coactivation"), "coactivation") as writer:
+        if spec.coactivation_hooks():
+            for site, start in coactivation.blocks(spec, store.model["hook_widths"]):
+                writer.write(read_table(store.part_url(f"coactivation-{site:04d}-{start:08d}", "coactivation")))
+    if spec.coactivation_hooks() and not store.has_merged_coactivation():
+        store.commit_merged_coactivation()
+    store.clear_parts()
 
-    def _merge(self, a: dict, b: dict) -> dict:
-        spec = self.spec
-        out = combine({f: a[f] for f in FIELDS}, {f: b[f] for f in FIELDS})
-        if "hist" in a:
-            out["hist"] = a["hist"] + b["hist"]
-        for side, largest in (("top", True), ("bottom", False)):
-            if f"{side}_values" not in a:
-                continue
-            pairs = [(x[f"{side}_values"], x[f"{side}_index"]) for x in (a, b)]
-            if spec.examples == "document":
-                docs = [x[f"{side}_doc"] for x in (a, b)]
-                out[f"{side}_values"], out[f"{side}_index"], out[f"{side}_doc"] = merge_topk(pairs, spec.top_k, largest=largest, docs=docs)
-            else:
-                out[f"{side}_values"], out[f"{side}_index"] = merge_topk(pairs, spec.top_k, largest=largest)
-        if "band_index" in a:
-            out.update(merge_band_samples(a, b, spec.seed))
-            out.update(merge_random_samples(a, b, spec.seed))
-        return out
 
-    def result(self) -> dict[str, np.ndarray]:
-        out = dict(self.running)
-        if self.tokens is not None:
-            ids, means, counts = self.tokens.top(self.spec.top_tokens, self.spec.min_token_count)
-            out.update(token_top_ids=ids, token_top_mean=means, token_top_count=counts)
-        return out
+def reduce_here(store: Store, tokenizer) -> list[PartDone]:
+    """The whole reduce in this process, parts one after another."""
+    first, later = plan_parts(store)
+    done = [run_part(store.url, part) for part in first + later]
+    assemble(store, tokenizer)
+    return done
+
+
+def merge_hook(store: Store, hook: str) -> dict[str, np.ndarray]:
+    """One hook's statistics over every group: {top_values, top_index, bottom_*, count, mean,
+    m2, ..., hist, band_*, random_*, token_*}."""
+    merge = HookMerge(store.spec, store.model["hook_widths"][hook], store.model["vocab_size"])
+    for group in range(store.n_groups):
+        merge.add(store.read_partial(group, hook))
+    return merge.result()

@@ -8,8 +8,12 @@
   doc_pos           int32 [n_seq, ctx]    the token's index within its document
   kinds             uint8 [n_seq, ctx]    TEXT, SPECIAL (BOS/EOS/CLS/SEP) or PAD
   acts/<hook>       f16 [n_seq, ctx, width]  for the hooks stored densely
-  shards/<id>/      one shard's partial statistics; its attrs' commit record is written last
-  index/*.parquet   the tables, written by the index step
+  shards/<id>/      one group of shards' partial statistics (named by its first shard); its
+                    attrs' commit record is written last
+  coactivation/     the merged co-moments and co-firing counts (once the reduce has merged them,
+                    the groups' copies are dropped)
+  index/*.parquet   the tables (``storage.tables``)
+  index/parts/<part>/*.parquet  the reduce's parts of the tables, while it runs
 ```
 All arrays are chunked by shard along the sequence axis, so a shard's worker owns its chunks.
 A shard is trusted only once its commit record exists; the job is complete only once
@@ -28,6 +32,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from typing import Any, ClassVar
 
+import fsspec
 import numpy as np
 import xxhash
 import zarr
@@ -37,6 +42,9 @@ from storage.errors import StoreDamaged, StoreError, first_line, short
 from storage.spec import JobSpec
 
 SCHEMA_VERSION = 2  # 2: commit records carry checksums of what they commit
+
+#: The co-activation partials' pseudo-hook (hook names all contain "hook").
+COACTIVATION = "coactivation"
 
 # Token kinds, as stored in the `kinds` array.
 TEXT, SPECIAL, PAD = 0, 1, 2
@@ -80,6 +88,11 @@ def storage_options(url: str) -> dict[str, Any] | None:
     return {"use_listings_cache": False} if protocol in _LISTING_CACHES else None
 
 
+def filesystem(url: str):
+    """(fsspec filesystem, path) of ``url``, with ``storage_options``."""
+    return fsspec.core.url_to_fs(url, **(storage_options(url) or {}))
+
+
 def _open_group(url: str, mode: str) -> zarr.Group | None:
     """The Zarr group at ``url``, or None where there is none. A damaged one (unparsable
     metadata) or an unreachable store is a StoreError, not a traceback."""
@@ -112,10 +125,8 @@ def inspect_target(url: str) -> str:
         except OSError as err:
             raise StoreError(f"store: cannot read {url} ({first_line(err)}).") from None
     else:
-        import fsspec
-
         try:
-            fs, root = fsspec.core.url_to_fs(url, **(storage_options(url) or {}))
+            fs, root = filesystem(url)
             if not fs.exists(root):
                 return "absent"
             if not fs.isdir(root):
@@ -207,9 +218,8 @@ class Store:
         if path is not None:
             shutil.rmtree(path)
             return
-        import fsspec
 
-        fs, root = fsspec.core.url_to_fs(url, **(storage_options(url) or {}))
+        fs, root = filesystem(url)
         fs.rm(root, recursive=True)
 
     # -- attributes -----------------------------------------------------------------------
@@ -369,14 +379,96 @@ class Store:
     def has_logits(self) -> bool:
         return "logits" in self.group and bool(self.group["logits"].attrs.get("committed"))
 
-    def read_logits(self) -> dict[str, dict[str, np.ndarray]]:
+    def read_logits(self, hooks: list[str] | None = None) -> dict[str, dict[str, np.ndarray]]:
+        """The logit effects of ``hooks`` (default: every hook that has them)."""
         if not self.has_logits():
             return {}
         group = self.group["logits"]
         return {
             hook: _verified({name: a[...] for name, a in group[hook].arrays()}, group.attrs, hook, f"logits/{hook}")
-            for hook in group.attrs["hooks"]
+            for hook in group.attrs["hooks"] if hooks is None or hook in hooks
         }
+
+    # -- co-activation, merged by the reduce --------------------------------------------
+
+    def has_merged_coactivation(self) -> bool:
+        return COACTIVATION in self.group and bool(self.group[COACTIVATION].attrs.get("committed"))
+
+    def coactivation_partials(self) -> list[PartialArrays]:
+        """The co-activation partials to merge, in group order; once merged, the merged one
+        alone (shaped as one group's partial)."""
+        if self.has_merged_coactivation():
+            return [PartialArrays(self.group[COACTIVATION])]
+        return [PartialArrays(self.group[f"{self._group_path(g)}/{COACTIVATION}"]) for g in range(self.n_groups)]
+
+    def merged_coactivation(self) -> PartialArrays | None:
+        """The merged co-activation group once the reduce has prepared it, else None."""
+        if COACTIVATION in self.group and self.group[COACTIVATION].attrs.get("prepared"):
+            return PartialArrays(self.group[COACTIVATION])
+        return None
+
+    def prepare_merged_coactivation(self, vectors: Mapping[str, np.ndarray], matrices: Mapping[str, tuple[tuple[int, int], str]]) -> None:
+        """Create the merged group: ``vectors`` written whole, ``matrices`` ({name: (shape,
+        dtype)}) empty, to be filled a block of rows at a time. Done once: a prepared group is
+        kept, with whatever rows a stopped reduce had written (they are written again)."""
+        if self.merged_coactivation() is not None:
+            return
+        group = self.group.require_group(COACTIVATION)
+        for name, value in vectors.items():
+            group.create_array(name, data=np.ascontiguousarray(value), overwrite=True)
+        for name, (shape, dtype) in matrices.items():
+            chunks = tuple(min(d, 512) for d in shape)
+            group.create_array(name, shape=shape, dtype=dtype, chunks=chunks, compressors=partial_compressors(name), overwrite=True)
+        group.attrs["prepared"] = True
+
+    def write_merged_coactivation(self, name: str, rows: slice, value: np.ndarray) -> None:
+        """Rows of a merged matrix (blocks of 512 rows: each block is its own chunks, so parts
+        write theirs concurrently)."""
+        self.group[f"{COACTIVATION}/{name}"][rows, :] = value
+
+    def commit_merged_coactivation(self) -> None:
+        """Mark the merged co-activation complete, then drop the groups' copies (N x N each): the
+        store keeps one, not one per group."""
+        self.group[COACTIVATION].attrs["committed"] = True
+        for g in range(self.n_groups):
+            where = self._group_path(g)
+            if where not in self.group:
+                continue
+            sub = self.group[where]
+            if COACTIVATION in sub:
+                del sub[COACTIVATION]
+                checksums = dict(sub.attrs.get("checksums") or {})
+                if checksums.pop(COACTIVATION, None) is not None:  # the record names what the group holds
+                    sub.attrs["checksums"] = checksums
+
+    def reset_reduce(self) -> None:
+        """Forget an unfinished reduce (its parts, an uncommitted merged co-activation): the
+        groups it merged have changed."""
+        self.clear_parts()
+        if COACTIVATION in self.group and not self.group[COACTIVATION].attrs.get("committed"):
+            del self.group[COACTIVATION]
+
+    # -- the reduce's parts ---------------------------------------------------------------
+
+    def part_url(self, part: str, table: str) -> str:
+        return _join(self.index_url, "parts", part, f"{table}.parquet")
+
+    def part_done(self, part: str) -> bool:
+        fs, path = filesystem(_join(self.index_url, "parts", part, "DONE"))
+        return fs.exists(path)
+
+    def mark_part_done(self, part: str) -> None:
+        """Written after every table of the part: a part with this file is not run again."""
+        fs, path = filesystem(_join(self.index_url, "parts", part, "DONE"))
+        fs.makedirs(fs._parent(path), exist_ok=True)
+        with fs.open(path, "wb") as f:
+            f.write(b"done\n")
+
+    def clear_parts(self) -> None:
+        """Drop the reduce's parts (stale once a group is redone; spent once the tables exist)."""
+        fs, path = filesystem(_join(self.index_url, "parts"))
+        if fs.exists(path):
+            fs.rm(path, recursive=True)
 
     # -- the index ------------------------------------------------------------------------
 
@@ -396,6 +488,28 @@ def _leftovers_ignored():
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", "Object at .* is not recognized", zarr.errors.ZarrUserWarning)
         yield
+
+
+class PartialArrays:
+    """Named arrays of one partial (a group's co-activation, or the merged one), read whole or
+    by blocks of rows and columns; Zarr stays behind this class."""
+
+    def __init__(self, group: zarr.Group):
+        self._group = group
+
+    def names(self) -> list[str]:
+        with _leftovers_ignored():
+            return sorted(self._group.array_keys())
+
+    def vectors(self) -> dict[str, np.ndarray]:
+        """Every array but the matrices (``m2.*`` and ``both.*``), whole."""
+        return {name: self._group[name][...] for name in self.names() if not name.startswith(("m2.", "both."))}
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self._group[name].shape
+
+    def read(self, name: str, rows: slice = slice(None), cols: slice = slice(None)) -> np.ndarray:
+        return self._group[name][rows, cols]
 
 
 def _write_committed(group: zarr.Group, arrays: Mapping[str, Mapping[str, np.ndarray]], record: Mapping[str, Any]) -> None:

@@ -103,8 +103,9 @@ def splits(draw):
 @given(splits())
 def test_merge_over_any_split_equals_brute_force(tmp_path_factory, problem):
     """Shard partials written to a real store and merged blockwise equal one brute-force pass."""
-    from pipeline.coactivation import GROUP, RunningCoactivation, coactivation_table
+    from pipeline.coactivation import RunningCoactivation, coactivation_table
     from pipeline.worker import Batch
+    from storage.store import COACTIVATION as GROUP
     from storage.store import Store
 
     values, counted, cuts, batch_size, pairs, stride = problem
