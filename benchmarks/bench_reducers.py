@@ -20,7 +20,8 @@ import torch
 from jobs.demo import stdlib_docstrings
 from pipeline import sampling
 from pipeline.model import HookedForward, load_model, load_tokenizer, prefer_sdpa
-from pipeline.worker import Batch, HookStatistics, one_thread
+from pipeline.reducers import Group, HookStatistics, job_statistics
+from pipeline.worker import Batch, one_thread
 from storage.spec import JobSpec
 
 
@@ -55,8 +56,6 @@ def main() -> None:
     flat_tokens = tokens.reshape(-1)
     counted = torch.ones_like(flat_tokens, dtype=torch.bool)
     stats = {}
-    for hook in hooks:
-        stats[hook] = HookStatistics(spec, hook, 0, flat_tokens, counted)  # widths set below
     timings: dict[str, float] = {"forward": 0.0}
     priority = sampling.priority(torch.arange(n, device=device), spec.seed)
     docs = torch.zeros(n, dtype=torch.int64, device=device)
@@ -75,21 +74,19 @@ def main() -> None:
         timings["forward"] += time.perf_counter() - t
         if widths is None:
             widths = {h: a.shape[-1] for h, a in acts.items()}
-            stats = {h: HookStatistics(spec, h, widths[h], flat_tokens, counted) for h in hooks}
+            stats = {h: HookStatistics(spec, Group(h, widths[h], flat_tokens, counted, 0)) for h in hooks}
         span = slice(b * args.batch_size * args.ctx, (b + 1) * args.batch_size * args.ctx)
         batch = Batch(first=span.start, counted=None, global_index=torch.arange(span.start, span.stop, device=device),
                       token_ids=flat_tokens[span], docs=docs[span], priority=priority[span])
         for hook, act in acts.items():
             x = act.reshape(-1, act.shape[-1]).float()
             s = stats[hook]
-            for name, reducer in [*s.extremes.items(), *s.others.items()]:
+            for statistic, reducer in zip(job_statistics(spec), s.reducers):
+                name = statistic.name
                 sync()
                 t = time.perf_counter()
                 with one_thread(device):  # as the worker runs them
-                    if name in ("top", "bottom", "stats", "hist"):
-                        reducer.update(x, batch.first, None)
-                    else:
-                        reducer.update(x, batch)
+                    reducer.update(x, batch)
                 sync()
                 timings[name] = timings.get(name, 0.0) + time.perf_counter() - t
     per_batch = {k: round(1000 * v / args.batches, 2) for k, v in timings.items()}

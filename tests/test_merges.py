@@ -10,8 +10,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pipeline.reduce import HookMerge
-from pipeline.worker import Batch, HookStatistics
+from pipeline.reducers import Group, HookMerge, HookStatistics
+from pipeline.worker import Batch
 from storage.spec import JobSpec
 from tests.reference import band, priority
 
@@ -44,7 +44,7 @@ def _merged(spec, acts, counted, token_ids, docs, cuts, batch_size):
     merge = HookMerge(spec, acts.shape[1], vocab_size=6)
     t = lambda a: torch.from_numpy(np.ascontiguousarray(a))
     for a, b in itertools.pairwise(bounds):
-        stats = HookStatistics(spec, "h", acts.shape[1], t(token_ids[a:b]).long(), t(counted[a:b]))
+        stats = HookStatistics(spec, Group("h", acts.shape[1], t(token_ids[a:b]).long(), t(counted[a:b]), offset=a))
         for b0 in range(a, b, batch_size):
             b1 = min(b0 + batch_size, b)
             index = torch.arange(b0, b1)
@@ -52,7 +52,7 @@ def _merged(spec, acts, counted, token_ids, docs, cuts, batch_size):
                 first=b0 - a, counted=t(counted[b0:b1]), global_index=index, token_ids=t(token_ids[b0:b1]).long(),
                 docs=t(docs[b0:b1]).long(), priority=torch.from_numpy(np.array([priority(int(i), spec.seed) for i in index], dtype=np.int64)),
             ))
-        merge.add(stats.result(a))
+        merge.add(stats.result())
     return merge.result()
 
 
