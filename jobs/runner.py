@@ -11,6 +11,7 @@ import gc
 import itertools
 import logging
 import os
+import threading
 import time
 from collections import deque
 from collections.abc import Iterator
@@ -18,13 +19,12 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from pipeline.capacity import Estimate, gib, machine_memory, partial_bytes, shards_per_group, worker_memory
+from pipeline.capacity import Estimate, gib, machine_memory, partial_bytes, shards_per_group, store_bytes, worker_memory
 from pipeline.corpus import Encoded, check_corpus, encode_here, encode_task, tokenize_corpus
 from pipeline.fingerprint import data_files, fingerprint
-from pipeline.index import build_index
 from pipeline.model import Framing, hook_widths, load_job_model, load_tokenizer, validate_hooks
-from pipeline.reduce import merge_shards
-from pipeline.worker import ShardWorker
+from pipeline.reduce import Part, PartDone, assemble, plan_parts, run_part
+from pipeline.worker import ShardResult, ShardWorker
 from storage.errors import ActscopeError, JobSpecError, StoreDamaged, StoreError
 from storage.spec import JobSpec
 from storage.store import DamagedPartial, Store, inspect_target, local_path
@@ -62,6 +62,9 @@ class RunSummary:
     nodes: int = 1  # distinct machines (Ray nodes) that ran shards
     tokenize_tasks: int = 0  # batches sent to Ray tasks to encode (0: all encoded here)
     seconds_startup: float = 0.0  # of the activate phase, until the first workers had loaded their model
+    reduce_parts: list[PartDone] = field(default_factory=list)  # the reduce's parts this run ran
+    group_results: list[ShardResult] = field(default_factory=list)  # the groups this run ran
+    groups_while_tokenizing: int = 0  # groups finished before the corpus was fully tokenized
 
     @property
     def tokens_per_second(self) -> float:
@@ -94,13 +97,21 @@ class Plan:
             lines.append(f"hook: {hook} ({width:,} units{', dense' if hook in spec.dense else ''})")
         partial = partial_bytes(spec, self.model["hook_widths"], self.model["vocab_size"])
         shard_tokens = spec.shard_size * spec.context_length
+        widths, vocab = self.model["hook_widths"], self.model["vocab_size"]
         if spec.dataset.max_tokens:
-            n_shards = -(-spec.dataset.max_tokens // shard_tokens)
-            group = shards_per_group(spec, self.model["hook_widths"], self.model["vocab_size"], n_shards)
-            grouping = f"groups of {group} shard(s) ({group * shard_tokens:,} tokens) for {spec.dataset.max_tokens:,} tokens"
+            n_tokens = spec.dataset.max_tokens
+            n_shards = -(-n_tokens // shard_tokens)
+            group = group_size(spec, widths, vocab)
+            n_groups = -(-n_shards // group)
+            grouping = f"{n_groups:,} group(s) of {group} shard(s) ({group * shard_tokens:,} tokens) for {n_tokens:,} tokens"
         else:
             grouping = "groups sized once the corpus is tokenized"
         lines.append(f"partial state: at most {gib(partial)} per group, written once per group ({grouping})")
+        if spec.dataset.max_tokens:
+            sizes = store_bytes(spec, widths, vocab, n_tokens, group)
+            lines.append(f"store: at most {gib(sizes.total)} at its peak: " + ", ".join(f"{name} {gib(size)}" for name, size in sizes.parts.items()))
+            if n_groups < 8:
+                lines.append(f"parallelism: {n_groups} group(s), so at most {n_groups} worker(s) busy; set group_shards lower to spread the job (more store bytes)")
         limit = f" of {gib(self.memory_limit)} available" if self.memory_limit else " (the workers' devices are not visible here)"
         lines.append(f"worker memory: {gib(self.memory.total)}{limit}; largest parts: " + ", ".join(f"{name} {gib(size)}" for name, size in self.memory.largest()))
         return lines
@@ -134,7 +145,7 @@ def plan(spec: JobSpec, *, overwrite: bool = False, job_path: str | None = None,
     weight_bytes = sum(p.numel() * p.element_size() for p in bridge.original_model.parameters())
     del bridge
     gc.collect()
-    memory = worker_memory(spec, model["hook_widths"], model["vocab_size"], weight_bytes)
+    memory = worker_memory(spec, model["hook_widths"], model["vocab_size"], weight_bytes, _group_tokens(spec, model))
     limit = _memory_limit(spec, local_workers)
     if limit is not None and memory.total > limit:
         raise JobSpecError(_too_big(memory, limit, local_workers))
@@ -332,61 +343,113 @@ def run_job(
             if planned.action == "replace" and inspect_target(url) == "store":
                 Store.remove(url)  # an actscope store: the old job's on an object store, or a stale replacement
             store = created = Store.create(url, spec=spec, fingerprint=model["fingerprint"], model=model)
-        tokenize_tasks = 0
-        if not store.status["tokenized"]:
-            t = time.perf_counter()
-            reporter.phase("tokenize", None)
-            encoder = TaskEncoder(spec, tokenizer, ray_session) if use_ray else LocalEncoder(tokenizer)
-            n_seq = tokenize_corpus(store, spec, Framing.from_tokenizer(tokenizer), encoder, progress=reporter.advance)
-            tokenize_tasks = encoder.tasks
-            for hook in spec.dense:
-                store.create_dense(hook, model["hook_widths"][hook], n_seq)
-            mark_tokenized(store, spec, n_seq)
-            phases["tokenize"] = time.perf_counter() - t
-        created = None  # tokenized: from here on a failure keeps the store, to resume
-
-        n_shards = store.n_shards
-        done = store.committed_groups()
-        pending = [g for g in range(store.n_groups) if g not in done]
-        n_tokens = store.n_seq * spec.context_length
+        tokenize_tasks, early = 0, 0
         n_workers = _worker_count(spec, workers, use_ray, address, ray_session)
-        t = time.perf_counter()
-        done_seqs = sum(store.group_range(g)[1] - store.group_range(g)[0] for g in done)
-        reporter.phase("activate", n_tokens, done_seqs * spec.context_length)
         results = []
         ready: list[float] = []  # when each of the first workers had loaded its model
         logits = spec.computes("logits") and not store.has_logits()
-        if pending or logits:
-            if use_ray:
-                ray_session.ensure()
-                execute = _execute_on_ray(url, pending, n_workers, logits, threads, ready)
-            else:
-                execute = _execute_here(url, pending, logits, threads, ready)
-            for result in execute:
-                results.append(result)
-                reporter.advance(result.n_tokens)
-        phases["activate"] = time.perf_counter() - t
+        group = group_size(spec, model["hook_widths"], model["vocab_size"])
+        overlap = use_ray and not store.status["tokenized"] and group is not None and not spec.dense
+        if overlap:
+            # Workers start on the first groups while the rest of the corpus is tokenized: the
+            # groups are fixed before it is (``group_size``), and a group's sequences are final
+            # once written. Dense arrays are sized by the corpus's length, so a job with dense
+            # hooks tokenizes first.
+            store.update_status(shards_per_group=group)  # before any worker opens the store
+            t = time.perf_counter()
+            reporter.phase("tokenize", None)
+            ray_session.ensure()
+            encoder = TaskEncoder(spec, tokenizer, ray_session, cpus=0)
+            feed = GroupFeed(spec, group)
+            progress = _OverlapProgress(reporter, spec.context_length)
+
+            def tokenize() -> None:
+                try:
+                    n_seq = tokenize_corpus(store, spec, Framing.from_tokenizer(tokenizer), encoder, progress=reporter.advance, written=feed.written)
+                    mark_tokenized(store, spec, n_seq)
+                    phases["tokenize"] = time.perf_counter() - t
+                    progress.tokenized(n_seq)
+                    feed.finish(n_seq)
+                except BaseException as err:  # noqa: BLE001 - raised again by the scheduler
+                    feed.fail(err)
+
+            early = 0  # groups done before the corpus was whole
+            tokenizer_thread = threading.Thread(target=tokenize, name="tokenize", daemon=True)
+            tokenizer_thread.start()
+            try:
+                for result in _execute_on_ray(url, feed, n_workers, logits, threads, ready):
+                    results.append(result)
+                    early += not feed.tokenized
+                    progress.advance(result.n_tokens)
+            finally:
+                feed.cancel()
+                tokenizer_thread.join()
+            tokenize_tasks = encoder.tasks
+            done = set()
+            pending = [r.shard for r in results if not r.skipped]
+        else:
+            if not store.status["tokenized"]:
+                t = time.perf_counter()
+                reporter.phase("tokenize", None)
+                encoder = TaskEncoder(spec, tokenizer, ray_session) if use_ray else LocalEncoder(tokenizer)
+                n_seq = tokenize_corpus(store, spec, Framing.from_tokenizer(tokenizer), encoder, progress=reporter.advance)
+                tokenize_tasks = encoder.tasks
+                for hook in spec.dense:
+                    store.create_dense(hook, model["hook_widths"][hook], n_seq)
+                mark_tokenized(store, spec, n_seq)
+                phases["tokenize"] = time.perf_counter() - t
+            done = store.committed_groups()
+            pending = [g for g in range(store.n_groups) if g not in done]
+            t = time.perf_counter()
+            done_seqs = sum(store.group_range(g)[1] - store.group_range(g)[0] for g in done)
+            reporter.phase("activate", store.n_seq * spec.context_length, done_seqs * spec.context_length)
+            if pending or logits:
+                if use_ray:
+                    ray_session.ensure()
+                    execute = _execute_on_ray(url, GroupFeed.of(store, pending), n_workers, logits, threads, ready)
+                else:
+                    execute = _execute_here(url, pending, logits, threads, ready)
+                for result in execute:
+                    results.append(result)
+                    reporter.advance(result.n_tokens)
+        created = None  # tokenized: from here on a failure keeps the store, to resume
+        n_shards = store.n_shards
+        n_tokens = store.n_seq * spec.context_length
+        phases["activate"] = time.perf_counter() - t  # with the tokenize phase, when they overlap
         startup = max(ready) - t if ready else 0.0
     except ActscopeError:
         if created is not None:  # a store this run made and could not even tokenize: leave nothing
             Store.remove(created.url)
+        ray_session.close()
         raise
+    except BaseException:
+        ray_session.close()
+        raise
+
+    reduced: list[PartDone] = []
+    try:
+        if not store.status["complete"] or pending:
+            t = time.perf_counter()
+            reporter.phase("reduce", n_tokens)
+            if pending:  # groups were (re)done: parts of an earlier reduce may be stale
+                store.reset_reduce()
+            try:
+                first, later = plan_parts(store)
+                if use_ray and (first or later):
+                    ray_session.ensure()
+                    reduced = list(_reduce_on_ray(url, first, later))
+                else:
+                    reduced = [run_part(url, part) for part in first + later]
+                assemble(store, tokenizer)
+            except DamagedPartial as damaged:
+                if damaged.first_shard is not None:
+                    store.uncommit(damaged.first_shard // store.shards_per_group)
+                raise StoreDamaged(f"{damaged} It was dropped: run the job again to redo it.") from None
+            store.update_status(complete=True)
+            reporter.advance(n_tokens)
+            phases["reduce+index"] = time.perf_counter() - t
     finally:
         ray_session.close()
-
-    if not store.status["complete"] or pending:
-        t = time.perf_counter()
-        reporter.phase("reduce", n_tokens)
-        try:
-            merged = merge_shards(store)
-        except DamagedPartial as damaged:
-            if damaged.first_shard is not None:
-                store.uncommit(damaged.first_shard // store.shards_per_group)
-            raise StoreDamaged(f"{damaged} It was dropped: run the job again to redo it.") from None
-        build_index(store, merged, tokenizer)
-        store.update_status(complete=True)
-        reporter.advance(n_tokens)
-        phases["reduce+index"] = time.perf_counter() - t
     if url != spec.store:
         _swap_in(url, spec.store)
 
@@ -405,6 +468,9 @@ def run_job(
         nodes=max(1, len({r.node for r in results if not r.skipped})),
         tokenize_tasks=tokenize_tasks,
         seconds_startup=startup,
+        reduce_parts=reduced,
+        group_results=[r for r in results if not r.skipped],
+        groups_while_tokenizing=early,
     )
 
 
@@ -417,12 +483,33 @@ def dry_run(spec: JobSpec, *, address: str | None = None, workers: int | None = 
     return planned.describe(spec)
 
 
+def group_size(spec: JobSpec, widths: dict[str, int], vocab_size: int, n_seq: int | None = None) -> int | None:
+    """Shards per accumulation group: the job's ``group_shards``; else the capacity rule's for
+    the shards ``dataset.max_tokens`` makes (decided before the corpus is tokenized, so that
+    workers can start on the first groups while the rest is tokenized), or for the ``n_seq``
+    sequences tokenized; None while neither is known."""
+    if spec.group_shards != "auto":
+        return spec.group_shards
+    if spec.dataset.max_tokens:
+        n_shards = -(-spec.dataset.max_tokens // (spec.shard_size * spec.context_length))
+    elif n_seq is not None:
+        n_shards = -(-n_seq // spec.shard_size)
+    else:
+        return None
+    return shards_per_group(spec, widths, vocab_size, n_shards)
+
+
+def _group_tokens(spec: JobSpec, model: dict) -> int | None:
+    """Tokens in one group where the job fixes it before the corpus is tokenized; else None."""
+    group = group_size(spec, model["hook_widths"], model["vocab_size"])
+    return None if group is None else group * spec.shard_size * spec.context_length
+
+
 def mark_tokenized(store: Store, spec: JobSpec, n_seq: int) -> None:
     """Record the corpus's length and its accumulation groups (a function of the job and the
     length alone); last, so a crash before it re-tokenizes."""
     model = store.model
-    n_shards = -(-n_seq // spec.shard_size)
-    group = shards_per_group(spec, model["hook_widths"], model["vocab_size"], n_shards)
+    group = group_size(spec, model["hook_widths"], model["vocab_size"], n_seq)
     store.update_status(tokenized=True, n_seq=n_seq, shards_per_group=group)
 
 
@@ -509,8 +596,11 @@ class TaskEncoder:
 
     LOCAL_BATCHES = 8
 
-    def __init__(self, spec: JobSpec, tokenizer, ray_session: RaySession):
-        self.spec, self.tokenizer, self.ray_session = spec, tokenizer, ray_session
+    def __init__(self, spec: JobSpec, tokenizer, ray_session: RaySession, cpus: float = 1):
+        """``cpus``: what each task asks of Ray; 0 while the workers run beside the tokenize phase
+        (on a machine of CPUs they hold all of them, and a task asking for one would wait for
+        ever: the window of tasks in flight bounds them instead)."""
+        self.spec, self.tokenizer, self.ray_session, self.cpus = spec, tokenizer, ray_session, cpus
         self.tasks = 0
 
     def __call__(self, batches: Iterator[list[str]]) -> Iterator[Encoded]:
@@ -522,7 +612,7 @@ class TaskEncoder:
         import ray
 
         self.ray_session.ensure()
-        task = ray.remote(num_cpus=1)(encode_task)
+        task = ray.remote(num_cpus=self.cpus)(encode_task)
         window = max(2, 2 * int(ray.cluster_resources().get("CPU", 1)))
 
         def submit(texts: list[str]):
@@ -557,6 +647,40 @@ def _worker_count(spec: JobSpec, override: int | None, use_ray: bool, address: s
     return int(resources.get("GPU", 0)) or max(1, int(resources.get("CPU", 1)))
 
 
+def _reduce_on_ray(store_url: str, first: list[Part], later: list[Part]) -> Iterator[PartDone]:
+    """The reduce's parts as Ray tasks, one CPU each, each asking for the memory it will hold
+    (Ray then runs as many at once as the nodes' memory allows); the co-activation blocks start
+    once ``prepare`` is done. A task whose worker died is retried by Ray (a part is idempotent:
+    it writes the same bytes); an error in a part stops the reduce, and the parts done are kept."""
+    import ray
+    from ray.exceptions import RayTaskError
+
+    # A request above every node's memory would wait forever: ask for at most the largest node's.
+    largest = max((node["Resources"].get("memory", 0) for node in ray.nodes() if node.get("Alive")), default=0)
+    task = ray.remote(num_cpus=1, max_retries=MAX_SHARD_ATTEMPTS - 1)(run_part)
+
+    def submit(part: Part):
+        memory = min(part.memory, int(largest * 0.9)) if largest else part.memory
+        return task.options(memory=max(memory, 1)).remote(store_url, part)
+
+    running = {submit(part): part for part in first}
+    if not any(part.kind == "prepare" for part in first):
+        running.update({submit(part): part for part in later})
+        later = []
+    while running:
+        [ref], _ = ray.wait(list(running), num_returns=1)
+        part = running.pop(ref)
+        try:
+            done = ray.get(ref)
+        except RayTaskError as err:
+            if isinstance(err.cause, ActscopeError):
+                raise err.cause from None
+            raise
+        if part.kind == "prepare":
+            running.update({submit(block): block for block in later})
+        yield done
+
+
 def _execute_here(store_url: str, shards: list[int], logits: bool, threads: int | None, ready: list[float]):
     worker = ShardWorker(store_url, threads=threads)
     ready.append(time.perf_counter())
@@ -569,14 +693,98 @@ def _execute_here(store_url: str, shards: list[int], logits: bool, threads: int 
 MAX_SHARD_ATTEMPTS = 4
 
 
-def _execute_on_ray(store_url: str, shards: list[int], n_workers: int, logits: bool, threads: int | None, ready: list[float]):
-    """Shards to a pool of actors, one model each; only shard ids and small results travel.
-    Then one actor computes the logit effects from its copy of the weights (on its device).
+class GroupFeed:
+    """The groups a run dispatches, in order, each with its sequences: every pending group of a
+    tokenized store (``of``), or, while the corpus is being tokenized, each group as soon as its
+    sequences are written, and the last one once the corpus's length is known."""
 
-    Losing a worker (its process killed, its node removed) loses at most the shard it was on:
-    the shard goes back to the queue for the surviving actors, and a replacement actor is
-    started, which joins the pool once Ray has placed it and it has loaded its model. A shard
-    that fails ``MAX_SHARD_ATTEMPTS`` times stops the job (committed shards are kept)."""
+    def __init__(self, spec: JobSpec, shards_per_group: int):
+        self.seqs = shards_per_group * spec.shard_size  # sequences in a group
+        self._lock = threading.Lock()
+        self._written, self._total, self._next = 0, None, 0
+        self._only: set[int] | None = None
+        self.error: BaseException | None = None
+        self.cancelled = False
+
+    @classmethod
+    def of(cls, store: Store, groups: list[int]) -> GroupFeed:
+        feed = cls(store.spec, store.shards_per_group)
+        feed._only = set(groups)
+        feed.finish(store.n_seq)
+        return feed
+
+    def written(self, n_seq: int) -> None:
+        if self.cancelled:
+            raise StoreError("the run stopped")  # ends the tokenizer thread
+        with self._lock:
+            self._written = n_seq
+
+    def finish(self, n_seq: int) -> None:
+        with self._lock:
+            self._written = self._total = n_seq
+
+    def fail(self, err: BaseException) -> None:
+        self.error = err
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+    @property
+    def tokenized(self) -> bool:
+        return self._total is not None
+
+    @property
+    def finished(self) -> bool:
+        """Every group has been taken (the corpus is tokenized)."""
+        with self._lock:
+            return self._total is not None and self._next * self.seqs >= self._total
+
+    def take(self) -> list[tuple[int, tuple[int, int]]]:
+        """The groups that became ready since the last call: (group, (first, last sequence))."""
+        with self._lock:
+            out = []
+            while True:
+                first = self._next * self.seqs
+                last = first + self.seqs if self._total is None else min(first + self.seqs, self._total)
+                if (self._total is not None and first >= self._total) or (self._total is None and last > self._written):
+                    return out
+                if self._only is None or self._next in self._only:
+                    out.append((self._next, (first, last)))
+                self._next += 1
+
+
+class _OverlapProgress:
+    """Progress while the tokenize and activate phases overlap: the tokenize bar first, then the
+    activate bar, which starts with the tokens of the groups done meanwhile."""
+
+    def __init__(self, reporter: Reporter, ctx: int):
+        self.reporter, self.ctx = reporter, ctx
+        self._lock = threading.Lock()
+        self._early, self._switched = 0, False
+
+    def advance(self, tokens: int) -> None:
+        with self._lock:
+            if self._switched:
+                self.reporter.advance(tokens)
+            else:
+                self._early += tokens
+
+    def tokenized(self, n_seq: int) -> None:
+        with self._lock:
+            self.reporter.phase("activate", n_seq * self.ctx, self._early)
+            self._switched = True
+
+
+def _execute_on_ray(store_url: str, feed: GroupFeed, n_workers: int, logits: bool, threads: int | None, ready: list[float]):
+    """Groups to a pool of actors, one model each; only group ids and small results travel.
+    Then one actor computes the logit effects from its copy of the weights (on its device).
+    Groups come from ``feed`` as they become ready (while the corpus is tokenized, the actors
+    load their models and start on the first groups).
+
+    Losing a worker (its process killed, its node removed) loses at most the group it was on:
+    the group goes back to the queue for the surviving actors, and a replacement actor is
+    started, which joins the pool once Ray has placed it and it has loaded its model. A group
+    that fails ``MAX_SHARD_ATTEMPTS`` times stops the job (committed groups are kept)."""
     import ray
     from ray.exceptions import RayActorError
 
@@ -591,61 +799,75 @@ def _execute_on_ray(store_url: str, shards: list[int], n_workers: int, logits: b
         # torch threads split the machine's cores between the actors.
         options = {"num_cpus": min(1.0, cpus / n_workers) * 0.99}
         threads = threads or max(1, (os.cpu_count() or 1) // n_workers)
-    # No Ray-level restarts or retries: the loop below requeues a lost shard itself, so a
-    # shard never waits for a dead actor to come back.
+    # No Ray-level restarts or retries: the loop below requeues a lost group itself, so a
+    # group never waits for a dead actor to come back.
     actor_class = ray.remote(max_restarts=0, max_task_retries=0, **options)(ShardWorker)
 
     def start() -> tuple:
         actor = actor_class.remote(store_url, threads=threads)
         return actor.ready.remote(), actor
 
-    queue = list(reversed(shards))  # popped from the end: shard order
-    attempts = {shard: 0 for shard in shards}
-    starting = dict(start() for _ in range(min(n_workers, max(len(shards), 1))))
+    queue: deque = deque(feed.take())  # (group, span), in group order
+    attempts: dict[int, int] = {}
+    wanted = n_workers if not feed.finished else min(n_workers, max(len(queue), 1 if logits else 0))
+    starting = dict(start() for _ in range(wanted))
     first = set(starting)  # the first workers: ``ready`` gets the time each had loaded its model
-    running: dict = {}  # task -> (actor, shard)
+    running: dict = {}  # task -> (actor, group, span)
     idle: list = []
-    while queue or running:
-        while idle and queue:
-            actor, shard = idle.pop(), queue.pop()
-            attempts[shard] += 1
-            running[actor.__call__.remote(shard)] = (actor, shard)
-        if not running and not starting:
-            raise StoreError("every worker was lost and none could be started; committed shards are kept: run the job again.")
-        [ref], _ = ray.wait([*running, *starting], num_returns=1)
-        if ref in starting:
-            actor = starting.pop(ref)
+    try:
+        while True:
+            if feed.error is not None:
+                raise feed.error
+            queue.extend(feed.take())
+            while idle and queue:
+                actor, (group, span) = idle.pop(), queue.popleft()
+                attempts[group] = attempts.get(group, 0) + 1
+                running[actor.__call__.remote(group, span)] = (actor, group, span)
+            if not queue and not running and feed.finished:
+                break
+            if not running and not starting:
+                if idle:  # waiting for the tokenizer to finish a group
+                    time.sleep(0.05)
+                    continue
+                raise StoreError("every worker was lost and none could be started; committed groups are kept: run the job again.")
+            [*refs], _ = ray.wait([*running, *starting], num_returns=1, timeout=None if feed.finished else 0.1)
+            if not refs:
+                continue
+            ref = refs[0]
+            if ref in starting:
+                actor = starting.pop(ref)
+                try:
+                    ray.get(ref)
+                    idle.append(actor)
+                    if ref in first:
+                        ready.append(time.perf_counter())
+                except RayActorError:
+                    pass  # it could not start (its node went away); the others go on
+                continue
+            actor, group, span = running.pop(ref)
             try:
+                result = ray.get(ref)
+            except RayActorError:
+                if attempts[group] >= MAX_SHARD_ATTEMPTS:
+                    raise StoreError(f"group {group} lost its worker {attempts[group]} times; committed groups are kept: run the job again.") from None
+                queue.appendleft((group, span))
+                ref, actor = start()
+                starting[ref] = actor
+                continue
+            idle.append(actor)
+            yield result
+        for attempt in range(MAX_SHARD_ATTEMPTS if logits else 0):
+            if not idle:  # every actor was lost: one more to compute them
+                ref, actor = start()
                 ray.get(ref)
                 idle.append(actor)
-                if ref in first:
-                    ready.append(time.perf_counter())
-            except RayActorError:
-                pass  # it could not start (its node went away); the others go on
-            continue
-        actor, shard = running.pop(ref)
-        try:
-            result = ray.get(ref)
-        except RayActorError:
-            if attempts[shard] >= MAX_SHARD_ATTEMPTS:
-                raise StoreError(f"shard {shard} lost its worker {attempts[shard]} times; committed shards are kept: run the job again.") from None
-            queue.append(shard)
-            ref, actor = start()
-            starting[ref] = actor
-            continue
-        idle.append(actor)
-        yield result
-    for attempt in range(MAX_SHARD_ATTEMPTS if logits else 0):
-        if not idle:  # every actor was lost: one more to compute them
-            ref, actor = start()
-            ray.get(ref)
-            idle.append(actor)
-        try:
-            ray.get(idle[0].write_logit_effects.remote())
-            break
-        except RayActorError:  # an idle actor can die too (its process killed, its node gone)
-            idle.pop(0)
-            if attempt == MAX_SHARD_ATTEMPTS - 1:
-                raise StoreError("the logit effects lost their worker every time; committed shards are kept: run the job again.") from None
-    for actor in idle + list(starting.values()):
-        ray.kill(actor)
+            try:
+                ray.get(idle[0].write_logit_effects.remote())
+                break
+            except RayActorError:  # an idle actor can die too (its process killed, its node gone)
+                idle.pop(0)
+                if attempt == MAX_SHARD_ATTEMPTS - 1:
+                    raise StoreError("the logit effects lost their worker every time; committed groups are kept: run the job again.") from None
+    finally:
+        for actor in idle + list(starting.values()) + [actor for actor, _, _ in running.values()]:
+            ray.kill(actor)

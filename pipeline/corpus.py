@@ -189,22 +189,29 @@ def check_corpus(dataset: DatasetSpec, tokenizer) -> None:
     raise CorpusError(f"dataset: the corpus {dataset.path} {dataset.data_files or ''} yields no tokens (every document is empty).")
 
 
-def tokenize_corpus(store: Store, spec: JobSpec, framing: Framing, encoder: Encoder, progress=None) -> int:
+def tokenize_corpus(store: Store, spec: JobSpec, framing: Framing, encoder: Encoder, progress=None, written=None) -> int:
     """Write the packed corpus into the store and return the number of sequences. ``encoder``
     turns batches of documents into encoded batches, in order (``encode_here``, or tasks); ``progress``
-    is called with the tokens each written block adds."""
+    is called with the tokens each block adds, ``written`` with the number of sequences in the
+    store once a block's write is complete (workers may read those while the rest is written)."""
     store.reset_token_arrays()
     n_seq = 0
     encoded = encoder(read_batches(spec.dataset))
+
     # Appends run in order on one writer thread, overlapped with reading, packing and waiting for
     # encoded batches here; at most two blocks wait to be written.
+    def append(block: dict[str, np.ndarray], end: int) -> None:
+        store.append_tokens(block)
+        if written is not None:
+            written(end)  # on the writer thread, in order: the sequences up to ``end`` are final
+
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="token-writer") as writer:
         writes: deque = deque()
         for block in pack_sequences(encoded, framing, spec.context_length, spec.dataset.max_tokens, spec.shard_size):
-            writes.append(writer.submit(store.append_tokens, block))
+            n_seq += len(block["tokens"])
+            writes.append(writer.submit(append, block, n_seq))
             if len(writes) > 2:
                 writes.popleft().result()
-            n_seq += len(block["tokens"])
             if progress is not None:
                 progress(len(block["tokens"]) * spec.context_length)  # tokens added
         for write in writes:

@@ -9,6 +9,7 @@ retried or duplicated shard writes the same bytes.
 
 from __future__ import annotations
 
+import resource
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -18,17 +19,11 @@ import numpy as np
 import torch
 
 from pipeline import sampling
-from pipeline.coactivation import GROUP as COACTIVATION
 from pipeline.coactivation import RunningCoactivation
-from pipeline.histogram import RunningHistogram
 from pipeline.logits import logit_effects
 from pipeline.model import HookedForward, load_job_model, prefer_sdpa, resolve_device
-from pipeline.moments import RunningMoments
-from pipeline.sampling import RunningBandSamples, RunningRandomSamples
-from pipeline.tokenstats import RunningTokenSums
-from pipeline.topk import RunningTopK, RunningTopKPerDocument
-from storage.spec import JobSpec
-from storage.store import PAD, TEXT, Store
+from pipeline.reducers import Group, HookStatistics
+from storage.store import COACTIVATION, PAD, TEXT, Store
 
 
 @dataclass(frozen=True)
@@ -41,6 +36,9 @@ class ShardResult:
     skipped: bool  # already committed by an earlier run or attempt
     node: str = "local"  # the Ray node that ran it
     shards: int = 1  # shards in the group
+    seconds_write: float = 0.0  # writing and committing the group's partials (a cost per group)
+    peak_rss: int = 0  # the worker process's peak resident bytes so far
+    device_peak: int = 0  # on CUDA: the most device memory torch had allocated so far
 
 
 def _node() -> str:
@@ -73,19 +71,28 @@ class ShardWorker:
         """Answers once the model is loaded (a scheduler's signal that the actor can take work)."""
         return True
 
-    def __call__(self, group: int) -> ShardResult:
+    def __call__(self, group: int, span: tuple[int, int] | None = None) -> ShardResult:
         """Run accumulation group ``group``: its shards in order into one set of accumulators,
-        each shard's dense chunks written as it ends, the group's partials committed last."""
+        each shard's dense chunks written as it ends, the group's partials committed last.
+        ``span``: the group's sequences, given while the corpus is still being tokenized (the
+        store's status does not know its length yet); by default the store's."""
         start = time.perf_counter()
-        first, last = self.store.group_range(group)
+        first, last = span if span is not None else self.store.group_range(group)
         n_tokens = (last - first) * self.spec.context_length
-        shards = self.store.group_shards(group)
+        size = self.spec.shard_size
+        shards = range(first // size, -(-last // size))
         if self.store.is_committed(group):
             return ShardResult(group, n_tokens, 0.0, skipped=True, node=_node(), shards=len(shards))
-        partials = self._reduce(first, last, [self.store.shard_range(s) for s in shards])
+        partials = self._reduce(first, last, [(s * size, min((s + 1) * size, last)) for s in shards])
         record = {"first_seq": first, "last_seq": last, "n_tokens": n_tokens, "shards": [shards[0], shards[-1] + 1]}
+        written = time.perf_counter()
         self.store.write_partial(group, partials, record)
-        return ShardResult(group, n_tokens, time.perf_counter() - start, skipped=False, node=_node(), shards=len(shards))
+        end = time.perf_counter()
+        return ShardResult(
+            group, n_tokens, end - start, skipped=False, node=_node(), shards=len(shards), seconds_write=end - written,
+            peak_rss=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+            device_peak=torch.cuda.max_memory_allocated(self.device) if self.device.type == "cuda" else 0,
+        )
 
     def _reduce(self, first: int, last: int, shards: list[tuple[int, int]]):
         """Every statistic over sequences [first, last), shard by shard (the dense arrays'
@@ -98,19 +105,17 @@ class ShardWorker:
         group_kinds = torch.from_numpy(ids["kinds"]).reshape(-1)
         group_counted = group_kinds != PAD if spec.include_special_tokens else group_kinds == TEXT
         del ids
-        stats = {
-            h: HookStatistics(spec, h, self.widths[h], group_tokens.to(self.device), group_counted.to(self.device))
-            for h in spec.hooks
-        }
+        tokens, counted = group_tokens.to(self.device), group_counted.to(self.device)
+        stats = {h: HookStatistics(spec, Group(h, self.widths[h], tokens, counted, first * ctx)) for h in spec.hooks}
+        del tokens, counted
         del group_tokens, group_kinds, group_counted
         # Once the job's co-activation is merged (and the groups' copies dropped), a group written
         # again (a retried task) must not bring its copy back.
-        merged = COACTIVATION in self.store.group and self.store.group[COACTIVATION].attrs.get("committed")
+        merged = self.store.has_merged_coactivation()
         coact = RunningCoactivation(spec, self.widths, self.device) if spec.coactivation_hooks() and not merged else None
         for lo, hi in shards:
             self._reduce_shard(lo, hi, first * ctx, stats, coact)
-        offset = first * ctx
-        partials = {hook: s.result(offset) for hook, s in stats.items()}
+        partials = {hook: s.result() for hook, s in stats.items()}
         if coact is not None:
             partials[COACTIVATION] = coact.result()
         return partials
@@ -196,48 +201,3 @@ class Batch:
     token_ids: torch.Tensor  # [n] int64
     docs: torch.Tensor  # [n] int64
     priority: torch.Tensor  # [n] int64, the sampling priority of each token
-
-
-class HookStatistics:
-    """Every statistic the job asks for, of one hook over one shard, updated batch by batch."""
-
-    def __init__(self, spec: JobSpec, hook: str, width: int, shard_tokens: torch.Tensor, shard_counted: torch.Tensor):
-        device = shard_tokens.device
-        self.per_document = spec.examples == "document"
-        extremes = RunningTopKPerDocument if self.per_document else RunningTopK
-        self.extremes = {"top": extremes(spec.top_k, width, device)}
-        if spec.computes("bottom"):
-            self.extremes["bottom"] = extremes(spec.top_k, width, device, largest=False)
-        self.others = {"stats": RunningMoments(width, device, spec.threshold(hook))}
-        if spec.computes("histogram"):
-            self.others["hist"] = RunningHistogram(width, device)
-        if spec.computes("samples"):
-            self.others["band"] = RunningBandSamples(spec.samples_per_band, width, device, spec.band_sample_rate)
-            self.others["random"] = RunningRandomSamples(spec.random_samples, width, device)
-        if spec.computes("tokens"):
-            self.others["tokens"] = RunningTokenSums(shard_tokens, shard_counted, width)
-
-    def update(self, x: torch.Tensor, batch: Batch) -> None:
-        for extreme in self.extremes.values():
-            if self.per_document:
-                extreme.update(x, batch.first, batch.counted, batch.docs)
-            else:
-                extreme.update(x, batch.first, batch.counted)
-        for name, reducer in self.others.items():
-            if name in ("stats", "hist"):
-                reducer.update(x, batch.first, batch.counted)
-            else:
-                reducer.update(x, batch)
-
-    def result(self, offset: int) -> dict[str, np.ndarray]:
-        """The shard's partial statistics, token indices made global."""
-        out = {}
-        for side, extreme in self.extremes.items():
-            values, index = extreme.result()
-            out[f"{side}_values"] = values
-            out[f"{side}_index"] = np.where(index >= 0, index + offset, -1)
-            if self.per_document:
-                out[f"{side}_doc"] = extreme.docs.cpu().numpy()
-        for reducer in self.others.values():
-            out.update(reducer.result())
-        return out

@@ -104,6 +104,12 @@ class JobSpec(_Frozen):
         1, description="Ray workers (one model each); auto = one per GPU, else one per CPU."
     )
     shard_size: Bounded(1 << 16, "a shard is one worker's unit of memory") = Field(256, description="Sequences per shard, the unit of work and retry.")
+    group_shards: Bounded(1 << 20, "a group's token indices are 32-bit") | Literal["auto"] = Field(
+        "auto",
+        description="Shards per accumulation group, the unit of work a worker claims and commits once; auto = the "
+        "fewest that keep the state written at about 1 KB per corpus token. Smaller groups spread a job over more "
+        "workers and lose less to a crash, for more store bytes.",
+    )
     batch_size: Bounded(1 << 14, "sequences in one forward") = Field(16, description="Sequences per forward pass.")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto = cuda when available.")
     dtype: Literal["float32", "float16", "bfloat16"] = Field(
@@ -168,6 +174,11 @@ class JobSpec(_Frozen):
             raise ValueError(
                 f"shard_size x context_length is {tokens:,} tokens per shard; at most {MAX_SHARD_TOKENS:,} "
                 "(a shard is held in one worker's memory): lower shard_size"
+            )
+        if self.group_shards != "auto" and self.group_shards * tokens > 1 << 31:
+            raise ValueError(
+                f"group_shards x shard_size x context_length is {self.group_shards * tokens:,} tokens per group; at most "
+                f"{1 << 31:,} (token indices within a group are 32-bit): lower group_shards"
             )
         return self
 

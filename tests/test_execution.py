@@ -127,7 +127,7 @@ def test_killed_run_resumes_to_identical_tables(make_job, tmp_path):
     cmd = [sys.executable, "-m", "jobs.cli", "run", str(job), "--local"]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
-        deadline = time.monotonic() + 120
+        deadline = time.monotonic() + 15
         while time.monotonic() < deadline:
             if _committed(spec.store) >= 5:
                 break
@@ -141,3 +141,79 @@ def test_killed_run_resumes_to_identical_tables(make_job, tmp_path):
     summary = run_job(spec, use_ray=False)
     assert summary.resumed and summary.shards_skipped >= 5
     assert tables(spec.store) == tables(clean.store)
+
+
+def test_a_reduce_stopped_midway_resumes_from_its_parts(make_job, monkeypatch):
+    """The reduce's parts are its units of work: a reduce that fails after some parts keeps them
+    (and every group), the next run runs only the others, and the tables are the clean run's."""
+    clean = load_job(make_job("reduce-clean"))
+    run_job(clean, use_ray=False)
+    spec = load_job(make_job("reduce-stopped"))
+    done: list[str] = []
+
+    def fails_after_three(store_url, part):
+        if len(done) == 3:
+            raise StoreError("stopped")
+        result = runner_part(store_url, part)
+        done.append(result.key)
+        return result
+
+    runner_part = runner.run_part
+    monkeypatch.setattr(runner, "run_part", fails_after_three)
+    with pytest.raises(StoreError, match="stopped"):
+        run_job(spec, use_ray=False)
+    monkeypatch.setattr(runner, "run_part", runner_part)
+    store = Store.open(spec.store)
+    assert not store.status["complete"] and all(store.part_done(key) for key in done)
+    again = run_job(spec, use_ray=False)
+    assert again.shards_run == 0 and {p.key for p in again.reduce_parts}.isdisjoint(done)
+    assert len(done) == 3 and again.reduce_parts, "the job should have more parts than were run"
+    assert tables(spec.store) == tables(clean.store)
+    # The parts are gone once the tables exist, and one merged co-activation set remains.
+    assert not os.path.exists(os.path.join(spec.store, "index", "parts"))
+    assert store.has_merged_coactivation() and not any("coactivation" in g for _, g in store.group["shards"].groups())
+
+
+@pytest.mark.slow
+def test_workers_start_on_groups_while_the_corpus_is_tokenized(make_job, ray_session, monkeypatch):
+    """Groups are fixed before the corpus is tokenized, so the workers run the first ones while
+    the rest is read: the corpus here is read slowly, and waits for a first group to be committed
+    before it goes on. The tables and partials are those of a run that tokenized first."""
+    clean = load_job(make_job("overlap-clean", dense=[]))
+    run_job(clean, use_ray=False)
+    spec = load_job(make_job("overlap", dense=[], workers=2))
+    monkeypatch.setattr(corpus, "DOCUMENTS_PER_BATCH", 2)
+    monkeypatch.setattr(runner.TaskEncoder, "LOCAL_BATCHES", 2)
+    read = corpus.read_batches
+    committed_while_reading = []
+
+    def slowly(dataset):
+        for batch in read(dataset):
+            if not committed_while_reading and _group_written(spec.store):
+                # A group's sequences are in the store: read on once a worker has committed it.
+                deadline = time.monotonic() + 60
+                while time.monotonic() < deadline and not _some_group_committed(spec.store):
+                    time.sleep(0.05)
+                committed_while_reading.append(_some_group_committed(spec.store))
+            yield batch
+
+    monkeypatch.setattr(corpus, "read_batches", slowly)
+    summary = run_job(spec)
+    assert committed_while_reading == [True] and summary.shards_run == summary.shards_total
+    assert tables(spec.store) == tables(clean.store)
+    assert arrays_digest(spec.store) == arrays_digest(clean.store)
+
+
+def _group_written(store_url: str) -> bool:
+    try:
+        store = Store.open(store_url)
+        return store.group["tokens"].shape[0] >= store.shards_per_group * store.spec.shard_size
+    except (KeyError, FileNotFoundError, StoreError):
+        return False
+
+
+def _some_group_committed(store_url: str) -> bool:
+    try:
+        return bool(Store.open(store_url).committed_groups())
+    except (KeyError, FileNotFoundError, StoreError):
+        return False

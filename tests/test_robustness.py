@@ -186,8 +186,11 @@ def test_overwrite_builds_beside_and_swaps_in_only_when_complete(scratch, monkey
 def test_dry_run_prints_the_plan_and_writes_nothing(scratch):
     root, job = scratch
     before = folder_digest(root)
-    result = invoke(["run", job(), "--dry-run"], 0, "create a new store at out.zarr", "worker memory")
+    result = invoke(["run", job(), "--dry-run"], 0, "create a new store at out.zarr", "worker memory", "store: at most", "partial state (peak)")
     assert folder_digest(root) == before and "blocks.0.mlp.hook_post (256 units)" in result.output
+    # A hand-set group size: more, smaller units of work, and the plan says how many.
+    result = invoke(["run", job(group_shards=1), "--dry-run"], 0, "group(s) of 1 shard(s)")
+    assert folder_digest(root) == before
 
 
 def test_a_job_too_big_for_the_machine_is_refused_with_its_numbers(scratch):
@@ -217,8 +220,10 @@ def test_job_files_are_bounded(scratch):
     text = " ".join(fails(["run", job(model=["x" * 10_000] * 50, store="y" * 5000)]).output.split())
     assert len(text) < 2000
     for field, value in [("context_length", 10**9), ("shard_size", 10**9), ("samples_per_band", 10**6), ("random_samples", 10**7),
-                         ("top_tokens", 10**6), ("top_logits", 10**6), ("batch_size", 10**9), ("thresholds", {HOOK: float("nan")})]:
+                         ("top_tokens", 10**6), ("top_logits", 10**6), ("batch_size", 10**9), ("thresholds", {HOOK: float("nan")}),
+                         ("group_shards", 10**7)]:
         fails(["run", job(**{field: value})], field)
+    fails(["run", job(group_shards=1 << 20, shard_size=4096)], "tokens per group", "lower group_shards")
 
 
 # -- 2, 3. the query layer --------------------------------------------------------------------
