@@ -24,7 +24,7 @@ import pyarrow as pa
 
 from queries.sandbox import Limits, Sandbox
 from storage.errors import QueryError, StoreDamaged, StoreError, first_line
-from storage.store import PAD, Store
+from storage.store import PAD, Store, storage_options
 
 TABLES = (
     "tokens", "vocab", "top_examples", "bottom_examples", "neuron_stats", "histograms",
@@ -47,6 +47,13 @@ ORDER BY e.rank;
 
 #: Query nodes a user's statement may contain anywhere in its parse tree (CTE bodies included).
 _QUERY_NODES = {"SELECT_NODE", "SET_OPERATION_NODE", "RECURSIVE_CTE_NODE", "CTE_NODE"}
+
+
+def index_cache() -> str:
+    """Where the tables of stores on object storage are cached: ``$ACTSCOPE_CACHE/index``, else
+    ``$XDG_CACHE_HOME/actscope/index`` (``~/.cache``); one copy per table file queried."""
+    root = os.environ.get("ACTSCOPE_CACHE") or os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "actscope")
+    return os.path.join(root, "index")
 
 
 @dataclass(frozen=True)
@@ -72,10 +79,8 @@ class Catalog:
         if not self.store.status.get("complete"):
             raise StoreError(f"{store_url}: the job has not finished; run it again to complete it, then query.")
         self.model = self.store.model
-        self._copy = None
-        index = self._local_index()
-        self.files = {table: os.path.join(index, f"{table}.parquet") for table in TABLES}
-        missing = [t for t, path in self.files.items() if not os.path.isfile(path)]
+        self.files = self._local_files()
+        missing = [t for t in TABLES if not os.path.isfile(self.files.get(t, ""))]
         if missing:
             self.close()
             raise StoreDamaged(f"{store_url}: the index is damaged: {', '.join(missing)} missing. Run the job again into a new store.")
@@ -86,23 +91,29 @@ class Catalog:
             raise StoreDamaged(f"{store_url}: the index is damaged and cannot be read ({first_line(err)}). Run the job again into a new store.") from None
         self._sandbox = Sandbox(self.files, self.limits)
 
-    def _local_index(self) -> str:
-        """The index folder on this machine. A store on object storage (any fsspec URL) has its
-        Parquet tables copied to a temporary folder first: DuckDB reads object stores only through
-        its httpfs extension, which a locked-down (and possibly offline) connection cannot load."""
+    def _local_files(self) -> dict[str, str]:
+        """Each table's file on this machine. A store on object storage (any fsspec URL) has its
+        Parquet tables cached locally (``index_cache``): DuckDB reads object stores only through
+        its httpfs extension, which a locked-down (and possibly offline) connection cannot load.
+        The cache is fsspec's ``filecache``, which checks each file's unique key (the object's
+        ETag or generation) on every connect: a changed store is downloaded again, never served
+        stale, and an unchanged one costs one metadata request per table."""
         fs, path = fsspec.core.url_to_fs(self.store.index_url)
         if "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)):
-            return path
-        self._copy = tempfile.TemporaryDirectory(prefix="actscope-index-")
-        fs.get([f"{path}/{t}.parquet" for t in TABLES], self._copy.name + "/")
-        return self._copy.name
+            return {table: os.path.join(path, f"{table}.parquet") for table in TABLES}
+        protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
+        options = {"filecache": {"cache_storage": index_cache(), "check_files": True}, protocol: storage_options(self.store.url) or {}}
+        try:
+            return {table: fsspec.open_local(f"filecache::{self.store.table_url(table)}", **options) for table in TABLES}
+        except FileNotFoundError:
+            return {}  # reported below as a damaged index
 
     def close(self) -> None:
         for name in ("_sandbox", "con"):
             if getattr(self, name, None) is not None:
                 getattr(self, name).close()
                 setattr(self, name, None)
-        for name in ("_temp", "_copy"):
+        for name in ("_temp",):
             if getattr(self, name, None) is not None:
                 getattr(self, name).cleanup()
                 setattr(self, name, None)

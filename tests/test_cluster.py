@@ -282,8 +282,10 @@ def test_a_truncated_chunk_from_a_crashed_writer_is_rewritten_on_resume(clean, t
         assert tree_digest(root / part) == tree_digest(Path(reference.store) / part), part
 
 
-def test_queries_read_an_object_store_index_without_network_access(s3, clean_s3, tmp_path, tiny_model, corpus_dir):
-    """The catalog copies the index locally; the locked-down connection still refuses the rest."""
+def test_queries_read_an_object_store_index_without_network_access(s3, clean_s3, tmp_path, tiny_model, corpus_dir, monkeypatch):
+    """The catalog caches the index locally (downloaded once, checked on every connect, never
+    stale); the locked-down connection still refuses the rest."""
+    monkeypatch.setenv("ACTSCOPE_CACHE", str(tmp_path / "cache"))
     url = "s3://actscope-test/runs/local-run.zarr"
     spec = load_job(write_job(tmp_path, "s3local", tiny_model, corpus_dir, store=url, **S3_JOB))
     run_job(spec, use_ray=False)
@@ -292,6 +294,17 @@ def test_queries_read_an_object_store_index_without_network_access(s3, clean_s3,
         assert c.sql("SELECT count(*) FROM neuron_stats").rows[0][0] == 256 + 64
         with pytest.raises(Exception, match="Refused|only"):
             c.sql("SELECT * FROM read_csv('/etc/passwd')")
+        files = dict(c.files)
+    assert all(path.startswith(str(tmp_path / "cache")) for path in files.values())
+    stamps = {t: os.stat(p).st_mtime_ns for t, p in files.items()}
+    with queries.connect(url) as c:  # unchanged: served from the cache, nothing downloaded
+        assert {t: os.stat(p).st_mtime_ns for t, p in c.files.items()} == stamps
+    # The store changes (a table rewritten in place): the next connect reads the new bytes.
+    fs = fsspec.filesystem("s3")
+    store = Store.open(url)
+    fs.pipe(store.table_url("vocab"), fs.cat(store.table_url("token_stats")))
+    with queries.connect(url) as c:
+        assert c.sql("SELECT count(*) FROM vocab").rows[0][0] == len(clean_s3["token_stats"]["neuron"])
 
 
 # Only what the store's path rules need: one hook, no optional statistics, few shards.
