@@ -435,7 +435,8 @@ def run_job(
                 store.reset_reduce()
             try:
                 first, later = plan_parts(store)
-                if use_ray and (first or later):
+                small = store.n_groups * partial_bytes(spec, model["hook_widths"], model["vocab_size"]) < RAY_REDUCE_BYTES
+                if use_ray and (first or later) and not small:
                     ray_session.ensure()
                     reduced = list(_reduce_on_ray(url, first, later))
                 else:
@@ -691,6 +692,9 @@ def _execute_here(store_url: str, shards: list[int], logits: bool, threads: int 
 
 
 MAX_SHARD_ATTEMPTS = 4
+#: Below this many bytes of partials, the reduce's parts run in the driver: starting Ray task
+#: processes (each imports torch) costs seconds, more than merging a small job.
+RAY_REDUCE_BYTES = 256 << 20
 
 
 class GroupFeed:
