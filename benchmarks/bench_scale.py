@@ -15,7 +15,8 @@ Prints JSON, one object per job: groups and shards, partial bytes per corpus tok
 ``shards/`` folder seen, over the tokens), the peak store bytes outside the token arrays (sampled
 every 0.2 s), the final store bytes, peak resident memory of the shard workers, of the merge's
 tasks and of the driver, the phases' seconds and the merge's share of the job, and the fixed
-cost of a group (writing and committing its partials) and per shard.
+cost of a group (writing and committing its partials) and per shard; for ``2L``, each neuron's
+top activation and mean against a plain ``transformers`` forward + numpy (largest differences).
 
 Usage: python benchmarks/bench_scale.py [--tokens 16384] [--layers 2,12] [--workers 2]
 """
@@ -99,7 +100,7 @@ class StoreWatcher(threading.Thread):
         self.join()
 
 
-def run(root: Path, name: str, model: str, hooks: list[str], tokens: int, workers: int, **fields) -> dict:
+def run(root: Path, name: str, model: str, hooks: list[str], tokens: int, workers: int, check: bool = False, **fields) -> dict:
     corpus = root / "corpus.jsonl"
     if not corpus.exists():
         corpus.write_text("".join(json.dumps({"text": d}) + "\n" for d in stdlib_docstrings()))
@@ -145,7 +146,43 @@ def run(root: Path, name: str, model: str, hooks: list[str], tokens: int, worker
         "fixed_s_per_shard": round(sum(write) / max(sum(g.shards for g in groups), 1), 4),
         "group_s": [round(g.seconds, 2) for g in groups],
     }
+    if check:
+        out["brute_force"] = brute_force_check(model, opened)
     shutil.rmtree(store, ignore_errors=True)
+    return out
+
+
+def brute_force_check(model_dir: str, store) -> dict:
+    """Each neuron's top activation and mean against a plain ``transformers`` forward + numpy over
+    the store's own token arrays (text tokens counted, as the job does): the largest differences."""
+    import duckdb
+    import numpy as np
+    import torch
+    from transformers import GPT2LMHeadModel
+
+    from storage.store import TEXT
+
+    data = store.read_tokens(0, store.n_seq, ("tokens", "kinds"))
+    hf = GPT2LMHeadModel.from_pretrained(model_dir).eval()
+    acts: dict[int, list] = {}
+    handles = [layer.mlp.act.register_forward_hook(lambda m, i, o, n=n: acts.setdefault(n, []).append(o.reshape(-1, o.shape[-1])))
+               for n, layer in enumerate(hf.transformer.h)]
+    with torch.no_grad():
+        for start in range(0, store.n_seq, 16):
+            ids = torch.from_numpy(data["tokens"][start:start + 16].astype(np.int64))
+            hf(ids, attention_mask=torch.from_numpy(data["kinds"][start:start + 16] != 2).long())
+    for h in handles:
+        h.remove()
+    counted = (data["kinds"] == TEXT).reshape(-1)
+    index = store.table_url
+    out = {"max_abs_diff_top1": 0.0, "max_abs_diff_mean": 0.0}
+    for n, parts in acts.items():
+        x = torch.cat(parts).numpy()[counted]
+        hook = f"blocks.{n}.mlp.hook_post"
+        top = duckdb.sql(f"SELECT neuron, activation FROM '{index('top_examples')}' WHERE hook = '{hook}' AND rank = 1 ORDER BY neuron").fetchnumpy()
+        mean = duckdb.sql(f"SELECT neuron, mean FROM '{index('neuron_stats')}' WHERE hook = '{hook}' ORDER BY neuron").fetchnumpy()
+        out["max_abs_diff_top1"] = max(out["max_abs_diff_top1"], float(np.abs(top["activation"] - x.max(0)[top["neuron"]]).max()))
+        out["max_abs_diff_mean"] = max(out["max_abs_diff_mean"], float(np.abs(mean["mean"] - x.astype(np.float64).mean(0)[mean["neuron"]]).max()))
     return out
 
 
@@ -168,7 +205,7 @@ def main() -> None:
         if 2 in layers:
             model = build_model(root, 2)
             hooks = [f"blocks.{i}.mlp.hook_post" for i in range(2)]
-            results.append(run(root, "2L", model, hooks, args.tokens, args.workers))
+            results.append(run(root, "2L", model, hooks, args.tokens, args.workers, check=True))
             results.append(run(root, "2L-3x", model, hooks, 3 * args.tokens, args.workers))
             short, long = results[-2:]
             results.append({"check": "2L-3x over 2L, peak store bytes outside the token arrays",
