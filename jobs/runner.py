@@ -64,7 +64,6 @@ class RunSummary:
     seconds_startup: float = 0.0  # of the activate phase, until the first workers had loaded their model
     reduce_parts: list[PartDone] = field(default_factory=list)  # the reduce's parts this run ran
     group_results: list[ShardResult] = field(default_factory=list)  # the groups this run ran
-    groups_while_tokenizing: int = 0  # groups finished before the corpus was fully tokenized
 
     @property
     def tokens_per_second(self) -> float:
@@ -343,7 +342,7 @@ def run_job(
             if planned.action == "replace" and inspect_target(url) == "store":
                 Store.remove(url)  # an actscope store: the old job's on an object store, or a stale replacement
             store = created = Store.create(url, spec=spec, fingerprint=model["fingerprint"], model=model)
-        tokenize_tasks, early = 0, 0
+        tokenize_tasks = 0
         n_workers = _worker_count(spec, workers, use_ray, address, ray_session)
         results = []
         ready: list[float] = []  # when each of the first workers had loaded its model
@@ -373,13 +372,11 @@ def run_job(
                 except BaseException as err:  # noqa: BLE001 - raised again by the scheduler
                     feed.fail(err)
 
-            early = 0  # groups done before the corpus was whole
             tokenizer_thread = threading.Thread(target=tokenize, name="tokenize", daemon=True)
             tokenizer_thread.start()
             try:
                 for result in _execute_on_ray(url, feed, n_workers, logits, threads, ready):
                     results.append(result)
-                    early += not feed.tokenized
                     progress.advance(result.n_tokens)
             finally:
                 feed.cancel()
@@ -471,7 +468,6 @@ def run_job(
         seconds_startup=startup,
         reduce_parts=reduced,
         group_results=[r for r in results if not r.skipped],
-        groups_while_tokenizing=early,
     )
 
 
@@ -732,10 +728,6 @@ class GroupFeed:
 
     def cancel(self) -> None:
         self.cancelled = True
-
-    @property
-    def tokenized(self) -> bool:
-        return self._total is not None
 
     @property
     def finished(self) -> bool:

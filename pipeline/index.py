@@ -1,4 +1,6 @@
-"""Write the job's results as Parquet tables under ``<store>/index/``.
+"""The rows of the index's tables (schemas: ``storage.tables``): each hook's rows from its merged
+statistics (``hook_tables``, run by the reduce's hook parts), the tokens table a block of
+sequences at a time, and the vocabulary.
 
 Tables (contract, see README): ``tokens``, ``vocab``, ``top_examples``, ``bottom_examples``,
 ``neuron_stats``, ``histograms``, ``band_samples``, ``random_samples``, ``token_stats``,

@@ -54,14 +54,11 @@ class PartDone:
     peak_rss: int  # the process's peak resident bytes so far (a Ray worker runs several parts)
 
 
-def plan_parts(store: Store) -> tuple[list[Part], list[Part]]:
-    """(parts that can start now, co-activation blocks that wait for ``prepare``); the parts
-    already done are left out. Every group must be committed."""
+def _all_parts(store: Store) -> tuple[list[Part], list[Part]]:
+    """Every part of the store's reduce, in the tables' order: (hook parts, with the
+    co-activation ``prepare`` first when there is one; the co-activation blocks)."""
     spec = store.spec
-    missing = sorted(set(range(store.n_groups)) - store.committed_groups())
-    if missing:
-        raise StoreError(f"{store.url}: {len(missing)} group(s) of shards are not committed yet (first: {missing[0]}). Re-run the job to finish them.")
-    widths, vocab = store.model["hook_widths"], store.model["vocab_size"]
+    widths, vocab, groups = store.model["hook_widths"], store.model["vocab_size"], store.n_groups
     first = []
     for n, hook in enumerate(sorted(spec.hooks)):
         w = widths[hook]
@@ -71,11 +68,21 @@ def plan_parts(store: Store) -> tuple[list[Part], list[Part]]:
     hooks = spec.coactivation_hooks()
     if hooks:
         total = sum(widths[h] for h in hooks)
-        first.insert(0, Part("coactivation", "prepare", memory=32 * total * store.n_groups + 8 * coactivation.BLOCK**2 + (64 << 20)))
+        widest = max(widths[h] for h in hooks)
+        first.insert(0, Part("coactivation", "prepare", memory=32 * total * groups + 8 * coactivation.BLOCK**2 + (64 << 20)))
+        memory = 100 * coactivation.BLOCK * widest + 16 * total * groups + (64 << 20)
         for site, start in coactivation.blocks(spec, widths):
-            widest = max(widths[hooks[j]] for j in range(len(hooks)))
-            memory = 100 * coactivation.BLOCK * widest + 16 * total * store.n_groups + (64 << 20)
             later.append(Part(f"coactivation-{site:04d}-{start:08d}", "block", site=site, start=start, memory=memory))
+    return first, later
+
+
+def plan_parts(store: Store) -> tuple[list[Part], list[Part]]:
+    """(parts that can start now, co-activation blocks that wait for ``prepare``); the parts
+    already done are left out. Every group must be committed."""
+    missing = sorted(set(range(store.n_groups)) - store.committed_groups())
+    if missing:
+        raise StoreError(f"{store.url}: {len(missing)} group(s) of shards are not committed yet (first: {missing[0]}). Re-run the job to finish them.")
+    first, later = _all_parts(store)
     return [p for p in first if not store.part_done(p.key)], [p for p in later if not store.part_done(p.key)]
 
 
@@ -101,29 +108,17 @@ def run_part(store_url: str, part: Part) -> PartDone:
 def assemble(store: Store, tokenizer) -> None:
     """Write every table of the index from the parts (all done), then commit the merged
     co-activation (dropping the groups' copies) and drop the parts."""
-    spec = store.spec
     write_tokens_table(store)
     write_table(store.table_url("vocab"), "vocab", vocab_table(tokenizer))
-    hooks = [f"hook-{n:04d}" for n in range(len(spec.hooks))]
-    for name in HOOK_TABLES:
+    first, blocks = _all_parts(store)
+    hooks = [part for part in first if part.kind == "hook"]
+    for name, parts in [*((name, hooks) for name in HOOK_TABLES), ("coactivation", blocks)]:
         with TableWriter(store.table_url(name), name) as writer:
-            for key in hooks:
-                writer.write(read_table(store.part_url(key, name)))
-    with TableWriter(store.table_url("coactivation"), "coactivation") as writer:
-        if spec.coactivation_hooks():
-            for site, start in coactivation.blocks(spec, store.model["hook_widths"]):
-                writer.write(read_table(store.part_url(f"coactivation-{site:04d}-{start:08d}", "coactivation")))
-    if spec.coactivation_hooks() and not store.has_merged_coactivation():
+            for part in parts:
+                writer.write(read_table(store.part_url(part.key, name)))
+    if blocks and not store.has_merged_coactivation():
         store.commit_merged_coactivation()
     store.clear_parts()
-
-
-def reduce_here(store: Store, tokenizer) -> list[PartDone]:
-    """The whole reduce in this process, parts one after another."""
-    first, later = plan_parts(store)
-    done = [run_part(store.url, part) for part in first + later]
-    assemble(store, tokenizer)
-    return done
 
 
 def merge_hook(store: Store, hook: str) -> dict[str, np.ndarray]:

@@ -162,7 +162,7 @@ class _TokenFold:
 MOMENTS = Statistic(
     "moments", lambda name: name in FIELDS,
     lambda spec, g: _Counted(RunningMoments(g.width, g.tokens.device, spec.threshold(g.hook))),
-    lambda spec, width, vocab: Pairwise(lambda a, b: combine(a, b)),
+    lambda spec, width, vocab: Pairwise(combine),
 )
 HISTOGRAM = Statistic(
     "histogram", lambda name: name == "hist",
