@@ -176,14 +176,37 @@ def brute_force_check(model_dir: str, store) -> dict:
     counted = (data["kinds"] == TEXT).reshape(-1)
     index = store.table_url
     out = {"max_abs_diff_top1": 0.0, "max_abs_diff_mean": 0.0}
-    for n, parts in acts.items():
-        x = torch.cat(parts).numpy()[counted]
+    full = {n: torch.cat(parts).numpy() for n, parts in acts.items()}
+    for n in full:
+        x = full[n][counted]
         hook = f"blocks.{n}.mlp.hook_post"
         top = duckdb.sql(f"SELECT neuron, activation FROM '{index('top_examples')}' WHERE hook = '{hook}' AND rank = 1 ORDER BY neuron").fetchnumpy()
         mean = duckdb.sql(f"SELECT neuron, mean FROM '{index('neuron_stats')}' WHERE hook = '{hook}' ORDER BY neuron").fetchnumpy()
         out["max_abs_diff_top1"] = max(out["max_abs_diff_top1"], float(np.abs(top["activation"] - x.max(0)[top["neuron"]]).max()))
         out["max_abs_diff_mean"] = max(out["max_abs_diff_mean"], float(np.abs(mean["mean"] - x.astype(np.float64).mean(0)[mean["neuron"]]).max()))
+    out["coactivation_rows_checked"] = check_coactivation_at_width(store, full, counted)
     return out
+
+
+def check_coactivation_at_width(store, full: dict, counted) -> int:
+    """The whole ``coactivation`` table against brute force over every neuron pair (tolerance 1e-4,
+    as the tests): raises if a statistic or a partner differs; returns the rows checked."""
+    import duckdb
+    import numpy as np
+
+    from tests.reference import COACTIVATION_COLUMNS, check_coactivation, coactivation_brute_force, priority
+
+    spec = store.spec
+    assert spec.coactivation.pairs == "all"
+    hooks = [f"blocks.{n}.mlp.hook_post" for n in sorted(full)]
+    chosen = [i for i in np.flatnonzero(counted) if priority(int(i), spec.seed) < 2**32 // spec.coactivation.stride]
+    truth = coactivation_brute_force([full[n][chosen] for n in sorted(full)], [spec.threshold(h) for h in hooks])
+    widths = [full[n].shape[1] for n in sorted(full)]
+    offsets = dict(zip(hooks, np.cumsum([0, *widths[:-1]]).tolist()))
+    columns = ", ".join(COACTIVATION_COLUMNS)
+    rows = {k: np.asarray(v) for k, v in duckdb.sql(f"SELECT {columns} FROM '{store.table_url('coactivation')}'").fetchnumpy().items()}
+    allowed = np.ones((sum(widths), sum(widths)), dtype=bool)  # the 2-layer job's default pairs: all
+    return check_coactivation(rows, truth, offsets, allowed, spec.coactivation.partners)
 
 
 def _kind(key: str) -> str:

@@ -18,43 +18,7 @@ from queries import connect
 from storage.spec import JobSpec
 from storage.store import PAD, TEXT, Store
 from tests.conftest import write_job
-from tests.reference import activations, priority
-
-
-def brute_force(xs: list[np.ndarray], thresholds: list[float]) -> dict[str, np.ndarray]:
-    """All four statistics over all neurons (columns of the hooks' activations side by side)."""
-    x = np.concatenate(xs, axis=1).astype(np.float64)
-    fired = np.concatenate([(a > t) for a, t in zip(xs, thresholds)], axis=1).astype(np.float64)
-    n = len(x)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        centred = x - (x.mean(0) if n else 0.0)
-        cov = centred.T @ centred
-        pearson = cov / np.sqrt(np.outer(np.diag(cov), np.diag(cov)))
-        both = fired.T @ fired
-        n_a = fired.sum(0)
-        return {
-            "pearson": pearson, "n_both": both, "p_b_given_a": both / n_a[:, None],
-            "jaccard": both / (n_a[:, None] + n_a[None, :] - both), "lift": both * n / np.outer(n_a, n_a),
-        }
-
-
-def check_partners(rows, ref, offsets, allowed, m, tol=1e-4):
-    """Each neuron's partners are its true top-m by |pearson| and by Jaccard (up to float noise
-    between near-equal scores), and every statistic of every row equals brute force."""
-    by_neuron = {}
-    for hook_a, a, hook_b, b, ranking, rank, *values in rows:
-        ga, gb = offsets[hook_a] + a, offsets[hook_b] + b
-        assert allowed[ga, gb] and ga != gb
-        for name, value in zip(("pearson", "jaccard", "p_b_given_a", "lift", "n_both"), values):
-            np.testing.assert_allclose(value, ref[name][ga, gb], rtol=tol, atol=tol, err_msg=name)
-        by_neuron.setdefault((ga, ranking), []).append((rank, gb))
-    for ga in range(len(allowed)):
-        for ranking, score in (("pearson", np.abs(ref["pearson"][ga])), ("jaccard", ref["jaccard"][ga])):
-            score = np.where(allowed[ga] & (np.arange(len(score)) != ga) & ~np.isnan(score), score, -np.inf)
-            expected = np.sort(score)[::-1][:m]
-            expected = expected[expected > -np.inf]
-            got = [score[gb] for _, gb in sorted(by_neuron.get((ga, ranking), []))]
-            np.testing.assert_allclose(got, expected, atol=tol)
+from tests.reference import COACTIVATION_COLUMNS, activations, check_coactivation, coactivation_brute_force, priority
 
 
 @pytest.fixture(scope="module")
@@ -79,14 +43,15 @@ def test_partners_and_statistics_equal_brute_force(coact_run):
     counted = np.flatnonzero((data["kinds"] == TEXT).reshape(-1))
     chosen = [i for i in counted if priority(int(i), spec.seed) < 2**32 // spec.coactivation.stride]
     xs = [ref[h].reshape(-1, ref[h].shape[-1])[chosen] for h in spec.hooks]
-    truth = brute_force(xs, [spec.threshold(h) for h in spec.hooks])
+    truth = coactivation_brute_force(xs, [spec.threshold(h) for h in spec.hooks])
     widths = [x.shape[1] for x in xs]
     offsets = dict(zip(spec.hooks, np.cumsum([0, *widths[:-1]])))
     allowed = np.ones((sum(widths), sum(widths)), dtype=bool)
     with connect(spec.store) as catalog:
-        rows = catalog.sql("SELECT hook_a, neuron_a, hook_b, neuron_b, ranking, rank, pearson, jaccard, p_b_given_a, lift, n_both FROM coactivation").rows
-    assert len(rows) > sum(widths) * spec.coactivation.partners  # both rankings, most neurons
-    check_partners(rows, truth, offsets, allowed, spec.coactivation.partners)
+        rows = catalog.arrow(f"SELECT {', '.join(COACTIVATION_COLUMNS)} FROM coactivation").to_pydict()
+    rows = {k: np.asarray(v) for k, v in rows.items()}
+    # both rankings, most neurons
+    assert check_coactivation(rows, truth, offsets, allowed, spec.coactivation.partners) > sum(widths) * spec.coactivation.partners
 
 
 @st.composite
@@ -129,15 +94,15 @@ def test_merge_over_any_split_equals_brute_force(tmp_path_factory, problem):
                 priority=torch.tensor([priority(int(i), spec.seed) for i in index], dtype=torch.int64),
             ))
         store.write_partial(shard, {GROUP: running.result()}, {})
-    rows = coactivation_table(store, spec).to_pylist()
+    rows = {k: np.asarray(v) for k, v in coactivation_table(store, spec).to_pydict().items()}
     chosen = [i for i in np.flatnonzero(counted) if priority(int(i), spec.seed) < 2**32 // stride]
-    truth = brute_force([v[chosen] for v in values], [0.0] * len(values))
+    truth = coactivation_brute_force([v[chosen] for v in values], [0.0] * len(values))
     offsets = dict(zip(hooks, np.cumsum([0, *[v.shape[1] for v in values[:-1]]])))
     site = np.concatenate([np.full(v.shape[1], i) for i, v in enumerate(values)])
     allowed = np.zeros((len(site), len(site)), dtype=bool)
     for i, j in site_pairs(hooks, pairs):
         allowed[np.ix_(site == i, site == j)] = allowed[np.ix_(site == j, site == i)] = True
-    check_partners([tuple(r.values()) for r in rows], truth, offsets, allowed, 3)
+    check_coactivation(rows, truth, offsets, allowed, 3)
 
 
 @settings(max_examples=60, deadline=None)
