@@ -424,13 +424,18 @@ def _number(value) -> str:
 @app.command()
 @friendly
 def hooks(model: Annotated[str, typer.Argument(help="A Hugging Face model directory or hub id.")]):
-    """List a model's hook names that can be recorded (one vector per token)."""
+    """List a model's hook names that can be recorded (one vector per token). Hooks marked
+    ``(bridge)`` exist only inside TransformerLens's reimplementation: a job recording one runs
+    the bridge's forward instead of the Hugging Face model's own (slower, eager attention)."""
     import torch
 
-    from pipeline.model import load_model, per_token_hooks
+    from pipeline.model import load_model, module_sites, per_token_hooks
 
-    for name in per_token_hooks(load_model(model, torch.device("cpu"))):
-        out.print(name)
+    bridge = load_model(model, torch.device("cpu"))
+    names = per_token_hooks(bridge)
+    on_modules = module_sites(bridge, names)
+    for name in names:
+        out.print(name if name in on_modules else f"{name}  (bridge)")
 
 
 @app.command()

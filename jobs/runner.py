@@ -22,7 +22,15 @@ from typing import Protocol
 from pipeline.capacity import Estimate, gib, machine_memory, partial_bytes, shards_per_group, store_bytes, worker_memory
 from pipeline.corpus import Encoded, check_corpus, encode_here, encode_task, tokenize_corpus
 from pipeline.fingerprint import data_files, fingerprint
-from pipeline.model import Framing, hook_widths, load_job_model, load_tokenizer, validate_hooks
+from pipeline.model import (
+    Framing,
+    describe_forward,
+    forward_plan,
+    hook_widths,
+    load_job_model,
+    load_tokenizer,
+    validate_hooks,
+)
 from pipeline.reduce import Part, PartDone, assemble, plan_parts, run_part
 from pipeline.worker import ShardResult, ShardWorker
 from storage.errors import ActscopeError, JobSpecError, StoreDamaged, StoreError
@@ -94,6 +102,7 @@ class Plan:
         lines.append(f"model: {self.model['name']} ({self.model['architecture']}, {self.model['n_layers']} layers, vocabulary {self.model['vocab_size']:,})")
         for hook, width in self.model["hook_widths"].items():
             lines.append(f"hook: {hook} ({width:,} units{', dense' if hook in spec.dense else ''})")
+        lines.append(f"forward: {describe_forward(self.model.get('forward'))}")
         partial = partial_bytes(spec, self.model["hook_widths"], self.model["vocab_size"])
         shard_tokens = spec.shard_size * spec.context_length
         widths, vocab = self.model["hook_widths"], self.model["vocab_size"]
@@ -140,6 +149,7 @@ def plan(spec: JobSpec, *, overwrite: bool = False, job_path: str | None = None,
         "vocab_size": len(tokenizer),
         "hook_widths": hook_widths(bridge, spec.hooks),
         "framing": framing.to_dict(),
+        "forward": forward_plan(bridge, spec.hooks),
     }
     weight_bytes = sum(p.numel() * p.element_size() for p in bridge.original_model.parameters())
     del bridge

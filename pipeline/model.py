@@ -31,9 +31,16 @@ def resolve_device(requested: str) -> torch.device:
     return torch.device(requested)
 
 
+def _local(model: str) -> str:
+    """An existing folder as an absolute path: TransformerLens reads some bare names ("neox",
+    "gpt2-small", ...) as aliases of hub models, even where a folder of that name exists."""
+    return os.path.abspath(model) if os.path.isdir(model) else model
+
+
 def load_tokenizer(model: str, revision: str | None = None):
     from transformers import AutoTokenizer
 
+    model = _local(model)
     _quiet_transformers()
     try:
         return AutoTokenizer.from_pretrained(model, revision=revision)
@@ -47,6 +54,7 @@ def load_model(
     """Boot the bridge over a Hugging Face directory or hub id, on ``device``, in eval mode."""
     from transformer_lens.model_bridge import TransformerBridge
 
+    model = _local(model)
     tokenizer = tokenizer if tokenizer is not None else load_tokenizer(model, revision)
     _quiet_transformers()
     try:
@@ -197,20 +205,216 @@ class HookedForward:
     def __call__(self, tokens: torch.Tensor, attention_mask: torch.Tensor) -> dict[str, torch.Tensor]:
         self._captured.clear()
         self.bridge(tokens, attention_mask=attention_mask, return_type=None)
-        batch, pos = tokens.shape
-        out = {}
-        for name in self.hooks:
-            if name not in self._captured:
-                raise ModelError(f"hook {name} did not fire during the forward pass; it cannot be recorded.")
-            tensor = self._captured[name]
-            if tensor.shape[:2] != (batch, pos):
-                raise ModelError(
-                    f"hook {name} gives shape {tuple(tensor.shape)}, not [batch, pos, ...]: "
-                    "it is not one vector per token and cannot be recorded."
-                )
-            out[name] = tensor.reshape(batch, pos, -1)
+        return _per_token(self._captured, self.hooks, tokens.shape)
+
+
+def _per_token(captured: dict[str, torch.Tensor], hooks: list[str], shape) -> dict[str, torch.Tensor]:
+    """The captured values as [batch, pos, width], each checked to be one vector per token; the
+    capture dict is emptied (it must not keep a batch alive)."""
+    batch, pos = shape
+    out = {}
+    for name in hooks:
+        if name not in captured:
+            raise ModelError(f"hook {name} did not fire during the forward pass; it cannot be recorded.")
+        tensor = captured[name]
+        if tensor.shape[:2] != (batch, pos):
+            raise ModelError(
+                f"hook {name} gives shape {tuple(tensor.shape)}, not [batch, pos, ...]: "
+                "it is not one vector per token and cannot be recorded."
+            )
+        out[name] = tensor.reshape(batch, pos, -1)
+    captured.clear()
+    return out
+
+
+# ---- The Hugging Face model itself, with torch hooks on its modules ---------------------------
+#
+# Most hooks a researcher records are the input or the output of a module of the Hugging Face
+# model (``blocks.3.mlp.hook_post`` is the input of GPT-2's ``transformer.h.3.mlp.c_proj``). For
+# those the workers run the Hugging Face model itself, with its own attention kernel (SDPA), and
+# plain forward hooks: no bridge components on the hot path. The bridge stays the authority on
+# names: the map from a hook to its module is read from the bridge's own components at plan time.
+# Hooks that exist only inside the bridge's reimplementation (attention scores and patterns, split
+# q/k/v, normalisation scales) keep the bridge's forward.
+
+
+class _Stop(Exception):
+    """Raised by a hook on the last needed block's output: nothing after it runs."""
+
+
+@dataclass(frozen=True)
+class ModuleSite:
+    """A hook's value on the Hugging Face model: the ``side`` ("input" or "output") of ``module``
+    (a path in the model, as ``model.get_submodule`` takes it)."""
+
+    module: str
+    side: str
+
+
+def _module_paths(bridge) -> dict[int, str]:
+    """Each bridge component that wraps a module of the Hugging Face tree, by id: that module's
+    path in a plain Hugging Face model of the same class. Components the bridge adds itself
+    (GPT-2's split q, k and v, BERT's MLP view of a whole layer) are not in the tree: no path."""
+    from transformer_lens.model_bridge.generalized_components.base import GeneralizedComponent
+
+    paths: dict[int, str] = {}
+
+    def walk(module, path: str) -> None:
+        if isinstance(module, GeneralizedComponent):
+            paths.setdefault(id(module), path)
+            module = module.original_component
+            if module is None:
+                return
+        for name, child in module._modules.items():
+            if child is not None and name != "_original_component":
+                walk(child, f"{path}.{name}" if path else name)
+
+    walk(bridge.original_model, "")
+    return paths
+
+
+# Hooks of the blocks and the token embeddings. The heads' hooks keep the bridge: its ``ln_final``
+# and ``unembed`` of an encoder are not the values of the modules they wrap (BERT's MLM head), and
+# a position embedding module's output is not per token ([1, pos, d], broadcast by the bridge).
+_ON_MODULES = re.compile(r"^(blocks\.\d+\.|hook_embed$|embed\.|embed_ln\.)")
+
+
+def module_sites(bridge, hooks: list[str]) -> dict[str, ModuleSite]:
+    """The hooks among ``hooks`` whose value is a Hugging Face module's input or output (the
+    bridge's ``<component>.hook_in`` / ``.hook_out`` of a component that wraps that module)."""
+    paths = _module_paths(bridge)
+    sites = {}
+    for hook in hooks:
+        if not _ON_MODULES.match(hook):
+            continue
+        point = bridge.hook_dict.get(hook)
+        component, _, end = (point.name if point is not None else "").rpartition(".")
+        if end not in ("hook_in", "hook_out") or not component:
+            continue
+        try:
+            path = paths.get(id(bridge.get_submodule(component)))
+        except AttributeError:
+            continue
+        if path is not None:
+            sites[hook] = ModuleSite(path, "input" if end == "hook_in" else "output")
+    return sites
+
+
+def forward_plan(bridge, hooks: list[str]) -> dict:
+    """What the workers run, decided at plan time and kept in the store's model record:
+    ``{"class", "sites", "blocks"}`` when every hook is on a Hugging Face module, else
+    ``{"bridge_only": [...]}`` (the hooks that need the bridge's forward)."""
+    sites = module_sites(bridge, hooks)
+    missing = [h for h in hooks if h not in sites]
+    if missing:
+        return {"bridge_only": missing}
+    paths = _module_paths(bridge)
+    blocks = [paths.get(id(block)) for block in bridge.blocks]
+    return {
+        "class": type(bridge.original_model).__name__,
+        "sites": {h: [s.module, s.side] for h, s in sites.items()},
+        "blocks": blocks if all(blocks) else None,
+    }
+
+
+def describe_forward(plan: dict | None) -> str:
+    """One line for a user: which forward the workers run, and why."""
+    if not plan:
+        return "the bridge's forward (a store made before module hooks)"
+    if "bridge_only" in plan:
+        return "the bridge's forward: " + ", ".join(plan["bridge_only"][:5]) + " exist only inside the bridge"
+    return f"the Hugging Face model's own forward ({plan['class']}, SDPA attention), torch hooks on its modules"
+
+
+def load_hf_model(spec: JobSpec, class_name: str, device: torch.device):
+    """The plain Hugging Face model the bridge wraps, in the job's dtype, with SDPA attention where
+    the architecture has it (else its default), in eval mode."""
+    import transformers
+
+    _quiet_transformers()
+    cls = getattr(transformers, class_name)
+    name = _local(spec.model)
+    kwargs = {"dtype": _DTYPES[spec.dtype], "revision": spec.model_revision}
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            try:
+                model = cls.from_pretrained(name, attn_implementation="sdpa", **kwargs)
+            except (ValueError, ImportError):  # no SDPA for this architecture
+                model = cls.from_pretrained(name, **kwargs)
+    except Exception as err:  # noqa: BLE001 - as in load_model
+        raise ModelError(_load_failure(spec.model, err)) from None
+    return model.to(device).eval()
+
+
+class ModuleForward:
+    """Runs the Hugging Face model and returns the hooked modules' inputs or outputs as
+    [batch, pos, width] tensors; stops after ``stop`` (a module path: the last needed block)."""
+
+    def __init__(self, model, sites: dict[str, ModuleSite], stop: str | None):
+        self.model = model
+        self.hooks = list(sites)
+        self._captured: dict[str, torch.Tensor] = {}
+        self._handles = []
+        for hook, site in sites.items():
+            module = model.get_submodule(site.module)
+            if site.side == "input":
+                self._handles.append(module.register_forward_pre_hook(self._input(hook), with_kwargs=True))
+            else:
+                self._handles.append(module.register_forward_hook(self._output(hook)))
+        if stop is not None:
+            # Registered after the capturing hooks, so on the same module they run first.
+            self._handles.append(model.get_submodule(stop).register_forward_hook(self._stop))
+        config = getattr(model, "config", None)
+        self._extra = {"use_cache": False} if getattr(config, "use_cache", None) is not None else {}
+
+    def _input(self, name: str):
+        def hook(module, args, kwargs):
+            value = args[0] if args else next(v for v in kwargs.values() if isinstance(v, torch.Tensor))
+            self._captured[name] = value
+
+        return hook
+
+    def _output(self, name: str):
+        def hook(module, args, output):
+            self._captured[name] = output[0] if isinstance(output, (tuple, list)) else output
+
+        return hook
+
+    @staticmethod
+    def _stop(module, args, output):
+        raise _Stop
+
+    def close(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    @torch.inference_mode()
+    def __call__(self, tokens: torch.Tensor, attention_mask: torch.Tensor) -> dict[str, torch.Tensor]:
         self._captured.clear()
-        return out
+        try:
+            self.model(input_ids=tokens, attention_mask=attention_mask, **self._extra)
+        except _Stop:
+            pass
+        return _per_token(self._captured, self.hooks, tokens.shape)
+
+
+def job_forward(spec: JobSpec, model_record: dict, device: torch.device, hooks: list[str] | None = None):
+    """The forward a worker runs for ``hooks`` (default: the job's): the Hugging Face model with
+    module hooks when the plan found every hook on a module, else the bridge (SDPA when no hook
+    is inside attention)."""
+    hooks = list(hooks or spec.hooks)
+    plan = model_record.get("forward") or {}
+    sites = plan.get("sites") or {}
+    if plan.get("class") and all(h in sites for h in hooks):
+        last = HookedForward.last_block(hooks)
+        stop = plan["blocks"][last] if last is not None and plan.get("blocks") else None
+        model = load_hf_model(spec, plan["class"], device)
+        return ModuleForward(model, {h: ModuleSite(*sites[h]) for h in hooks}, stop)
+    bridge = load_job_model(spec, device)
+    prefer_sdpa(bridge, hooks)
+    return HookedForward(bridge, hooks)
 
 
 def hook_widths(bridge, hooks: list[str]) -> dict[str, int]:

@@ -21,7 +21,7 @@ import torch
 from pipeline import sampling
 from pipeline.coactivation import RunningCoactivation
 from pipeline.logits import logit_effects
-from pipeline.model import HookedForward, load_job_model, prefer_sdpa, resolve_device
+from pipeline.model import job_forward, load_job_model, resolve_device
 from pipeline.reducers import Group, HookStatistics
 from storage.store import COACTIVATION, PAD, TEXT, Store
 
@@ -55,9 +55,7 @@ class ShardWorker:
         self.store = Store.open(store_url, writable=True)
         self.spec = self.store.spec
         self.device = resolve_device(self.spec.device)
-        self.model = load_job_model(self.spec, self.device)
-        prefer_sdpa(self.model, self.spec.hooks)
-        self.forward = HookedForward(self.model, self.spec.hooks)
+        self.forward = job_forward(self.spec, self.store.model, self.device)
         self.widths = {h: int(w) for h, w in self.store.model["hook_widths"].items()}
         self._writer = ThreadPoolExecutor(max_workers=2, thread_name_prefix="dense-writer")
         # On a CPU with several torch threads, the hooks' reductions run side by side, one thread
@@ -170,7 +168,10 @@ class ShardWorker:
         if not self.spec.computes("logits"):
             return False
         if not self.store.has_logits():
-            self.store.write_logits(logit_effects(self.model, self.spec.hooks, self.spec.top_logits))
+            # The weights' view the logit effects need is the bridge's (W_out, W_U, the final
+            # norm): the bridge forward's own, or loaded once for this.
+            bridge = getattr(self.forward, "bridge", None) or load_job_model(self.spec, self.device)
+            self.store.write_logits(logit_effects(bridge, self.spec.hooks, self.spec.top_logits))
         return True
 
 

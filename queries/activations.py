@@ -75,12 +75,10 @@ class TokenActivations:
     def model(self):
         """The job's model with this hook attached, loaded once: (forward, device)."""
         if self._forward is None:
-            from pipeline.model import HookedForward, load_job_model, prefer_sdpa, resolve_device
+            from pipeline.model import job_forward, resolve_device
 
             device = resolve_device(self.spec.device)
-            model = load_job_model(self.spec, device)
-            prefer_sdpa(model, [self.hook])
-            self._forward = (HookedForward(model, [self.hook]), device)
+            self._forward = (job_forward(self.spec, self.store.model, device, [self.hook]), device)
         return self._forward
 
 
