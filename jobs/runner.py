@@ -271,17 +271,29 @@ def _too_big(memory: Estimate, limit: int, local_workers: int | None) -> str:
     )
 
 
-def _plan_while_ray_starts(spec: JobSpec, ray_session: RaySession | None, **options) -> Plan:
+def _plan_while_ray_starts(spec: JobSpec, ray_session: RaySession | None, on_ray=None, **options) -> Plan:
     """``plan`` on a thread while Ray starts on this one (``ray.init`` installs signal handlers,
-    so it stays on the main thread). A mistake in the job is reported before any error of Ray's."""
+    so it stays on the main thread), then ``on_ray()`` here while the plan goes on. A mistake in
+    the job is reported before any error of Ray's."""
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="plan") as pool:
         planning = pool.submit(plan, spec, **options)
         try:
             if ray_session is not None:
                 ray_session.ensure()
+                if on_ray is not None:
+                    on_ray()
         finally:
             planned = planning.result()
     return planned
+
+
+def _start_early(spec: JobSpec, address: str | None) -> bool:
+    """Whether the workers start while the job is planned: where they do not compete with the
+    plan for this machine's cores (on a cluster, or on GPUs). On a machine of CPUs alone they
+    do, and it was measured a wash (start-up 7-10 s to 5-6 s, the plan 7.5 s to 9-10.6 s)."""
+    import torch
+
+    return address is not None or spec.device == "cuda" or (spec.device == "auto" and torch.cuda.is_available())
 
 
 def _finished(url: str) -> bool:
@@ -336,11 +348,22 @@ def run_job(
     ray_session = RaySession(address)
     local_workers = _local_worker_count(spec, workers, use_ray) if address is None else None
     created = None
+    prestarted: list = []  # workers started during the plan, handed to the activate phase
+
+    def prestart() -> None:
+        # The workers' processes start and import (seconds) while the plan runs; they touch
+        # nothing until the plan has validated the job and they are given its store.
+        n = _worker_count(spec, workers, use_ray, address, ray_session)
+        actor_class, worker_threads = _actor_class(spec.device, n, threads)
+        prestarted.extend(actor_class.remote(threads=worker_threads) for _ in range(n))
+
     try:
         # Ray starts (3 s embedded: its own processes, mostly waiting) while the plan loads the
-        # model on this process's thread; a finished store never waits for Ray.
+        # model on this process's thread, then the workers start; a finished store never waits
+        # for Ray.
+        unfinished = use_ray and not _finished(spec.store)
         planned = _plan_while_ray_starts(
-            spec, ray_session if use_ray and not _finished(spec.store) else None,
+            spec, ray_session if unfinished else None, on_ray=prestart if unfinished and _start_early(spec, address) else None,
             overwrite=overwrite, job_path=job_path, local_workers=local_workers,
         )
         phases["plan"] = time.perf_counter() - t0
@@ -385,7 +408,7 @@ def run_job(
             tokenizer_thread = threading.Thread(target=tokenize, name="tokenize", daemon=True)
             tokenizer_thread.start()
             try:
-                for result in _execute_on_ray(url, feed, n_workers, logits, threads, ready):
+                for result in _execute_on_ray(url, feed, n_workers, logits, threads, ready, prestarted):
                     results.append(result)
                     progress.advance(result.n_tokens)
             finally:
@@ -398,7 +421,8 @@ def run_job(
             if not store.status["tokenized"]:
                 t = time.perf_counter()
                 reporter.phase("tokenize", None)
-                encoder = TaskEncoder(spec, tokenizer, ray_session) if use_ray else LocalEncoder(tokenizer)
+                # Workers already started hold the CPUs: tasks then ask for none (see TaskEncoder).
+                encoder = TaskEncoder(spec, tokenizer, ray_session, cpus=0 if prestarted else 1) if use_ray else LocalEncoder(tokenizer)
                 n_seq = tokenize_corpus(store, spec, Framing.from_tokenizer(tokenizer), encoder, progress=reporter.advance)
                 tokenize_tasks = encoder.tasks
                 for hook in spec.dense:
@@ -413,7 +437,7 @@ def run_job(
             if pending or logits:
                 if use_ray:
                     ray_session.ensure()
-                    execute = _execute_on_ray(url, GroupFeed.of(store, pending), n_workers, logits, threads, ready)
+                    execute = _execute_on_ray(url, GroupFeed.of(store, pending), n_workers, logits, threads, ready, prestarted)
                 else:
                     execute = _execute_here(url, pending, logits, threads, ready)
                 for result in execute:
@@ -423,15 +447,18 @@ def run_job(
         n_shards = store.n_shards
         n_tokens = store.n_seq * spec.context_length
         phases["activate"] = time.perf_counter() - t  # with the tokenize phase, when they overlap
-        startup = max(ready) - t if ready else 0.0
+        startup = max(max(ready) - t, 0.0) if ready else 0.0
     except ActscopeError:
+        _kill(prestarted)
         if created is not None:  # a store this run made and could not even tokenize: leave nothing
             Store.remove(created.url)
         ray_session.close()
         raise
     except BaseException:
+        _kill(prestarted)
         ray_session.close()
         raise
+    _kill(prestarted)  # workers the activate phase did not take (it had nothing to run)
 
     reduced: list[PartDone] = []
     try:
@@ -781,7 +808,39 @@ class _OverlapProgress:
             self._switched = True
 
 
-def _execute_on_ray(store_url: str, feed: GroupFeed, n_workers: int, logits: bool, threads: int | None, ready: list[float]):
+def _actor_class(device: str, n_workers: int, threads: int | None):
+    """The Ray actor class of ``ShardWorker`` for this job's device, and the torch threads of
+    each actor (CPU actors split the machine's cores)."""
+    import ray
+
+    gpus = ray.cluster_resources().get("GPU", 0)
+    cpus = ray.cluster_resources().get("CPU", 1)
+    # device: cuda asks for GPU actors even before an autoscaler has added GPU nodes.
+    if device == "cuda" or (device == "auto" and gpus):
+        options = {"num_gpus": 1, "num_cpus": 1}
+    else:
+        # Fractional CPUs, so actors never hold every logical CPU (Ray deadlocks then), and
+        # torch threads split the machine's cores between the actors.
+        options = {"num_cpus": min(1.0, cpus / n_workers) * 0.99}
+        threads = threads or max(1, (os.cpu_count() or 1) // n_workers)
+    # No Ray-level restarts or retries: the scheduler requeues a lost group itself, so a group
+    # never waits for a dead actor to come back.
+    return ray.remote(max_restarts=0, max_task_retries=0, **options)(ShardWorker), threads
+
+
+def _kill(actors: list) -> None:
+    """Kill ``actors`` (while their Ray is up: a shut-down Ray took them with it) and forget them."""
+    if actors:
+        import ray
+
+        if ray.is_initialized():
+            for actor in actors:
+                ray.kill(actor)
+        actors.clear()
+
+
+def _execute_on_ray(store_url: str, feed: GroupFeed, n_workers: int, logits: bool, threads: int | None, ready: list[float],
+                    prestarted: list | None = None):
     """Groups to a pool of actors, one model each; only group ids and small results travel.
     Then one actor computes the logit effects from its copy of the weights (on its device).
     Groups come from ``feed`` as they become ready (while the corpus is tokenized, the actors
@@ -794,20 +853,7 @@ def _execute_on_ray(store_url: str, feed: GroupFeed, n_workers: int, logits: boo
     import ray
     from ray.exceptions import RayActorError
 
-    gpus = ray.cluster_resources().get("GPU", 0)
-    cpus = ray.cluster_resources().get("CPU", 1)
-    device = Store.open(store_url).spec.device
-    # device: cuda asks for GPU actors even before an autoscaler has added GPU nodes.
-    if device == "cuda" or (device == "auto" and gpus):
-        options = {"num_gpus": 1, "num_cpus": 1}
-    else:
-        # Fractional CPUs, so actors never hold every logical CPU (Ray deadlocks then), and
-        # torch threads split the machine's cores between the actors.
-        options = {"num_cpus": min(1.0, cpus / n_workers) * 0.99}
-        threads = threads or max(1, (os.cpu_count() or 1) // n_workers)
-    # No Ray-level restarts or retries: the loop below requeues a lost group itself, so a
-    # group never waits for a dead actor to come back.
-    actor_class = ray.remote(max_restarts=0, max_task_retries=0, **options)(ShardWorker)
+    actor_class, threads = _actor_class(Store.open(store_url).spec.device, n_workers, threads)
 
     def start() -> tuple:
         actor = actor_class.remote(store_url, threads=threads)
@@ -816,7 +862,13 @@ def _execute_on_ray(store_url: str, feed: GroupFeed, n_workers: int, logits: boo
     queue: deque = deque(feed.take())  # (group, span), in group order
     attempts: dict[int, int] = {}
     wanted = n_workers if not feed.finished else min(n_workers, max(len(queue), 1 if logits else 0))
-    starting = dict(start() for _ in range(wanted))
+    # Workers started during the plan (``prestarted``, taken over from the caller) get the
+    # store and load their models; more are started if the job wants more.
+    prestarted = prestarted if prestarted is not None else []
+    starting = {actor.open.remote(store_url): actor for actor in prestarted[:wanted]}
+    _kill(prestarted[wanted:])
+    prestarted.clear()
+    starting.update(start() for _ in range(wanted - len(starting)))
     first = set(starting)  # the first workers: ``ready`` gets the time each had loaded its model
     running: dict = {}  # task -> (actor, group, span)
     idle: list = []

@@ -49,9 +49,18 @@ def _node() -> str:
 
 
 class ShardWorker:
-    def __init__(self, store_url: str, *, threads: int | None = None):
+    def __init__(self, store_url: str | None = None, *, threads: int | None = None):
+        """``store_url``: the store to work on, opened (and the model loaded) now. None: a worker
+        started while the job is still being planned, before its store exists (the process
+        start and imports, seconds, overlap the plan); ``open`` then gives it the store."""
         if threads:
             torch.set_num_threads(threads)
+        self.store: Store | None = None
+        if store_url is not None:
+            self.open(store_url)
+
+    def open(self, store_url: str) -> bool:
+        """Open the store and load the model; True once done (the scheduler's ready signal)."""
         self.store = Store.open(store_url, writable=True)
         self.spec = self.store.spec
         self.device = resolve_device(self.spec.device)
@@ -64,6 +73,7 @@ class ShardWorker:
         cpu_threads = torch.get_num_threads() if self.device.type == "cpu" else 1
         parallel = cpu_threads > 1 and len(self.spec.hooks) > 1
         self._reducers = ThreadPoolExecutor(cpu_threads, thread_name_prefix="reducer") if parallel else None
+        return True
 
     def ready(self) -> bool:
         """Answers once the model is loaded (a scheduler's signal that the actor can take work)."""

@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
@@ -18,7 +19,7 @@ from jobs.runner import run_job
 from pipeline import corpus
 from pipeline.worker import ShardWorker
 from queries.catalog import TABLES  # every table must match
-from storage.errors import StoreError
+from storage.errors import ActscopeError, StoreError
 from storage.store import Store, shard_key
 from tests.conftest import tree_digest
 
@@ -40,8 +41,8 @@ def arrays_digest(store_url: str) -> str:
 
 @pytest.mark.slow
 def test_one_and_two_ray_workers_give_identical_results(make_job, ray_session, monkeypatch):
-    """Also: tokenizing on Ray tasks (batches encoded anywhere, packed in order) writes the same
-    token arrays as tokenizing in the driver."""
+    """Also: tokenizing on Ray tasks (batches encoded anywhere, packed in order, beside workers
+    started during the plan) writes the same token arrays as tokenizing in the driver."""
     one = load_job(make_job("one", workers=1))
     two = load_job(make_job("two", workers=2))
     s1 = run_job(one)  # the test corpus is one batch: encoded in the driver
@@ -49,6 +50,7 @@ def test_one_and_two_ray_workers_give_identical_results(make_job, ray_session, m
     monkeypatch.setattr(corpus, "DOCUMENTS_PER_BATCH", 8)
     monkeypatch.setattr(runner.TaskEncoder, "LOCAL_BATCHES", 2)
     monkeypatch.setattr(runner, "RAY_REDUCE_BYTES", 0)  # the reduce's parts as Ray tasks, against the driver's
+    monkeypatch.setattr(runner, "_start_early", lambda spec, address: True)  # workers started during the plan, as on a cluster
     s2 = run_job(two)
     assert (s1.tokenize_tasks, s2.tokenize_tasks > 3) == (0, True)
     assert (s1.workers, s2.workers) == (1, 2) and s2.reduce_parts
@@ -218,3 +220,23 @@ def _some_group_committed(store_url: str) -> bool:
         return bool(Store.open(store_url).committed_groups())
     except (KeyError, FileNotFoundError, StoreError):
         return False
+
+
+@pytest.mark.slow
+def test_workers_started_during_the_plan_are_let_go_when_it_fails(make_job, ray_session, tmp_path, monkeypatch):
+    """Workers start while the job is planned (on a cluster or GPUs; forced here), touching
+    nothing until given the store; a plan that then finds a mistake reports it, creates no
+    store, and hands their CPUs back to Ray."""
+    started = []
+    actor_class = runner._actor_class
+    monkeypatch.setattr(runner, "_start_early", lambda spec, address: True)
+    monkeypatch.setattr(runner, "_actor_class", lambda *args: started.append(args) or actor_class(*args))
+    total = ray_session.cluster_resources()["CPU"]
+    spec = load_job(make_job("bad-corpus", workers=2, dataset={"data_files": [str(tmp_path / "missing-*.txt")]}))
+    with pytest.raises(ActscopeError):
+        run_job(spec)
+    assert not Path(spec.store).exists() and started
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and ray_session.available_resources().get("CPU", 0) < total:
+        time.sleep(0.1)
+    assert ray_session.available_resources().get("CPU", 0) == total
