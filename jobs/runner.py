@@ -856,14 +856,14 @@ def _execute_on_ray(store_url: str, feed: GroupFeed, n_workers: int, logits: boo
     actor_class, threads = _actor_class(Store.open(store_url).spec.device, n_workers, threads)
 
     def start() -> tuple:
-        actor = actor_class.remote(store_url, threads=threads)
-        return actor.ready.remote(), actor
+        actor = actor_class.remote(threads=threads)
+        return actor.open.remote(store_url), actor
 
     queue: deque = deque(feed.take())  # (group, span), in group order
     attempts: dict[int, int] = {}
     wanted = n_workers if not feed.finished else min(n_workers, max(len(queue), 1 if logits else 0))
-    # Workers started during the plan (``prestarted``, taken over from the caller) get the
-    # store and load their models; more are started if the job wants more.
+    # Every worker is given the store by ``open`` (which loads its model): those started during
+    # the plan (``prestarted``, taken over from the caller) first, then new ones as needed.
     prestarted = prestarted if prestarted is not None else []
     starting = {actor.open.remote(store_url): actor for actor in prestarted[:wanted]}
     _kill(prestarted[wanted:])

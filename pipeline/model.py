@@ -279,10 +279,11 @@ def _module_paths(bridge) -> dict[int, str]:
 _ON_MODULES = re.compile(r"^(blocks\.\d+\.|hook_embed$|embed\.|embed_ln\.)")
 
 
-def module_sites(bridge, hooks: list[str]) -> dict[str, ModuleSite]:
+def module_sites(bridge, hooks: list[str], paths: dict[int, str] | None = None) -> dict[str, ModuleSite]:
     """The hooks among ``hooks`` whose value is a Hugging Face module's input or output (the
-    bridge's ``<component>.hook_in`` / ``.hook_out`` of a component that wraps that module)."""
-    paths = _module_paths(bridge)
+    bridge's ``<component>.hook_in`` / ``.hook_out`` of a component that wraps that module).
+    ``paths``: ``_module_paths(bridge)``, if the caller has it."""
+    paths = paths if paths is not None else _module_paths(bridge)
     sites = {}
     for hook in hooks:
         if not _ON_MODULES.match(hook):
@@ -304,11 +305,11 @@ def forward_plan(bridge, hooks: list[str]) -> dict:
     """What the workers run, decided at plan time and kept in the store's model record:
     ``{"class", "sites", "blocks"}`` when every hook is on a Hugging Face module, else
     ``{"bridge_only": [...]}`` (the hooks that need the bridge's forward)."""
-    sites = module_sites(bridge, hooks)
+    paths = _module_paths(bridge)
+    sites = module_sites(bridge, hooks, paths)
     missing = [h for h in hooks if h not in sites]
     if missing:
         return {"bridge_only": missing}
-    paths = _module_paths(bridge)
     blocks = [paths.get(id(block)) for block in bridge.blocks]
     return {
         "class": type(bridge.original_model).__name__,

@@ -60,7 +60,8 @@ class ShardWorker:
             self.open(store_url)
 
     def open(self, store_url: str) -> bool:
-        """Open the store and load the model; True once done (the scheduler's ready signal)."""
+        """Open the store and load the model; True once done (the scheduler's signal that the
+        actor can take work)."""
         self.store = Store.open(store_url, writable=True)
         self.spec = self.store.spec
         self.device = resolve_device(self.spec.device)
@@ -73,10 +74,6 @@ class ShardWorker:
         cpu_threads = torch.get_num_threads() if self.device.type == "cpu" else 1
         parallel = cpu_threads > 1 and len(self.spec.hooks) > 1
         self._reducers = ThreadPoolExecutor(cpu_threads, thread_name_prefix="reducer") if parallel else None
-        return True
-
-    def ready(self) -> bool:
-        """Answers once the model is loaded (a scheduler's signal that the actor can take work)."""
         return True
 
     def __call__(self, group: int, span: tuple[int, int] | None = None) -> ShardResult:
