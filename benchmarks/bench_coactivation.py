@@ -31,10 +31,10 @@ import torch
 import yaml
 from bench_run import bare_forward
 
-from jobs.demo import stdlib_docstrings
-from jobs.jobfile import load_job
-from jobs.runner import run_job
-from storage.store import PAD, Store
+from actscope.jobs.demo import stdlib_docstrings
+from actscope.jobs.jobfile import load_job
+from actscope.jobs.runner import run_job
+from actscope.storage.store import PAD, Store
 
 LAYERS, D_MODEL, D_MLP = 4, 256, 1024
 

@@ -38,10 +38,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline.model import ModuleForward, ModuleSite
-from pipeline.worker import ShardWorker
-from storage.spec import JobSpec
-from storage.store import TEXT, Store
+from actscope.pipeline.model import ModuleForward, ModuleSite
+from actscope.pipeline.worker import ShardWorker
+from actscope.storage.spec import JobSpec
+from actscope.storage.store import TEXT, Store
 
 JOBS = {
     "top-k only": [],

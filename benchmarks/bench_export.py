@@ -26,11 +26,11 @@ from pathlib import Path
 import torch
 import yaml
 
-import queries
-from jobs.demo import stdlib_docstrings
-from jobs.jobfile import load_job
-from jobs.runner import run_job
-from queries.report import export, write_report
+import actscope
+from actscope.jobs.demo import stdlib_docstrings
+from actscope.jobs.jobfile import load_job
+from actscope.jobs.runner import run_job
+from actscope.queries.report import export, write_report
 
 D_MODEL, D_MLP = 256, 4096
 
@@ -69,7 +69,7 @@ def main() -> None:
     job_s = time.perf_counter() - started
 
     results = {}
-    with queries.connect(job["store"]) as catalog:
+    with actscope.connect(job["store"]) as catalog:
         for hook in hooks:
             for fmt in ("html", "json", "neuronpedia"):
                 out = root / f"site-{fmt}"

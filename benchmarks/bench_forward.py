@@ -30,9 +30,9 @@ from pathlib import Path
 import torch
 from bench_coactivation import build_model
 
-from jobs.demo import stdlib_docstrings
-from pipeline.model import HookedForward, forward_plan, job_forward, load_model, load_tokenizer, prefer_sdpa
-from storage.spec import JobSpec
+from actscope.jobs.demo import stdlib_docstrings
+from actscope.pipeline.model import HookedForward, forward_plan, job_forward, load_model, load_tokenizer, prefer_sdpa
+from actscope.storage.spec import JobSpec
 
 
 def main() -> None:

@@ -37,13 +37,13 @@ import yaml
 from bench_coactivation import build_model
 from bench_run import bare_forward, write_job
 
-import pipeline.worker as worker_module
-from jobs.jobfile import load_job
-from jobs.runner import run_job
-from pipeline import sampling
-from pipeline.model import job_forward
-from pipeline.reducers import HookStatistics, job_statistics
-from storage.store import PAD, Store
+import actscope.pipeline.worker as worker_module
+from actscope.jobs.jobfile import load_job
+from actscope.jobs.runner import run_job
+from actscope.pipeline import sampling
+from actscope.pipeline.model import job_forward
+from actscope.pipeline.reducers import HookStatistics, job_statistics
+from actscope.storage.store import PAD, Store
 
 SECONDS: dict[str, float] = defaultdict(float)
 CALLS: dict[str, int] = defaultdict(int)

@@ -32,12 +32,12 @@ import yaml
 import zarr
 from bench_export import build_model
 
-import queries
-from jobs.demo import stdlib_docstrings
-from jobs.jobfile import load_job
-from jobs.runner import run_job
-from pipeline.index import ROW_GROUP, write_tokens_table
-from storage.store import Store
+import actscope
+from actscope.jobs.demo import stdlib_docstrings
+from actscope.jobs.jobfile import load_job
+from actscope.jobs.runner import run_job
+from actscope.pipeline.index import ROW_GROUP, write_tokens_table
+from actscope.storage.store import Store
 
 HOOK = "blocks.1.mlp.hook_post"
 README = {
@@ -97,7 +97,7 @@ def measure(store: str, width: int, repeats: int) -> dict:
     neurons = np.random.default_rng(1).integers(0, width, repeats).tolist()
     macro = "SELECT * FROM top_with_context(?, ?, k := 20, w := 8)"
     out = {}
-    with queries.connect(store) as catalog:
+    with actscope.connect(store) as catalog:
         catalog.top(HOOK, 0)
         catalog.sql(README["dead neurons"])
         out["top_warm_ms"] = statistics.median(timed(lambda n=n: catalog.top(HOOK, n, k=20, window=8)) for n in neurons)
@@ -106,15 +106,15 @@ def measure(store: str, width: int, repeats: int) -> dict:
             out[f"{name} warm_ms"] = statistics.median(timed(lambda sql=sql: catalog.sql(sql)) for _ in range(10))
 
     def cold_top(n):
-        with queries.connect(store) as catalog:
+        with actscope.connect(store) as catalog:
             catalog.top(HOOK, n, k=20, window=8)
 
     def cold_sql(sql):
-        with queries.connect(store) as catalog:
+        with actscope.connect(store) as catalog:
             catalog.sql(sql)
 
     out["top_cold_ms"] = statistics.median(timed(lambda n=n: cold_top(n)) for n in neurons[:10])
-    out["connect_ms"] = statistics.median(timed(lambda: queries.connect(store).close()) for _ in range(10))
+    out["connect_ms"] = statistics.median(timed(lambda: actscope.connect(store).close()) for _ in range(10))
     for name, sql in README.items():
         out[f"{name} cold_ms"] = statistics.median(timed(lambda sql=sql: cold_sql(sql)) for _ in range(5))
     return {k: round(v, 1) for k, v in out.items()}

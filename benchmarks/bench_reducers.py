@@ -17,12 +17,12 @@ import time
 
 import torch
 
-from jobs.demo import stdlib_docstrings
-from pipeline import sampling
-from pipeline.model import HookedForward, load_model, load_tokenizer, prefer_sdpa
-from pipeline.reducers import Group, HookStatistics, job_statistics
-from pipeline.worker import Batch, one_thread
-from storage.spec import JobSpec
+from actscope.jobs.demo import stdlib_docstrings
+from actscope.pipeline import sampling
+from actscope.pipeline.model import HookedForward, load_model, load_tokenizer, prefer_sdpa
+from actscope.pipeline.reducers import Group, HookStatistics, job_statistics
+from actscope.pipeline.worker import Batch, one_thread
+from actscope.storage.spec import JobSpec
 
 
 def main() -> None:

@@ -30,10 +30,10 @@ import numpy as np
 import torch
 import yaml
 
-from jobs.demo import stdlib_docstrings
-from jobs.jobfile import load_job
-from jobs.runner import run_job
-from storage.store import PAD, Store
+from actscope.jobs.demo import stdlib_docstrings
+from actscope.jobs.jobfile import load_job
+from actscope.jobs.runner import run_job
+from actscope.storage.store import PAD, Store
 
 
 def write_job(

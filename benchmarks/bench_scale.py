@@ -36,9 +36,9 @@ from pathlib import Path
 
 import yaml
 
-from jobs.demo import stdlib_docstrings
-from jobs.jobfile import load_job
-from jobs.runner import run_job
+from actscope.jobs.demo import stdlib_docstrings
+from actscope.jobs.jobfile import load_job
+from actscope.jobs.runner import run_job
 
 VOCAB, D_MODEL, D_MLP, HEADS, CONTEXT = 39_000, 768, 3072, 12, 128
 TOKEN_ARRAYS = {"tokens", "doc_ids", "doc_pos", "kinds"}
@@ -117,7 +117,7 @@ def run(root: Path, name: str, model: str, hooks: list[str], tokens: int, worker
     summary = run_job(spec, threads=max(1, (os.cpu_count() or 1) // workers))
     total = time.perf_counter() - start
     watcher.stop()
-    from storage.store import Store
+    from actscope.storage.store import Store
 
     opened = Store.open(store)
     groups = summary.group_results
@@ -160,7 +160,7 @@ def brute_force_check(model_dir: str, store) -> dict:
     import torch
     from transformers import GPT2LMHeadModel
 
-    from storage.store import TEXT
+    from actscope.storage.store import TEXT
 
     data = store.read_tokens(0, store.n_seq, ("tokens", "kinds"))
     hf = GPT2LMHeadModel.from_pretrained(model_dir).eval()

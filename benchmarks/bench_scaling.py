@@ -19,9 +19,9 @@ from pathlib import Path
 
 import yaml
 
-from jobs.demo import stdlib_docstrings
-from jobs.jobfile import load_job
-from jobs.runner import run_job
+from actscope.jobs.demo import stdlib_docstrings
+from actscope.jobs.jobfile import load_job
+from actscope.jobs.runner import run_job
 
 
 def main() -> None:

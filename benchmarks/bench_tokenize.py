@@ -26,12 +26,12 @@ from pathlib import Path
 
 import yaml
 
-from jobs.demo import stdlib_docstrings
-from jobs.jobfile import load_job
-from jobs.runner import LocalEncoder, RaySession, TaskEncoder, plan
-from pipeline import corpus
-from pipeline.model import Framing
-from storage.store import Store
+from actscope.jobs.demo import stdlib_docstrings
+from actscope.jobs.jobfile import load_job
+from actscope.jobs.runner import LocalEncoder, RaySession, TaskEncoder, plan
+from actscope.pipeline import corpus
+from actscope.pipeline.model import Framing
+from actscope.storage.store import Store
 
 
 def _phase(spec, tokenizer, model, encoder) -> tuple[float, float, int]:

@@ -24,7 +24,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 from rich.text import Text
 
-from storage.errors import ActscopeError, first_line
+from actscope.storage.errors import ActscopeError, first_line
 
 app = typer.Typer(
     no_args_is_help=True,
@@ -89,7 +89,7 @@ def _check_utf8(name: str, value: str) -> None:
     try:
         value.encode("utf-8")
     except UnicodeEncodeError:
-        from storage.errors import JobSpecError
+        from actscope.storage.errors import JobSpecError
 
         raise JobSpecError(f"{name.replace('_', '-')}: the argument is not valid UTF-8 text.") from None
 
@@ -149,9 +149,9 @@ def run(
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Validate the job and print the plan; write nothing.")] = False,
 ):
     """Run a cache job, or resume it where it stopped."""
-    from jobs.jobfile import load_job
-    from jobs.runner import dry_run as plan_only
-    from jobs.runner import run_job
+    from actscope.jobs.jobfile import load_job
+    from actscope.jobs.runner import dry_run as plan_only
+    from actscope.jobs.runner import run_job
 
     spec = load_job(job)
     if dry_run:
@@ -178,7 +178,7 @@ def submit(
     force: Annotated[bool, typer.Option(help="Submit again even if this job already succeeded.")] = False,
 ):
     """Submit a job to a Ray cluster; submitting it again resumes it rather than duplicating it."""
-    from jobs.submit import submit as submit_job
+    from actscope.jobs.submit import submit as submit_job
 
     result = submit_job(job, address, force=force)
     messages = {
@@ -200,7 +200,7 @@ def logs(
     follow: Annotated[bool, typer.Option("--follow", "-f", help="Keep printing until the job ends.")] = False,
 ):
     """A submitted job's output."""
-    from jobs import submit
+    from actscope.jobs import submit
 
     if follow:
         for text in submit.follow(target, address):
@@ -217,10 +217,10 @@ def status(
     address: Annotated[str | None, typer.Option(help="A Ray Jobs API address: show a submitted job's state.")] = None,
 ):
     """Show a store's job, progress and contents, or (with --address) a submitted job's state."""
-    from storage.store import Store
+    from actscope.storage.store import Store
 
     if address is not None:
-        from jobs.submit import status as job_status
+        from actscope.jobs.submit import status as job_status
 
         info = job_status(store, address)
         out.print(f"{info['submission_id']}: {info['status']}" + (f" ({info['message']})" if info["message"] else ""))
@@ -233,7 +233,7 @@ def status(
         spec, st, model = s.spec, s.status, s.model
         rows = _status_rows(s, spec, st, model)
     except (KeyError, TypeError, ValueError, ActscopeError) as error:
-        from storage.errors import StoreDamaged
+        from actscope.storage.errors import StoreDamaged
 
         raise StoreDamaged(f"{store}: the store's attributes are damaged ({type(error).__name__}: {error}).") from None
     table = Table(show_header=False, box=None)
@@ -267,7 +267,7 @@ def query(
     max_rows: Annotated[int, typer.Option(help="Rows shown at most (up to 10,000,000); a larger result is cut.")] = 100_000,
 ):
     """Run one read-only SQL query over a store's tables."""
-    import queries
+    from actscope import queries
 
     deadline = time.monotonic() + timeout if math.isfinite(timeout) and timeout > 0 else None
     with queries.connect(store, timeout=timeout, max_rows=max_rows) as catalog:
@@ -288,7 +288,7 @@ def top(
     format: Annotated[Format, typer.Option("--format", "-f")] = Format.table,
 ):
     """The texts that most activate a neuron, with context; the max token is marked."""
-    import queries
+    from actscope import queries
 
     with queries.connect(store) as catalog:
         result = catalog.top(hook, neuron, k=k, window=window)
@@ -316,7 +316,7 @@ def coact(
     format: Annotated[Format, typer.Option("--format", "-f")] = Format.table,
 ):
     """The neurons that fire together with a neuron, with their top tokens."""
-    import queries
+    from actscope import queries
 
     with queries.connect(store) as catalog:
         result = catalog.coact(hook, neuron, k=k, ranking=by)
@@ -344,8 +344,8 @@ def report(
     k: Annotated[int, typer.Option("-k", min=1, help="Top and bottom examples shown.")] = 20,
 ):
     """A neuron's page: statistics, histogram, coloured examples, top tokens, logit effects, partners."""
-    import queries
-    from queries.report import write_report
+    from actscope import queries
+    from actscope.queries.report import write_report
 
     with queries.connect(store) as catalog:
         fmt = write_report(catalog, hook, neuron, out_path, format, k=k)
@@ -363,8 +363,8 @@ def export(
     overwrite: Annotated[bool, typer.Option(help="Replace the pages of an earlier export in --out.")] = False,
 ):
     """A static site: an index per hook (sortable by max, density, kurtosis) and a page per neuron."""
-    import queries
-    from queries.report import export as export_site
+    from actscope import queries
+    from actscope.queries.report import export as export_site
 
     with queries.connect(store) as catalog:
         summary = export_site(catalog, out_dir, hook, fmt=format, k=k, overwrite=overwrite)
@@ -385,8 +385,8 @@ def probe(
     format: Annotated[Format, typer.Option("--format", "-f")] = Format.table,
 ):
     """A neuron's activation on every token of new text, coloured on the neuron's own scale."""
-    import queries
-    from queries.probe import probe as run_probe
+    from actscope import queries
+    from actscope.queries.probe import probe as run_probe
 
     with queries.connect(store) as catalog:
         result = run_probe(catalog, hook, neuron, text)
@@ -429,7 +429,7 @@ def hooks(model: Annotated[str, typer.Argument(help="A Hugging Face model direct
     the bridge's forward instead of the Hugging Face model's own (slower, eager attention)."""
     import torch
 
-    from pipeline.model import load_model, module_sites, per_token_hooks
+    from actscope.pipeline.model import load_model, module_sites, per_token_hooks
 
     bridge = load_model(model, torch.device("cpu"))
     names = per_token_hooks(bridge)
@@ -446,9 +446,9 @@ def demo(
     workers: Annotated[int, typer.Option(min=1)] = 2,
 ):
     """Run a real model (all-MiniLM-L6-v2, shipped on PyPI) over Python's own docstrings, offline."""
-    from jobs.demo import write_demo_job
-    from jobs.jobfile import load_job
-    from jobs.runner import run_job
+    from actscope.jobs.demo import write_demo_job
+    from actscope.jobs.jobfile import load_job
+    from actscope.jobs.runner import run_job
 
     job_path = write_demo_job(out_dir, max_tokens=max_tokens, workers=workers)
     say(f"demo job: {job_path}")
@@ -456,7 +456,7 @@ def demo(
     with RichReporter(err) as reporter:
         summary = run_job(spec, reporter=reporter)
     say(("done: ", "green"), f"{summary.store}: {summary.n_tokens:,} tokens, {summary.tokens_per_second:,.0f} tokens/s.")
-    with __import__("queries").connect(spec.store) as catalog:
+    with __import__("actscope").connect(spec.store) as catalog:
         hook = spec.hooks[1]
         best = catalog.internal(
             "SELECT neuron FROM top_examples WHERE hook = ? AND rank = 1 ORDER BY activation DESC LIMIT 1", [hook]
@@ -470,7 +470,7 @@ def demo(
 def _plain(text: str | None) -> str:
     """Corpus text for the terminal: newlines, tabs and control characters shown (printed as a
     ``Text`` or by a markup-free console, so brackets are brackets)."""
-    from queries.text import visible
+    from actscope.queries.text import visible
 
     return visible(text or "")
 
@@ -516,7 +516,7 @@ def _print_result(result, format: Format, deadline: float | None = None) -> None
             if part.row_count or not result.rows:
                 out.print(part)
     except _PastDeadline as stop:
-        from storage.errors import QueryError
+        from actscope.storage.errors import QueryError
 
         raise QueryError(f"The output ran past the time limit after {stop.args[0]:,} rows and was stopped (--timeout, or a LIMIT).") from None
 

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import yaml
 
-from storage.errors import JobSpecError
-from storage.spec import JobSpec
+from actscope.storage.errors import JobSpecError
+from actscope.storage.spec import JobSpec
 
 #: A job file is a few dozen lines; a larger one is refused before it is parsed.
 MAX_JOB_BYTES = 1 << 20

@@ -19,10 +19,18 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from pipeline.capacity import Estimate, gib, machine_memory, partial_bytes, shards_per_group, store_bytes, worker_memory
-from pipeline.corpus import Encoded, check_corpus, encode_here, encode_task, tokenize_corpus
-from pipeline.fingerprint import data_files, fingerprint
-from pipeline.model import (
+from actscope.pipeline.capacity import (
+    Estimate,
+    gib,
+    machine_memory,
+    partial_bytes,
+    shards_per_group,
+    store_bytes,
+    worker_memory,
+)
+from actscope.pipeline.corpus import Encoded, check_corpus, encode_here, encode_task, tokenize_corpus
+from actscope.pipeline.fingerprint import data_files, fingerprint
+from actscope.pipeline.model import (
     Framing,
     describe_forward,
     forward_plan,
@@ -31,11 +39,11 @@ from pipeline.model import (
     load_tokenizer,
     validate_hooks,
 )
-from pipeline.reduce import Part, PartDone, assemble, plan_parts, run_part
-from pipeline.worker import ShardResult, ShardWorker
-from storage.errors import ActscopeError, JobSpecError, StoreDamaged, StoreError
-from storage.spec import JobSpec
-from storage.store import DamagedPartial, Store, inspect_target, local_path
+from actscope.pipeline.reduce import Part, PartDone, assemble, plan_parts, run_part
+from actscope.pipeline.worker import ShardResult, ShardWorker
+from actscope.storage.errors import ActscopeError, JobSpecError, StoreDamaged, StoreError
+from actscope.storage.spec import JobSpec
+from actscope.storage.store import DamagedPartial, Store, inspect_target, local_path
 
 
 class Reporter(Protocol):

@@ -16,8 +16,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from storage.errors import ActscopeError
-from storage.spec import JobSpec
+from actscope.storage.errors import ActscopeError
+from actscope.storage.spec import JobSpec
 
 ACTIVE = {"PENDING", "RUNNING"}
 AGENT_WAIT_S = 60
@@ -53,7 +53,7 @@ def _attempts(client, base: str) -> list:
 
 
 def submit(job_file: str, address: str, *, force: bool = False) -> Submission:
-    from jobs.jobfile import load_job
+    from actscope.jobs.jobfile import load_job
 
     spec = load_job(job_file)  # a malformed job is refused here, before the cluster sees it
     client = _client(address)
@@ -95,7 +95,7 @@ def resolve(target: str, address: str) -> str:
     """A submission id, or the latest attempt of a job file's submission."""
     if not Path(target).is_file():
         return target
-    from jobs.jobfile import load_job
+    from actscope.jobs.jobfile import load_job
 
     attempts = _attempts(_client(address), submission_base(load_job(target)))
     if not attempts:

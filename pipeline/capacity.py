@@ -26,10 +26,10 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 
-from pipeline.coactivation import site_pairs
-from pipeline.histogram import N_BINS
-from pipeline.sampling import N_BANDS
-from storage.spec import JobSpec
+from actscope.pipeline.coactivation import site_pairs
+from actscope.pipeline.histogram import N_BINS
+from actscope.pipeline.sampling import N_BANDS
+from actscope.storage.spec import JobSpec
 
 
 @dataclass

@@ -35,9 +35,9 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from pipeline.tokenstats import top_rows
-from storage.spec import JobSpec
-from storage.tables import SCHEMAS
+from actscope.pipeline.tokenstats import top_rows
+from actscope.storage.spec import JobSpec
+from actscope.storage.tables import SCHEMAS
 
 BLOCK = 512
 #: Variance per token below this fraction of (1 + mean²) is float32 rounding, not signal.

@@ -20,10 +20,10 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from pipeline.model import Framing, load_tokenizer
-from storage.errors import CorpusError, cause
-from storage.spec import DatasetSpec, JobSpec
-from storage.store import PAD, SPECIAL, TEXT, Store
+from actscope.pipeline.model import Framing, load_tokenizer
+from actscope.storage.errors import CorpusError, cause
+from actscope.storage.spec import DatasetSpec, JobSpec
+from actscope.storage.store import PAD, SPECIAL, TEXT, Store
 
 DOCUMENTS_PER_BATCH = 1024  # one encoding task's work: ~1 s of one core for web-sized documents
 

@@ -13,7 +13,7 @@ import hashlib
 import json
 import os
 
-from storage.spec import JobSpec
+from actscope.storage.spec import JobSpec
 
 _SAMPLE = 1 << 20  # bytes hashed from each end of a large file
 _SMALL = 16 << 20  # files up to this size are hashed whole

@@ -14,11 +14,11 @@ from __future__ import annotations
 import numpy as np
 import pyarrow as pa
 
-from pipeline import sampling
-from pipeline.histogram import bin_edges, quantiles
-from pipeline.moments import describe
-from storage.store import Store
-from storage.tables import ROW_GROUP, SCHEMAS, TableWriter
+from actscope.pipeline import sampling
+from actscope.pipeline.histogram import bin_edges, quantiles
+from actscope.pipeline.moments import describe
+from actscope.storage.store import Store
+from actscope.storage.tables import ROW_GROUP, SCHEMAS, TableWriter
 
 
 def tokens_table(store: Store, first: int = 0, last: int | None = None) -> pa.Table:

@@ -16,8 +16,8 @@ from dataclasses import dataclass
 
 import torch
 
-from storage.errors import ModelError, cause
-from storage.spec import JobSpec
+from actscope.storage.errors import ModelError, cause
+from actscope.storage.spec import JobSpec
 
 _BLOCK = re.compile(r"^blocks\.(\d+)\.")
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}

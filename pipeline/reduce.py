@@ -26,13 +26,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from pipeline import coactivation
-from pipeline.capacity import hook_partial_bytes
-from pipeline.index import hook_tables, vocab_table, write_tokens_table
-from pipeline.reducers import HookMerge
-from storage.errors import StoreError
-from storage.store import Store
-from storage.tables import HOOK_TABLES, TableWriter, read_table, write_table
+from actscope.pipeline import coactivation
+from actscope.pipeline.capacity import hook_partial_bytes
+from actscope.pipeline.index import hook_tables, vocab_table, write_tokens_table
+from actscope.pipeline.reducers import HookMerge
+from actscope.storage.errors import StoreError
+from actscope.storage.store import Store
+from actscope.storage.tables import HOOK_TABLES, TableWriter, read_table, write_table
 
 
 @dataclass(frozen=True)

@@ -24,12 +24,17 @@ from typing import Protocol
 import numpy as np
 import torch
 
-from pipeline.histogram import RunningHistogram
-from pipeline.moments import FIELDS, RunningMoments, combine
-from pipeline.sampling import RunningBandSamples, RunningRandomSamples, merge_band_samples, merge_random_samples
-from pipeline.tokenstats import RunningTokenSums, TokenSumMerge
-from pipeline.topk import RunningTopK, RunningTopKPerDocument, merge_topk
-from storage.spec import JobSpec
+from actscope.pipeline.histogram import RunningHistogram
+from actscope.pipeline.moments import FIELDS, RunningMoments, combine
+from actscope.pipeline.sampling import (
+    RunningBandSamples,
+    RunningRandomSamples,
+    merge_band_samples,
+    merge_random_samples,
+)
+from actscope.pipeline.tokenstats import RunningTokenSums, TokenSumMerge
+from actscope.pipeline.topk import RunningTopK, RunningTopKPerDocument, merge_topk
+from actscope.storage.spec import JobSpec
 
 State = dict[str, np.ndarray]
 

@@ -26,8 +26,8 @@ import operator
 import numpy as np
 import torch
 
-from pipeline.histogram import E_MAX, E_MIN, PER_OCTAVE_BITS, ZERO, pattern, pattern_bins
-from pipeline.ops import flat_where
+from actscope.pipeline.histogram import E_MAX, E_MIN, PER_OCTAVE_BITS, ZERO, pattern, pattern_bins
+from actscope.pipeline.ops import flat_where
 
 _M32 = 0xFFFFFFFF
 #: Priority of an empty slot: above every real priority (which fit in 32 bits).

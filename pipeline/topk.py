@@ -16,7 +16,7 @@ import operator
 import numpy as np
 import torch
 
-from pipeline.ops import flat_where
+from actscope.pipeline.ops import flat_where
 
 #: The key of a position that does not count (padding, special tokens): below every real key.
 EXCLUDED = torch.iinfo(torch.int64).min

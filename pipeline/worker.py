@@ -18,12 +18,12 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from pipeline import sampling
-from pipeline.coactivation import RunningCoactivation
-from pipeline.logits import logit_effects
-from pipeline.model import job_forward, load_job_model, resolve_device
-from pipeline.reducers import Group, HookStatistics
-from storage.store import COACTIVATION, PAD, TEXT, Store
+from actscope.pipeline import sampling
+from actscope.pipeline.coactivation import RunningCoactivation
+from actscope.pipeline.logits import logit_effects
+from actscope.pipeline.model import job_forward, load_job_model, resolve_device
+from actscope.pipeline.reducers import Group, HookStatistics
+from actscope.storage.store import COACTIVATION, PAD, TEXT, Store
 
 
 @dataclass(frozen=True)

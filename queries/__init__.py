@@ -1,6 +1,6 @@
-"""SQL and reports over a finished store. ``queries.connect(store)`` is the entry point."""
+"""SQL and reports over a finished store. ``actscope.connect(store)`` (or this module's ``connect``) is the entry point."""
 
-from queries.catalog import Catalog, Result
+from actscope.queries.catalog import Catalog, Result
 
 
 def connect(store_url: str, *, timeout: float = 60.0, max_rows: int = 100_000) -> Catalog:

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from storage.errors import StoreError
-from storage.store import PAD, Store
+from actscope.storage.errors import StoreError
+from actscope.storage.store import PAD, Store
 
 # How far a per-token value may stray from the cached one, relative to the neuron's scale:
 # float16 storage keeps 11 significant bits; a re-run differs from the job's forward only by
@@ -75,7 +75,7 @@ class TokenActivations:
     def model(self):
         """The job's model with this hook attached, loaded once: (forward, device)."""
         if self._forward is None:
-            from pipeline.model import job_forward, resolve_device
+            from actscope.pipeline.model import job_forward, resolve_device
 
             device = resolve_device(self.spec.device)
             self._forward = (job_forward(self.spec, self.store.model, device, [self.hook]), device)

@@ -22,9 +22,9 @@ import duckdb
 import fsspec
 import pyarrow as pa
 
-from queries.sandbox import Limits, Sandbox
-from storage.errors import QueryError, StoreDamaged, StoreError, first_line
-from storage.store import PAD, Store, storage_options
+from actscope.queries.sandbox import Limits, Sandbox
+from actscope.storage.errors import QueryError, StoreDamaged, StoreError, first_line
+from actscope.storage.store import PAD, Store, storage_options
 
 TABLES = (
     "tokens", "vocab", "top_examples", "bottom_examples", "neuron_stats", "histograms",

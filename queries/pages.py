@@ -18,9 +18,9 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 
-from queries.activations import TokenActivations, check_marked
-from queries.catalog import Catalog
-from storage.store import PAD
+from actscope.queries.activations import TokenActivations, check_marked
+from actscope.queries.catalog import Catalog
+from actscope.storage.store import PAD
 
 FORMAT = "actscope.neuron/1"
 WINDOW = 12  # tokens either side of an example's token, as pages show them
@@ -235,8 +235,8 @@ class HookPages:
 def snippet(store_url: str, hook: str, neuron: int, k: int) -> str:
     """Python that reproduces a page's numbers from the store."""
     return (
-        "import queries\n\n"
-        f"with queries.connect({store_url!r}) as store:\n"
+        "import actscope\n\n"
+        f"with actscope.connect({store_url!r}) as store:\n"
         f"    stats = store.sql(\"SELECT * FROM neuron_stats WHERE hook = ? AND neuron = ?\", [{hook!r}, {neuron}])\n"
         f"    top = store.top({hook!r}, {neuron}, k={k}, window=8)\n"
         f"    partners = store.coact({hook!r}, {neuron}, k=10)\n"

@@ -11,9 +11,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from queries.activations import TokenActivations
-from queries.catalog import Catalog
-from storage.errors import QueryError
+from actscope.queries.activations import TokenActivations
+from actscope.queries.catalog import Catalog
+from actscope.storage.errors import QueryError
 
 
 @dataclass(frozen=True)
@@ -32,7 +32,7 @@ class Probe:
 
 
 def probe(catalog: Catalog, hook: str, neuron: int, text: str) -> Probe:
-    from pipeline.model import load_tokenizer
+    from actscope.pipeline.model import load_tokenizer
 
     catalog.check_neuron(hook, neuron)
     if not text.strip():

@@ -20,17 +20,17 @@ import numpy as np
 import orjson
 from jinja2 import Environment, PackageLoader, select_autoescape
 
-from queries.catalog import Catalog
-from queries.pages import HookPages, finite
-from queries.text import visible
-from storage.errors import OutputError, QueryError
+from actscope.queries.catalog import Catalog
+from actscope.queries.pages import HookPages, finite
+from actscope.queries.text import visible
+from actscope.storage.errors import OutputError, QueryError
 
 FORMATS = ("html", "json", "md", "neuronpedia")
 
 
 @cache
 def _env() -> Environment:
-    return Environment(loader=PackageLoader("queries", "templates"), autoescape=select_autoescape(["html"]))
+    return Environment(loader=PackageLoader("actscope.queries", "templates"), autoescape=select_autoescape(["html"]))
 
 
 @cache

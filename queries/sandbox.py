@@ -26,7 +26,7 @@ import sys
 import tempfile
 from dataclasses import asdict, dataclass
 
-from storage.errors import QueryError
+from actscope.storage.errors import QueryError
 
 
 @dataclass(frozen=True)
@@ -99,7 +99,7 @@ class Sandbox:
         if self._process is not None and self._process.poll() is None:
             return
         self.close()
-        from queries.catalog import lockdown_statements
+        from actscope.queries.catalog import lockdown_statements
 
         self._temp = tempfile.TemporaryDirectory(prefix="actscope-duckdb-")
         self._process = subprocess.Popen(

@@ -1,7 +1,7 @@
 """The store: a Zarr v3 group holding a job's spec, tokens, dense activations, per-shard partial
 statistics and the Parquet index. The bottom layer: it imports nothing else of actscope."""
 
-from storage.errors import (
+from actscope.storage.errors import (
     ActscopeError,
     CorpusError,
     JobSpecError,
@@ -10,8 +10,8 @@ from storage.errors import (
     QueryError,
     StoreError,
 )
-from storage.spec import DatasetSpec, JobSpec
-from storage.store import Store
+from actscope.storage.spec import DatasetSpec, JobSpec
+from actscope.storage.store import Store
 
 __all__ = [
     "ActscopeError",

@@ -12,7 +12,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from storage.errors import JobSpecError, short
+from actscope.storage.errors import JobSpecError, short
 
 PositiveInt = Annotated[int, Field(gt=0)]
 FiniteFloat = Annotated[float, Field(allow_inf_nan=False)]

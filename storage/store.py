@@ -38,8 +38,8 @@ import xxhash
 import zarr
 import zarr.errors
 
-from storage.errors import StoreDamaged, StoreError, first_line, short
-from storage.spec import JobSpec
+from actscope.storage.errors import StoreDamaged, StoreError, first_line, short
+from actscope.storage.spec import JobSpec
 
 SCHEMA_VERSION = 2  # 2: commit records carry checksums of what they commit
 

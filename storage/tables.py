@@ -16,7 +16,7 @@ from typing import Self
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from storage.store import filesystem
+from actscope.storage.store import filesystem
 
 ROW_GROUP = 32768
 

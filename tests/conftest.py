@@ -23,7 +23,7 @@ CONTEXT = 32
 
 
 def corpus_documents() -> list[str]:
-    from jobs.demo import stdlib_docstrings
+    from actscope.jobs.demo import stdlib_docstrings
 
     docs = [" ".join(d.split()) for d in stdlib_docstrings(limit=400)]
     # Documents a real corpus has: an empty one, non-ASCII text, markup, quotes.

@@ -7,7 +7,7 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from jobs.cli import app
+from actscope.jobs.cli import app
 from tests.conftest import tree_digest
 
 runner = CliRunner()

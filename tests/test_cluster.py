@@ -19,13 +19,13 @@ import pyarrow.parquet as pq
 import pytest
 from typer.testing import CliRunner
 
-import queries
-from jobs.cli import app
-from jobs.jobfile import load_job
-from jobs.runner import run_job
-from queries.catalog import TABLES
-from storage.errors import StoreError
-from storage.store import Store, shard_key
+import actscope
+from actscope.jobs.cli import app
+from actscope.jobs.jobfile import load_job
+from actscope.jobs.runner import run_job
+from actscope.queries.catalog import TABLES
+from actscope.storage.errors import StoreError
+from actscope.storage.store import Store, shard_key
 from tests.conftest import tree_digest, write_job
 
 pytestmark = pytest.mark.slow
@@ -74,7 +74,7 @@ def _no_leftover_processes():
 
 def _actscope(*args: str, env: dict | None = None) -> subprocess.Popen:
     proc = subprocess.Popen(
-        [sys.executable, "-m", "jobs.cli", *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        [sys.executable, "-m", "actscope", *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         env={**os.environ, "COLUMNS": "250", **(env or {})}, start_new_session=True,
     )
     _STARTED.append(proc)
@@ -290,20 +290,20 @@ def test_queries_read_an_object_store_index_without_network_access(s3, clean_s3,
     spec = load_job(write_job(tmp_path, "s3local", tiny_model, corpus_dir, store=url, **S3_JOB))
     run_job(spec, use_ray=False)
     assert tables(url) == clean_s3
-    with queries.connect(url) as c:
+    with actscope.connect(url) as c:
         assert c.sql("SELECT count(*) FROM neuron_stats").rows[0][0] == 256 + 64
         with pytest.raises(Exception, match="Refused|only"):
             c.sql("SELECT * FROM read_csv('/etc/passwd')")
         files = dict(c.files)
     assert all(path.startswith(str(tmp_path / "cache")) for path in files.values())
     stamps = {t: os.stat(p).st_mtime_ns for t, p in files.items()}
-    with queries.connect(url) as c:  # unchanged: served from the cache, nothing downloaded
+    with actscope.connect(url) as c:  # unchanged: served from the cache, nothing downloaded
         assert {t: os.stat(p).st_mtime_ns for t, p in c.files.items()} == stamps
     # The store changes (a table rewritten in place): the next connect reads the new bytes.
     fs = fsspec.filesystem("s3")
     store = Store.open(url)
     fs.pipe(store.table_url("vocab"), fs.cat(store.table_url("token_stats")))
-    with queries.connect(url) as c:
+    with actscope.connect(url) as c:
         assert c.sql("SELECT count(*) FROM vocab").rows[0][0] == len(clean_s3["token_stats"]["neuron"])
 
 
@@ -332,5 +332,5 @@ def test_object_store_paths_follow_the_local_rules(s3, tmp_path, tiny_model, cor
     second = write_job(tmp_path, "second", tiny_model, corpus_dir, store=url, top_k=4, dense=[], **SMALL_S3)
     result = runner.invoke(app, ["run", str(second), "--local", "--overwrite"])
     assert result.exit_code == 0, result.output
-    with queries.connect(url) as catalog:
+    with actscope.connect(url) as catalog:
         assert catalog.sql("SELECT max(rank) FROM top_examples").rows == [(4,)]

@@ -11,12 +11,12 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from jobs.jobfile import load_job
-from jobs.runner import run_job
-from pipeline.coactivation import site_pairs
-from queries import connect
-from storage.spec import JobSpec
-from storage.store import PAD, TEXT, Store
+from actscope.jobs.jobfile import load_job
+from actscope.jobs.runner import run_job
+from actscope.pipeline.coactivation import site_pairs
+from actscope.queries import connect
+from actscope.storage.spec import JobSpec
+from actscope.storage.store import PAD, TEXT, Store
 from tests.conftest import write_job
 from tests.reference import COACTIVATION_COLUMNS, activations, check_coactivation, coactivation_brute_force, priority
 
@@ -68,10 +68,10 @@ def splits(draw):
 @given(splits())
 def test_merge_over_any_split_equals_brute_force(tmp_path_factory, problem):
     """Shard partials written to a real store and merged blockwise equal one brute-force pass."""
-    from pipeline.coactivation import RunningCoactivation, coactivation_table
-    from pipeline.worker import Batch
-    from storage.store import COACTIVATION as GROUP
-    from storage.store import Store
+    from actscope.pipeline.coactivation import RunningCoactivation, coactivation_table
+    from actscope.pipeline.worker import Batch
+    from actscope.storage.store import COACTIVATION as GROUP
+    from actscope.storage.store import Store
 
     values, counted, cuts, batch_size, pairs, stride = problem
     hooks = [f"blocks.{i}.mlp.hook_post" for i in range(len(values))]
@@ -109,7 +109,7 @@ def test_merge_over_any_split_equals_brute_force(tmp_path_factory, problem):
 @given(st.integers(1, 40), st.integers(1, 40), st.integers(1, 40), st.booleans())
 def test_int8_products_are_exact(m, k, n, transposed):
     """The co-firing counts' product, on every shape (torch's CPU kernel is wrong when m = 1)."""
-    from pipeline.coactivation import int8_products
+    from actscope.pipeline.coactivation import int8_products
 
     rng = np.random.default_rng(m * 1681 + k * 41 + n)
     a = torch.from_numpy(rng.integers(0, 2, (k, m) if transposed else (m, k), dtype=np.int8))

@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 from transformers import AutoTokenizer
 
-from pipeline.corpus import batched, encode_here, pack_sequences
-from pipeline.model import Framing
-from storage.store import PAD, SPECIAL, TEXT
+from actscope.pipeline.corpus import batched, encode_here, pack_sequences
+from actscope.pipeline.model import Framing
+from actscope.storage.store import PAD, SPECIAL, TEXT
 from tests.conftest import corpus_documents
 
 

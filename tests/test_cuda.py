@@ -32,8 +32,8 @@ def _no_tf32():
 
 
 def test_module_forward_on_cuda_equals_the_cpu(tiny_model):
-    from pipeline.model import ModuleForward, ModuleSite, load_hf_model
-    from storage.spec import JobSpec
+    from actscope.pipeline.model import ModuleForward, ModuleSite, load_hf_model
+    from actscope.storage.spec import JobSpec
 
     bench = _bench()
     plan = bench.gpt2_plan(2)
@@ -54,8 +54,8 @@ def test_a_group_on_cuda_equals_the_cpu(tmp_path, tiny_model):
     tokens: integer arrays (ranks, token indices, counts) identical, float sums within 1e-4."""
     from types import SimpleNamespace
 
-    from pipeline.worker import ShardWorker
-    from storage.store import Store
+    from actscope.pipeline.worker import ShardWorker
+    from actscope.storage.store import Store
 
     bench = _bench()
     args = SimpleNamespace(layers=2, d_model=64, vocab=600, ctx=32, batch=4, seqs=24, device="cpu")

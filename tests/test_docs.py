@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from jobs.cli import app
-from storage.spec import DatasetSpec, JobSpec
+from actscope.jobs.cli import app
+from actscope.storage.spec import DatasetSpec, JobSpec
 
 README = (Path(__file__).parent.parent / "README.md").read_text()
 

@@ -13,14 +13,14 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from jobs import runner
-from jobs.jobfile import load_job
-from jobs.runner import run_job
-from pipeline import corpus
-from pipeline.worker import ShardWorker
-from queries.catalog import TABLES  # every table must match
-from storage.errors import ActscopeError, StoreError
-from storage.store import Store, shard_key
+from actscope.jobs import runner
+from actscope.jobs.jobfile import load_job
+from actscope.jobs.runner import run_job
+from actscope.pipeline import corpus
+from actscope.pipeline.worker import ShardWorker
+from actscope.queries.catalog import TABLES  # every table must match
+from actscope.storage.errors import ActscopeError, StoreError
+from actscope.storage.store import Store, shard_key
 from tests.conftest import tree_digest
 
 
@@ -85,12 +85,12 @@ def test_partially_done_job_resumes_to_identical_tables(make_job):
     run_job(clean, use_ray=False)
     partial = load_job(make_job("partial", dataset={"max_tokens": 16000}))
     # Run plan + tokenize, then only some shards, as a crashed job would have.
-    from jobs import runner
+    from actscope.jobs import runner
 
     planned = runner.plan(partial)
     model, tokenizer = planned.model, planned.tokenizer
     store = Store.create(partial.store, spec=partial, fingerprint=model["fingerprint"], model=model)
-    from pipeline.model import Framing
+    from actscope.pipeline.model import Framing
 
     encoder = functools.partial(corpus.encode_here, tokenizer=tokenizer)
     n_seq = corpus.tokenize_corpus(store, partial, Framing.from_tokenizer(tokenizer), encoder)
@@ -127,7 +127,7 @@ def test_killed_run_resumes_to_identical_tables(make_job, tmp_path):
     run_job(clean, use_ray=False)
     job = make_job("killed", shard_size=4, dataset={"max_tokens": 8000})
     spec = load_job(job)
-    cmd = [sys.executable, "-m", "jobs.cli", "run", str(job), "--local"]
+    cmd = [sys.executable, "-m", "actscope", "run", str(job), "--local"]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         deadline = time.monotonic() + 15

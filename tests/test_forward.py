@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline.model import (
+from actscope.pipeline.model import (
     HookedForward,
     ModuleForward,
     ModuleSite,
@@ -22,7 +22,7 @@ from pipeline.model import (
     per_token_hooks,
     prefer_sdpa,
 )
-from storage.spec import JobSpec
+from actscope.storage.spec import JobSpec
 
 # The hooks researchers record most; every architecture must have them on its modules.
 COMMON = ("hook_resid_pre", "hook_resid_post", "hook_attn_out", "hook_mlp_out", "mlp.hook_pre", "mlp.hook_post")

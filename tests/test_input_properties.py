@@ -9,11 +9,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from typer.testing import CliRunner
 
-import queries
-from jobs.cli import app
-from jobs.jobfile import load_job
-from jobs.runner import run_job
-from storage.errors import QueryError
+import actscope
+from actscope.jobs.cli import app
+from actscope.jobs.jobfile import load_job
+from actscope.jobs.runner import run_job
+from actscope.storage.errors import QueryError
 from tests.conftest import tree_digest, write_job
 
 runner = CliRunner()
@@ -90,7 +90,7 @@ def small_store(tmp_path_factory, tiny_model, corpus_dir):
 
 def test_generated_sql_is_answered_or_refused(small_store):
     before = tree_digest(small_store)
-    with queries.connect(small_store, timeout=3) as catalog:
+    with actscope.connect(small_store, timeout=3) as catalog:
 
         @given(st.lists(SQL_PIECES, min_size=1, max_size=12))
         @settings(max_examples=100, deadline=None, database=None)

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from jobs.cli import app
-from storage.spec import JobSpec
+from actscope.jobs.cli import app
+from actscope.storage.spec import JobSpec
 
 K8S = Path(__file__).resolve().parent.parent / "k8s"
 

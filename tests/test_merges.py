@@ -10,9 +10,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pipeline.reducers import Group, HookMerge, HookStatistics
-from pipeline.worker import Batch
-from storage.spec import JobSpec
+from actscope.pipeline.reducers import Group, HookMerge, HookStatistics
+from actscope.pipeline.worker import Batch
+from actscope.storage.spec import JobSpec
 from tests.reference import band, priority
 
 

@@ -9,11 +9,11 @@ import pytest
 from transformers import AutoTokenizer
 from typer.testing import CliRunner
 
-import queries
-from jobs.cli import app
-from jobs.jobfile import load_job
-from jobs.runner import run_job
-from storage.store import PAD, Store
+import actscope
+from actscope.jobs.cli import app
+from actscope.jobs.jobfile import load_job
+from actscope.jobs.runner import run_job
+from actscope.storage.store import PAD, Store
 from tests.conftest import write_job
 
 
@@ -32,7 +32,7 @@ def test_top_context_is_the_decoded_window(finished, tiny_model):
     tokenizer = AutoTokenizer.from_pretrained(tiny_model)
     store = Store.open(finished.store)
     data = store.read_tokens(0, store.n_seq)
-    with queries.connect(finished.store) as catalog:
+    with actscope.connect(finished.store) as catalog:
         rows = catalog.top("blocks.1.mlp.hook_post", 7, k=5, window=3).records()
     assert [r["rank"] for r in rows] == [1, 2, 3, 4, 5]
     assert all(a["activation"] >= b["activation"] for a, b in itertools.pairwise(rows))
@@ -46,7 +46,7 @@ def test_top_context_is_the_decoded_window(finished, tiny_model):
 @pytest.mark.parametrize("which", ["tiny_model", "minilm"])
 def test_vocab_tokens_concatenate_into_the_text(which, request):
     """Byte-level BPE and WordPiece alike: a run of `vocab.token` reads as the decoded text."""
-    from pipeline.index import running_text
+    from actscope.pipeline.index import running_text
 
     tokenizer = AutoTokenizer.from_pretrained(request.getfixturevalue(which))
     text = "the parser returns a new object, and raises ValueError otherwise"
@@ -71,7 +71,7 @@ def test_query_formats(finished):
 
 
 def test_tables_have_the_contract_columns(finished):
-    with queries.connect(finished.store) as catalog:
+    with actscope.connect(finished.store) as catalog:
         def columns(table):
             return [r[0] for r in catalog.sql(f"DESCRIBE {table}").rows]
 
@@ -82,22 +82,22 @@ def test_tables_have_the_contract_columns(finished):
 
 def test_incomplete_store_is_not_queried(make_job):
     spec = load_job(make_job("incomplete"))
-    from jobs import runner
+    from actscope.jobs import runner
 
     model = runner.plan(spec).model
     Store.create(spec.store, spec=spec, fingerprint=model["fingerprint"], model=model)
     with pytest.raises(Exception, match="has not finished"):
-        queries.connect(spec.store)
+        actscope.connect(spec.store)
 
 
 def test_every_table_and_column_is_documented_in_the_readme(finished):
     from pathlib import Path
 
-    from queries.catalog import TABLES
+    from actscope.queries.catalog import TABLES
 
     readme = (Path(__file__).parent.parent / "README.md").read_text()
     rows = {line.split("|")[1].strip(" `"): line for line in readme.splitlines() if line.startswith("| `")}
-    with queries.connect(finished.store) as catalog:
+    with actscope.connect(finished.store) as catalog:
         for table in TABLES:
             assert table in rows, f"README documents no table {table}"
             for column in catalog.sql(f"SELECT * FROM {table} LIMIT 0").columns:
@@ -121,7 +121,7 @@ def test_coact_command_prints_partners_with_their_top_tokens(finished):
 def test_top_reads_the_same_windows_as_the_sql_macro(finished):
     """``top`` builds its windows from the token arrays (no scan of the tokens table); the SQL
     macro builds them from the table: the same rows, for every neuron and window."""
-    with queries.connect(finished.store) as catalog:
+    with actscope.connect(finished.store) as catalog:
         for neuron in range(0, 256, 5):
             for k, window in ((5, 0), (3, 8), (5, 40)):
                 fast = catalog.top("blocks.1.mlp.hook_post", neuron, k=k, window=window)

@@ -5,10 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from jobs.jobfile import load_job
-from jobs.runner import run_job
-from queries import connect
-from storage.store import PAD, TEXT, Store
+from actscope.jobs.jobfile import load_job
+from actscope.jobs.runner import run_job
+from actscope.queries import connect
+from actscope.storage.store import PAD, TEXT, Store
 from tests.conftest import write_job
 from tests.reference import activations, assert_same_top_k, brute_top_k
 
@@ -155,7 +155,7 @@ def test_dead_neurons_and_thresholds(make_job):
 
 
 def test_histograms_and_quantiles_equal_numpy(gpt2_run):
-    from pipeline.histogram import ZERO, _magnitude_edges
+    from actscope.pipeline.histogram import ZERO, _magnitude_edges
 
     spec, _store, data, ref = gpt2_run
     counted = (data["kinds"] == TEXT).reshape(-1)

@@ -11,13 +11,13 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-import queries
-from jobs.cli import app
-from jobs.jobfile import load_job
-from jobs.runner import run_job
-from queries.pages import HookPages
-from queries.report import export, md_text, neuronpedia_feature, render_html, render_markdown
-from storage.store import PAD, Store
+import actscope
+from actscope.jobs.cli import app
+from actscope.jobs.jobfile import load_job
+from actscope.jobs.runner import run_job
+from actscope.queries.pages import HookPages
+from actscope.queries.report import export, md_text, neuronpedia_feature, render_html, render_markdown
+from actscope.storage.store import PAD, Store
 from tests.conftest import corpus_documents, write_job
 from tests.reference import activations
 
@@ -46,7 +46,7 @@ def store(tmp_path_factory, tiny_model, corpus_dir):
 
 def _hostile_neuron(spec, hook: str) -> int:
     """A neuron whose page quotes the sequence holding the <script> document."""
-    with queries.connect(spec.store) as c:
+    with actscope.connect(spec.store) as c:
         rows = c.sql(
             """SELECT e.neuron FROM (SELECT neuron, seq_id FROM top_examples WHERE hook = ?
                                       UNION ALL SELECT neuron, seq_id FROM band_samples WHERE hook = ?) e
@@ -62,7 +62,7 @@ def _hostile_neuron(spec, hook: str) -> int:
 @pytest.mark.parametrize("hook", [DENSE, RERUN])
 def test_document_numbers_equal_the_tables(store, hook):
     spec, _ = store
-    with queries.connect(spec.store) as c:
+    with actscope.connect(spec.store) as c:
         pages = HookPages(c, hook, [0, 5, 17])
         for n in (0, 5, 17):
             doc = pages.document(n)
@@ -97,7 +97,7 @@ def test_token_colours_are_the_models_activations(store, hook):
     """Per-token values equal a plain transformers forward (to the rounding of the page, or the
     float16 of the dense store); at marked tokens they are the cached values exactly."""
     spec, ref = store
-    with queries.connect(spec.store) as c:
+    with actscope.connect(spec.store) as c:
         pages = HookPages(c, hook, list(range(0, 256, 15)))
         assert pages.source.source == ("dense" if hook == DENSE else "recomputed")
         for n in pages.neurons:
@@ -127,7 +127,7 @@ def test_a_changed_dense_array_is_refused(store, tmp_path):
 def test_corpus_text_is_escaped_in_every_format(store, tmp_path):
     spec, _ = store
     n = _hostile_neuron(spec, DENSE)
-    with queries.connect(spec.store) as c:
+    with actscope.connect(spec.store) as c:
         doc = HookPages(c, DENSE, [n]).document(n)
     text = "".join("".join(s["tokens"]) for s in doc["sequences"].values())
     assert "<script>alert" in text  # the page does quote the hostile text
@@ -185,7 +185,7 @@ def test_probe_gives_the_models_activations_on_new_text(store, tiny_model):
 
 def test_export_writes_a_page_per_neuron(store, tmp_path):
     spec, _ = store
-    with queries.connect(spec.store) as c:
+    with actscope.connect(spec.store) as c:
         summary = export(c, str(tmp_path / "site"), [RERUN])
         assert summary["hooks"][RERUN]["neurons"] == 256
         np_summary = export(c, str(tmp_path / "np"), [DENSE], fmt="neuronpedia")
@@ -237,7 +237,7 @@ def test_site_in_a_real_browser(store, browser, tmp_path):
     assert page.get_attribute("th[data-sort=max]", "aria-sort") == "descending"
     shown = [float(x) for x in page.locator("#neurons tbody tr td:nth-child(2)").all_inner_texts()]
     assert shown == sorted(shown, reverse=True)
-    with queries.connect(spec.store) as c:
+    with actscope.connect(spec.store) as c:
         best = c.sql("SELECT neuron FROM neuron_stats WHERE hook = ? ORDER BY max DESC, neuron LIMIT 1", [DENSE]).rows[0][0]
         top = c.sql("SELECT activation, seq_id, pos FROM top_examples WHERE hook = ? AND neuron = ? ORDER BY rank", [DENSE, best]).rows
     assert page.locator("#neurons tbody tr td:first-child").first.inner_text() == str(best)
@@ -269,7 +269,7 @@ def test_site_in_a_real_browser(store, browser, tmp_path):
     for button in page.locator("button.full").all():
         button.click()
     text = page.inner_text("#page")
-    with queries.connect(spec.store) as c:
+    with actscope.connect(spec.store) as c:
         quoted = "".join("".join(s["tokens"]) for s in HookPages(c, DENSE, [n]).document(n)["sequences"].values())
     assert "<script>alert" in text, text[text.find('script') - 200:][:400]
     for control in ("\x07", "\x1b", "\x7f"):

@@ -16,9 +16,9 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-import queries
-from jobs.cli import app
-from storage.errors import QueryError
+import actscope
+from actscope.jobs.cli import app
+from actscope.storage.errors import QueryError
 from tests.conftest import CONTEXT, tree_digest
 
 runner = CliRunner()
@@ -151,8 +151,8 @@ def test_a_failing_job_leaves_the_old_store_and_writes_no_new_one(scratch, chang
 
 
 def test_overwrite_builds_beside_and_swaps_in_only_when_complete(scratch, monkeypatch):
-    from jobs import runner as runner_module
-    from pipeline.worker import ShardWorker
+    from actscope.jobs import runner as runner_module
+    from actscope.pipeline.worker import ShardWorker
 
     root, job = scratch
     invoke(["run", job(), "--local"])
@@ -176,7 +176,7 @@ def test_overwrite_builds_beside_and_swaps_in_only_when_complete(scratch, monkey
     result = invoke(["run", job(top_k=3), "--local", "--overwrite"], 0, "done")
     assert "2 already done" in " ".join(result.output.split())
     assert not staging.exists() and not (root / ".out.zarr.actscope-old").exists()
-    with queries.connect("out.zarr") as catalog:
+    with actscope.connect("out.zarr") as catalog:
         assert catalog.sql("SELECT max(rank) FROM top_examples").rows == [(3,)]
     assert {k: v for k, v in folder_digest(root).items() if not k.startswith("out.zarr")} == {
         k: v for k, v in old.items() if not k.startswith("out.zarr")
@@ -278,7 +278,7 @@ def test_queries_cannot_write_read_elsewhere_or_exhaust_memory(hostile, tmp_path
     before = tree_digest(store)
     sql = sql.format(index=store / "index", store=store, cwd=tmp_path)
     fails(["query", str(store), sql], needle)
-    with queries.connect(str(store)) as catalog, pytest.raises(QueryError, match=needle.split()[0]):
+    with actscope.connect(str(store)) as catalog, pytest.raises(QueryError, match=needle.split()[0]):
         catalog.sql(sql)
     assert tree_digest(store) == before
     assert not (tmp_path / ".tmp").exists() and not (tmp_path / "leak.csv").exists()
@@ -288,7 +288,7 @@ def test_a_memory_bomb_is_stopped_with_bounded_memory_and_time(hostile):
     _, store = hostile
     script = (
         "import resource, subprocess, sys, time; t = time.perf_counter(); "
-        "p = subprocess.run([sys.executable, '-m', 'jobs.cli', 'query', sys.argv[1], 'SELECT length(list(range(300000000)))'], capture_output=True, text=True); "
+        "p = subprocess.run([sys.executable, '-m', 'actscope', 'query', sys.argv[1], 'SELECT length(list(range(300000000)))'], capture_output=True, text=True); "
         "print(p.returncode, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, time.perf_counter() - t); print(p.stderr)"
     )
     done = subprocess.run([sys.executable, "-c", script, str(store)], capture_output=True, text=True, cwd=Path(__file__).parent.parent, timeout=120, check=False)
@@ -304,7 +304,7 @@ def test_every_bad_timeout_is_refused(hostile, timeout):
     _, store = hostile
     fails(["query", str(store), "SELECT 1", "--timeout", timeout], "timeout")
     with pytest.raises(QueryError, match="timeout"):
-        queries.connect(str(store), timeout=float(timeout))
+        actscope.connect(str(store), timeout=float(timeout))
 
 
 def test_long_queries_are_stopped_and_large_results_capped(hostile):
@@ -312,7 +312,7 @@ def test_long_queries_are_stopped_and_large_results_capped(hostile):
     fails(["query", str(store), "SELECT count(*) FROM range(100000) a, range(100000) b WHERE a.range * b.range = 7", "--timeout", "1"], "ran past 1 s")
     result = invoke(["query", str(store), "SELECT * FROM range(2000000)", "--format", "csv"], 0, "only the first 100,000 rows")
     assert len(result.stdout.splitlines()) == 100_001
-    with queries.connect(str(store), max_rows=5) as catalog:
+    with actscope.connect(str(store), max_rows=5) as catalog:
         with pytest.raises(QueryError, match="more than 5 rows"):
             catalog.sql("SELECT * FROM range(100)")
         got = catalog.sql("SELECT * FROM range(100)", truncate=True)
@@ -326,7 +326,7 @@ def test_long_queries_are_stopped_and_large_results_capped(hostile):
 
 def test_corpus_text_and_names_are_never_markup(hostile):
     _, store = hostile
-    with queries.connect(str(store)) as catalog:
+    with actscope.connect(str(store)) as catalog:
         neurons = [n for (n,) in catalog.sql(
             "SELECT DISTINCT e.neuron FROM top_examples e JOIN tokens t USING (seq_id) JOIN vocab v USING (token_id) "
             "WHERE v.token LIKE '%[%' OR v.token LIKE '%]%' ORDER BY 1 LIMIT 12"
@@ -348,7 +348,7 @@ def test_corpus_text_and_names_are_never_markup(hostile):
 def test_a_terminal_that_cannot_show_unicode_gets_escapes(hostile):
     _, store = hostile
     env = {**os.environ, "PYTHONIOENCODING": "ascii"}
-    done = subprocess.run([sys.executable, "-m", "jobs.cli", "query", str(store), "SELECT 'Ünï 東京 🙂' AS x"], capture_output=True, env=env, cwd=Path(__file__).parent.parent, check=False)
+    done = subprocess.run([sys.executable, "-m", "actscope", "query", str(store), "SELECT 'Ünï 東京 🙂' AS x"], capture_output=True, env=env, cwd=Path(__file__).parent.parent, check=False)
     assert done.returncode == 0, done.stderr
     assert b"Traceback" not in done.stderr and b"\\xdc" in done.stdout.lower()
 

@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 import torch
 
-from jobs.jobfile import load_job
-from jobs.runner import run_job
-from queries import connect
-from storage.store import PAD, TEXT, Store
+from actscope.jobs.jobfile import load_job
+from actscope.jobs.runner import run_job
+from actscope.queries import connect
+from actscope.storage.store import PAD, TEXT, Store
 from tests.conftest import write_job
 from tests.reference import activations, band, priority
 

@@ -16,10 +16,10 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from jobs.cli import app
-from jobs.jobfile import load_job
-from jobs.runner import run_job
-from jobs.submit import submission_base
+from actscope.jobs.cli import app
+from actscope.jobs.jobfile import load_job
+from actscope.jobs.runner import run_job
+from actscope.jobs.submit import submission_base
 from tests.conftest import write_job
 from tests.test_cluster import _free_port, tables
 

@@ -9,7 +9,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pipeline.topk import RunningTopK, merge_topk, ordered_bits, unordered_bits
+from actscope.pipeline.topk import RunningTopK, merge_topk, ordered_bits, unordered_bits
 from tests.reference import brute_top_k
 
 
@@ -77,7 +77,7 @@ def test_bottom_k_finds_the_most_negative():
 @settings(max_examples=80, deadline=None)
 @given(problems(), st.integers(1, 7))
 def test_moments_merge_over_any_split_equals_numpy(problem, batch):
-    from pipeline.moments import RunningMoments, describe, merge_moments
+    from actscope.pipeline.moments import RunningMoments, describe, merge_moments
 
     acts, counted, _, cuts = problem
     acts = acts + np.float32(100.0)  # a large mean: raw power sums would lose the kurtosis
@@ -109,7 +109,7 @@ def test_moments_merge_over_any_split_equals_numpy(problem, batch):
 
 
 def test_histogram_bins_at_their_edges():
-    from pipeline.histogram import N_BINS, ZERO, bin_edges, bin_index
+    from actscope.pipeline.histogram import N_BINS, ZERO, bin_edges, bin_index
 
     lo, hi = bin_edges()
     assert len(lo) == len(hi) == N_BINS and (lo < hi).all() and (hi[:-1] == lo[1:]).all()
