@@ -340,7 +340,7 @@ def report(
     hook: HookArg,
     neuron: NeuronArg,
     out_path: Annotated[str, typer.Option("--out", "-o", help="The report file: .html, .json or .md.")],
-    format: Annotated[str | None, typer.Option("--format", help="html, json, md or neuronpedia (default: from --out).")] = None,
+    format: Annotated[str | None, typer.Option("--format", help="html, json, md, neuronpedia or neuron-record (default: from --out).")] = None,
     k: Annotated[int, typer.Option("-k", min=1, help="Top and bottom examples shown.")] = 20,
 ):
     """A neuron's page: statistics, histogram, coloured examples, top tokens, logit effects, partners."""
@@ -358,7 +358,7 @@ def export(
     store: StoreArg,
     out_dir: Annotated[str, typer.Option("--out", "-o", help="The site's folder (created).")],
     hook: Annotated[list[str] | None, typer.Option("--hook", help="Only these hooks (repeatable).")] = None,
-    format: Annotated[str, typer.Option("--format", help="html (a static site), json (a document per neuron) or neuronpedia.")] = "html",
+    format: Annotated[str, typer.Option("--format", help="html (a static site), json (a document per neuron), neuronpedia (batches) or neuron-record (neuron-explainer).")] = "html",
     k: Annotated[int, typer.Option("-k", min=1, help="Top and bottom examples per page.")] = 20,
     overwrite: Annotated[bool, typer.Option(help="Replace the pages of an earlier export in --out.")] = False,
 ):

@@ -24,7 +24,7 @@ from actscope.storage.store import PAD
 
 FORMAT = "actscope.neuron/1"
 WINDOW = 12  # tokens either side of an example's token, as pages show them
-EXAMPLE_KINDS = ("top_examples", "bottom_examples", "band_samples")
+EXAMPLE_KINDS = ("top_examples", "bottom_examples", "band_samples", "random_samples")
 STAT_COLUMNS = ("count", "mean", "std", "min", "max", "frac_active", "skew", "kurtosis", "p50", "p90", "p99")
 
 
@@ -91,6 +91,7 @@ class HookPages:
             "bottom_examples": _Grouped.of(self._select(f"SELECT {example} FROM bottom_examples WHERE {where()} AND rank <= ? ORDER BY neuron, rank", self.k)),
             # Strongest band first, as a reader scans down from the top examples.
             "band_samples": _Grouped.of(self._select(f"SELECT {example}, band, lo, hi FROM band_samples WHERE {where()} ORDER BY neuron, band DESC, rank")),
+            "random_samples": _Grouped.of(self._select(f"SELECT {example} FROM random_samples WHERE {where()} ORDER BY neuron, rank")),
         }
         self.tokens = _Grouped.of(self._select(
             f"SELECT s.neuron, s.rank, s.token_id, v.token, s.mean_activation, s.count FROM token_stats s "
@@ -203,13 +204,14 @@ class HookPages:
 
     def _sequences(self, doc: dict, neuron: int, summary: dict) -> dict[str, dict]:
         """The quoted text: whole sequences for top and bottom examples (a reader opens them in
-        full), a window either side for band samples (there are many, and they are typical)."""
+        full), a window either side for band and random samples (there are many, and they are
+        typical)."""
         spans: dict[int, tuple[int, int]] = {}
         for name in EXAMPLE_KINDS:
             for ex in doc[name]:
                 seq, pos = ex["seq_id"], ex["pos"]
                 n = int(self.seq_length[np.searchsorted(self.seq_ids, seq)])
-                a, b = (0, n) if name != "band_samples" else (max(0, pos - WINDOW), min(n, pos + WINDOW + 1))
+                a, b = (0, n) if name in ("top_examples", "bottom_examples") else (max(0, pos - WINDOW), min(n, pos + WINDOW + 1))
                 if seq in spans:
                     a, b = min(a, spans[seq][0]), max(b, spans[seq][1])
                 spans[seq] = (a, b)
@@ -220,14 +222,23 @@ class HookPages:
         where = np.searchsorted(self.seq_ids, seqs)
         scale = max(abs(summary["min"] or 0.0), abs(summary["max"] or 0.0))
         decimals = max(0, 3 - math.floor(math.log10(scale))) if scale > 0 else 0
+        marked: dict[int, list[tuple[int, float]]] = {}
+        for name in EXAMPLE_KINDS:
+            for ex in doc[name]:
+                marked.setdefault(ex["seq_id"], []).append((ex["pos"], ex["activation"]))
         out = {}
         for seq, row, s in zip(seqs.tolist(), rows, where):
             a, b = spans[seq]
+            # About four significant digits of the neuron's scale: plenty for colour and hover;
+            # every example's own token keeps its cached value, in whichever snippet shows it.
+            values = np.round(self.pair_values[row, a:b].astype(np.float64), decimals)
+            for pos, value in marked[seq]:
+                if a <= pos < b:
+                    values[pos - a] = value
             out[str(seq)] = {
                 "start": a, "length": int(self.seq_length[s]),
                 "tokens": self.vocab[self.seq_tokens[s, a:b]].tolist(),
-                # About four significant digits of the neuron's scale: plenty for colour and hover.
-                "values": np.round(self.pair_values[row, a:b].astype(np.float64), decimals).tolist(),
+                "values": values.tolist(),
             }
         return out
 

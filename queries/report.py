@@ -20,12 +20,15 @@ import numpy as np
 import orjson
 from jinja2 import Environment, PackageLoader, select_autoescape
 
+from actscope.queries import neuronpedia
 from actscope.queries.catalog import Catalog
+from actscope.queries.neuron_record import neuron_record
 from actscope.queries.pages import HookPages, finite
 from actscope.queries.text import visible
 from actscope.storage.errors import OutputError, QueryError
 
-FORMATS = ("html", "json", "md", "neuronpedia")
+FORMATS = ("html", "json", "md", "neuronpedia", "neuron-record")
+EXPORT_FORMATS = ("html", "json", "neuronpedia", "neuron-record")
 
 
 @cache
@@ -129,45 +132,6 @@ def render_markdown(doc: dict, window: int = 12) -> str:
     return "\n".join(lines)
 
 
-# -- Neuronpedia-style -----------------------------------------------------------------------
-
-def neuronpedia_feature(doc: dict) -> dict:
-    """One feature in the layout of SAEDashboard's Neuronpedia batches (see the README)."""
-
-    def activation(ex: dict, lo, hi) -> dict:
-        seq = doc["sequences"][str(ex["seq_id"])]
-        values, pos = list(seq["values"]), ex["pos"] - seq["start"]
-        values[pos] = ex["activation"]
-        return {"tokens": seq["tokens"], "values": values, "bin_min": lo, "bin_max": hi, "bin_contains": None,
-                "qualifying_token_index": pos}
-
-    top = doc["top_examples"]
-    activations = [activation(ex, top[-1]["activation"], top[0]["activation"]) for ex in top]
-    activations += [activation(ex, ex["lo"], ex["hi"]) for ex in doc["band_samples"]]
-    hist = doc["histogram"]
-    pearson = [p for p in doc["coactivation"]["pearson"] if p["hook"] == doc["hook"]]
-    return {
-        "feature_index": doc["neuron"],
-        "hook": doc["hook"],
-        "maxActApprox": doc["stats"]["max"],
-        "frac_nonzero": doc["stats"]["frac_active"],
-        "pos_str": [t["token"] for t in doc["logit_effects"]["promote"]],
-        "pos_values": [t["effect"] for t in doc["logit_effects"]["promote"]],
-        "neg_str": [t["token"] for t in doc["logit_effects"]["suppress"]],
-        "neg_values": [t["effect"] for t in doc["logit_effects"]["suppress"]],
-        # Parallel arrays: one bar per non-empty bin, at the bin's centre.
-        "freq_hist_data_bar_values": [(b["lo"] + b["hi"]) / 2 for b in hist],
-        "freq_hist_data_bar_heights": [b["count"] for b in hist],
-        "correlated_neurons_indices": [p["neuron"] for p in pearson],
-        "correlated_neurons_pearson": [p["pearson"] for p in pearson],
-        "activations": activations,
-    }
-
-
-def neuronpedia_batch(docs: list[dict], model: str, hook: str) -> dict:
-    return {"model_id": model, "layer": hook, "features": [neuronpedia_feature(d) for d in docs]}
-
-
 # -- one report ------------------------------------------------------------------------------
 
 def report_format(out: str, requested: str | None) -> str:
@@ -182,13 +146,13 @@ def report_format(out: str, requested: str | None) -> str:
     return formats[suffix]
 
 
-def render(doc: dict, fmt: str) -> str:
+def render(doc: dict, fmt: str, n_layers: int = 0) -> str:
     if fmt == "html":
         return render_html(doc)
     if fmt == "md":
         return render_markdown(doc)
-    if fmt == "neuronpedia":
-        return render_json(neuronpedia_batch([doc], doc["model"], doc["hook"]))
+    if fmt == "neuron-record":
+        return render_json(neuron_record(doc, n_layers))
     return render_json(doc)
 
 
@@ -196,7 +160,10 @@ def write_report(catalog: Catalog, hook: str, neuron: int, out: str, fmt: str | 
     check_output_file(out)
     fmt = report_format(out, fmt)
     doc = HookPages(catalog, hook, [neuron], k=k).document(neuron)
-    _write_text(Path(out), render(doc, fmt))
+    if fmt == "neuronpedia":  # a batch of one feature, as the export writes 128
+        _write_text(Path(out), render_json(neuronpedia.batch([doc], neuronpedia.batch_meta(catalog, hook))))
+    else:
+        _write_text(Path(out), render(doc, fmt, int(catalog.model["n_layers"])))
     return fmt
 
 
@@ -252,12 +219,13 @@ def _refuse_inside_store(path: Path, out: str) -> None:
 
 def export(catalog: Catalog, out: str, hooks: list[str] | None = None, *, fmt: str = "html", k: int = 20, progress=None,
            overwrite: bool = False) -> dict:
-    """Write a static site (``fmt="html"``), one JSON document per neuron (``json``), or
-    Neuronpedia-style batches (``neuronpedia``) for ``hooks`` (default: all) under ``out``: a new
-    or empty folder, or with ``overwrite`` one holding an earlier export. Returns what was
-    written and how long each step took."""
-    if fmt not in ("html", "json", "neuronpedia"):
-        raise QueryError(f"export format must be html, json or neuronpedia; got {fmt!r}.")
+    """Write a static site (``fmt="html"``), one JSON document per neuron (``json``), Neuronpedia
+    batches (``neuronpedia``) or one neuron-explainer ``NeuronRecord`` per neuron
+    (``neuron-record``) for ``hooks`` (default: all) under ``out``: a new or empty folder, or with
+    ``overwrite`` one holding an earlier export. Returns what was written and how long each step
+    took."""
+    if fmt not in EXPORT_FORMATS:
+        raise QueryError(f"export format must be one of {', '.join(EXPORT_FORMATS)}; got {fmt!r}.")
     widths = catalog.model["hook_widths"]
     hooks = list(hooks or widths)
     for hook in hooks:
@@ -279,16 +247,19 @@ def export(catalog: Catalog, out: str, hooks: list[str] | None = None, *, fmt: s
         folder.mkdir(parents=True, exist_ok=True)
         written = 0
         if fmt == "neuronpedia":
-            batch = 128
-            for first in range(0, pages.width, batch):
-                docs = [pages.document(n) for n in range(first, min(first + batch, pages.width))]
-                written += _write_text(folder / f"batch-{first // batch}.json", render_json(neuronpedia_batch(docs, catalog.model["name"], hook), indent=False))
+            for name, batch in neuronpedia.batches(catalog, hook, pages):
+                written += _write_text(folder / name, render_json(batch, indent=False))
                 summary["files"] += 1
         else:
             for n in range(pages.width):
                 doc = pages.document(n)
-                text = render_html(doc, site) if fmt == "html" else render_json(doc, indent=False)
-                written += _write_text(folder / f"{n}.{fmt}", text)
+                if fmt == "html":
+                    text = render_html(doc, site)
+                elif fmt == "neuron-record":
+                    text = render_json(neuron_record(doc, int(catalog.model["n_layers"])), indent=False)
+                else:
+                    text = render_json(doc, indent=False)
+                written += _write_text(folder / f"{n}.{'html' if fmt == 'html' else 'json'}", text)
                 if progress:
                     progress(hook, n + 1, pages.width)
             summary["files"] += pages.width

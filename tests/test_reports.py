@@ -16,8 +16,8 @@ from actscope.jobs.cli import app
 from actscope.jobs.jobfile import load_job
 from actscope.jobs.runner import run_job
 from actscope.queries.pages import HookPages
-from actscope.queries.report import export, md_text, neuronpedia_feature, render_html, render_markdown
-from actscope.storage.store import PAD, Store
+from actscope.queries.report import export, md_text, render_html, render_markdown
+from actscope.storage.store import PAD, TEXT, Store
 from tests.conftest import corpus_documents, write_job
 from tests.reference import activations
 
@@ -152,11 +152,10 @@ def test_report_command_writes_each_format(store, tmp_path):
     assert "neuron 7" in (tmp_path / "n.html").read_text() and "## Top examples" in (tmp_path / "n.md").read_text()
     result = runner.invoke(app, ["report", spec.store, RERUN, "7", "--out", str(tmp_path / "np.json"), "--format", "neuronpedia"])
     assert result.exit_code == 0, result.output
-    feature = json.loads((tmp_path / "np.json").read_text())["features"][0]
-    assert feature == json.loads(json.dumps(neuronpedia_feature(doc)))
-    assert len(feature["freq_hist_data_bar_values"]) == len(feature["freq_hist_data_bar_heights"])
-    top = feature["activations"][0]
-    assert top["values"][top["qualifying_token_index"]] == doc["top_examples"][0]["activation"] == feature["maxActApprox"]
+    one = json.loads((tmp_path / "np.json").read_text())  # a batch of one feature
+    assert [f["feature_index"] for f in one["features"]] == [7] and one["layer"] == 1
+    top = one["features"][0]["activations"][0]
+    assert top["values"][top["qualifying_token_index"]] == doc["top_examples"][0]["activation"] == doc["stats"]["max"]
     for args, message in (
         (["report", spec.store, RERUN, "7", "--out", str(tmp_path / "n.txt")], "cannot tell the format"),
         (["report", spec.store, RERUN, "9999", "--out", str(tmp_path / "n.html")], "out of range"),
@@ -193,6 +192,145 @@ def test_export_writes_a_page_per_neuron(store, tmp_path):
     assert np_summary["files"] == 2
     batch = json.loads((tmp_path / "np" / DENSE / "batch-1.json").read_text())
     assert [f["feature_index"] for f in batch["features"]] == list(range(128, 256))
+
+
+# -- Neuronpedia batches, loaded by SAEDashboard's own dataclasses -----------------------------
+
+# Every key SAEDashboard's acceptance test (tests/acceptance/test_neuronpedia_runner_output.py)
+# asserts in a batch, a feature and an activation.
+BATCH_KEYS = {"model_id", "layer", "sae_set", "features"}
+FEATURE_KEYS = {
+    "feature_index", "activations", "neg_str", "neg_values", "pos_str", "pos_values", "frac_nonzero",
+    "freq_hist_data_bar_heights", "freq_hist_data_bar_values", "logits_hist_data_bar_heights",
+    "logits_hist_data_bar_values", "n_prompts_total", "n_tokens_in_prompt", "dataset", "neuron_alignment_indices",
+    "neuron_alignment_values", "neuron_alignment_l1", "correlated_neurons_indices", "correlated_neurons_l1",
+    "correlated_neurons_pearson", "correlated_features_indices", "correlated_features_l1",
+    "correlated_features_pearson", "decoder_weights_dist",
+}
+ACTIVATION_KEYS = {"tokens", "values", "bin_min", "bin_max", "bin_contains", "dfa_values", "dfa_maxValue", "dfa_targetIndex"}
+
+
+def _dashboard():
+    """SAEDashboard's dataclasses (PyPI sae-dashboard, installed without its dependencies: the
+    module imports only numpy)."""
+    return pytest.importorskip("sae_dashboard.neuronpedia.neuronpedia_dashboard", reason="pip install --no-deps sae-dashboard")
+
+
+@pytest.fixture(scope="module")
+def neuronpedia(store, tmp_path_factory):
+    spec, _ = store
+    out = tmp_path_factory.mktemp("np") / "export"
+    with actscope.connect(spec.store) as c:
+        summary = export(c, str(out), [DENSE, RERUN], fmt="neuronpedia")
+    return out, summary
+
+
+def test_neuronpedia_batches_load_in_saedashboard(store, neuronpedia):
+    dashboard = _dashboard()
+    spec, _ = store
+    out, summary = neuronpedia
+    assert summary["files"] == 4
+    for hook, layer in ((DENSE, 0), (RERUN, 1)):
+        files = sorted((out / hook).glob("batch-*.json"))
+        assert [f.name for f in files] == ["batch-0.json", "batch-1.json"]
+        indices = []
+        for f in files:
+            raw = json.loads(f.read_text())
+            assert BATCH_KEYS <= raw.keys() and "sae_id_suffix" in raw  # the importer reads it
+            batch = dashboard.NeuronpediaDashboardBatch(**raw)  # unmodified: an unknown key is a TypeError
+            assert batch.layer == layer and isinstance(raw["layer"], int)
+            assert batch.model_id and batch.sae_set == "mlp-post" and batch.sae_id_suffix is None
+            for feature, fraw in zip(batch.features, raw["features"]):
+                assert FEATURE_KEYS <= fraw.keys()
+                assert feature.n_tokens_in_prompt == spec.context_length and feature.n_prompts_total > 0
+                assert len(fraw["freq_hist_data_bar_values"]) == len(fraw["freq_hist_data_bar_heights"])
+                for a in fraw["activations"]:
+                    assert ACTIVATION_KEYS <= a.keys()
+                indices.append(feature.feature_index)
+        assert indices == list(range(256))
+
+
+def test_neuronpedia_numbers_are_the_stores(store, neuronpedia, tiny_model):
+    """Each group's bounds and share, each snippet's marked value, and the frequency histogram,
+    against the tables and a plain forward of the model."""
+    spec, _ = store
+    out, _ = neuronpedia
+    s = Store.open(spec.store)
+    data = s.read_tokens(0, s.n_seq, ("tokens", "kinds"))
+    ref = activations(str(tiny_model), [RERUN], data["tokens"], data["kinds"] != PAD)[RERUN]
+    counted = (data["kinds"] == TEXT).reshape(-1)
+    x = ref.reshape(-1, ref.shape[-1])[counted].astype(np.float64)
+    features = json.loads((out / RERUN / "batch-0.json").read_text())["features"]
+    with actscope.connect(spec.store) as c:
+        vocab = dict(c.internal("SELECT token_id, token FROM vocab").rows)
+        for f in features[:24]:
+            n = f["feature_index"]
+            values = x[:, n]
+            top = c.internal("SELECT activation, seq_id, pos FROM top_examples WHERE hook = ? AND neuron = ? ORDER BY rank", [RERUN, n]).rows
+            bottom = c.internal("SELECT activation FROM bottom_examples WHERE hook = ? AND neuron = ? ORDER BY rank", [RERUN, n]).rows
+            groups = f["activations"]
+            head, tail = groups[: len(top)], groups[len(groups) - len(bottom):]
+            for a, (value, seq, pos) in zip(head, top):
+                assert (a["bin_min"], a["bin_contains"]) == (-1, -1) and a["bin_max"] == pytest.approx(values.max(), abs=1e-5)
+                assert a["values"][a["qualifying_token_index"]] == value  # the cached value, exactly
+                first = pos - a["qualifying_token_index"]
+                assert a["tokens"] == [vocab[int(t)] for t in data["tokens"][seq, first : first + len(a["tokens"])]]
+                assert len(a["tokens"]) <= 2 * 12 + 1
+            for a in groups[len(top) : len(groups) - len(bottom)]:  # band samples: an interval and its exact share
+                lo, hi = a["bin_min"], a["bin_max"]
+                share = ((values >= lo) & (values <= hi)).mean()  # a few tokens at an edge may differ in float32
+                assert abs(a["bin_contains"] - share) <= 3 / len(values)
+                assert lo <= a["values"][a["qualifying_token_index"]] <= hi
+            for a in tail:
+                assert a["bin_min"] == pytest.approx(values.min(), abs=1e-5) and a["bin_contains"] == len(bottom) / len(values)
+            positive = values[values > 0]
+            heights = np.asarray(f["freq_hist_data_bar_heights"])
+            assert heights.sum() == len(positive)  # exact: every token above 0, once
+            if len(positive):
+                centres = np.asarray(f["freq_hist_data_bar_values"])
+                width = centres[1] - centres[0] if len(centres) > 1 else 0
+                mean = (heights * centres).sum() / heights.sum()
+                # Each count moves within one of our bins (12.5 % of its value, or the near-zero
+                # bin's 2**-8), then to a bar's centre (half a bar).
+                assert abs(mean - positive.mean()) <= 0.125 * positive.mean() + 2**-8 + width / 2
+                assert centres[-1] + width / 2 == pytest.approx(positive.max(), rel=1e-4)
+
+
+# -- neuron-explainer records, loaded by its own dataclasses --------------------------------------
+
+def test_neuron_records_round_trip_through_neuron_explainer(store, tmp_path):
+    """Every exported record loads as neuron-explainer's NeuronRecord (PyPI neuron-explainer),
+    with the cached value at each example's token, exactly, and moments and quantiles from the
+    tables."""
+    pytest.importorskip("neuron_explainer.activations.activations", reason="pip install --no-deps neuron-explainer")
+    from neuron_explainer.activations.activations import ActivationRecord, NeuronRecord
+    from neuron_explainer.fast_dataclasses import dumps, loads
+
+    spec, _ = store
+    with actscope.connect(spec.store) as c:
+        export(c, str(tmp_path / "records"), [RERUN], fmt="neuron-record")
+        stats = {r[0]: r[1:] for r in c.internal(
+            "SELECT neuron, mean, std, skew, kurtosis, p50, p90, p99 FROM neuron_stats WHERE hook = ?", [RERUN]).rows}
+        top = c.internal("SELECT neuron, activation FROM top_examples WHERE hook = ? ORDER BY neuron, rank", [RERUN]).rows
+    files = sorted((tmp_path / "records" / RERUN).glob("*.json"), key=lambda f: int(f.stem))
+    assert len(files) == 256
+    for f in files[:32]:
+        record = loads(f.read_bytes())
+        assert isinstance(record, NeuronRecord) and record.neuron_id.layer_index == 1
+        n = record.neuron_id.neuron_index
+        assert n == int(f.stem)
+        mean, std, skew, kurtosis, p50, p90, p99 = stats[n]
+        assert (record.mean, record.skewness, record.kurtosis) == (mean, skew, kurtosis)
+        assert record.variance == pytest.approx(std * std, rel=1e-12)
+        assert record.quantile_boundaries[:3] == pytest.approx([p50, p90, p99], rel=1e-9, abs=1e-12)
+        assert len(record.random_sample_by_quantile) == len(record.quantile_boundaries) + 1
+        for r, v in zip(record.most_positive_activation_records, [v for m, v in top if m == n]):
+            assert v in r.activations  # the example's token, exact
+        groups = [record.most_positive_activation_records, record.random_sample, *record.random_sample_by_quantile]
+        assert all(isinstance(r, ActivationRecord) and len(r.tokens) == len(r.activations) <= 25 for g in groups for r in g)
+        assert record.max_activation == max(v for m, v in top if m == n)  # the cached top value itself
+        assert loads(dumps(record)) == record
+    assert len(record.random_sample) == spec.random_samples
 
 
 # -- in a real browser -----------------------------------------------------------------------
