@@ -11,11 +11,11 @@ deadline (``queries.sandbox``), returning at most a bounded number of rows and b
 
 from __future__ import annotations
 
+import html
 import json
 import os
 import tempfile
 import threading
-from dataclasses import dataclass
 from typing import Any, Self
 
 import duckdb
@@ -25,6 +25,8 @@ import pyarrow as pa
 from actscope.queries.sandbox import Limits, Sandbox
 from actscope.storage.errors import QueryError, StoreDamaged, StoreError, first_line
 from actscope.storage.store import PAD, Store, storage_options
+
+REPR_ROWS = 50  # rows a notebook shows of a Result
 
 TABLES = (
     "tokens", "vocab", "top_examples", "bottom_examples", "neuron_stats", "histograms",
@@ -56,14 +58,70 @@ def index_cache() -> str:
     return os.path.join(root, "index")
 
 
-@dataclass(frozen=True)
 class Result:
-    columns: list[str]
-    rows: list[tuple[Any, ...]]
-    truncated: bool = False  # more rows (or bytes) than the limits allow: these are the first
+    """A query's answer: ``columns`` and ``rows`` (tuples), and the same as Arrow, pandas or
+    polars. A user query arrives from the sandbox as Arrow IPC and stays Arrow: ``arrow()`` is
+    that table itself, ``pl()`` shares its buffers, ``df()`` converts once; ``rows`` are built
+    the first time they are read."""
+
+    def __init__(self, columns: list[str], rows: list[tuple] | None = None, truncated: bool = False, *,
+                 table: pa.Table | None = None):
+        self.columns, self.truncated = list(columns), truncated  # truncated: more rows (or bytes) than the limits allow
+        self._rows, self._table = rows, table
+
+    @classmethod
+    def of(cls, table: pa.Table, truncated: bool = False) -> Result:
+        return cls(table.column_names, truncated=truncated, table=table)
+
+    @property
+    def rows(self) -> list[tuple[Any, ...]]:
+        if self._rows is None:
+            try:
+                columns = [column.to_pylist() for column in self._table.columns]
+            except (pa.ArrowException, ValueError, OverflowError) as err:
+                raise QueryError(f"the result cannot be made Python values ({first_line(err)}); use .arrow()") from None
+            self._rows = list(zip(*columns)) if columns else [() for _ in range(self._table.num_rows)]
+        return self._rows
 
     def records(self) -> list[dict[str, Any]]:
         return [dict(zip(self.columns, row)) for row in self.rows]
+
+    def arrow(self) -> pa.Table:
+        """A ``pyarrow.Table`` (no copy for a user query's result)."""
+        if self._table is None:
+            self._table = pa.table({name: [row[i] for row in self._rows] for i, name in enumerate(self.columns)})
+        return self._table
+
+    def df(self):
+        """A pandas ``DataFrame`` (pandas' own conversion from Arrow)."""
+        return self.arrow().to_pandas()
+
+    def pl(self):
+        """A polars ``DataFrame`` over the same Arrow buffers (``pip install polars``)."""
+        try:
+            import polars
+        except ImportError:
+            raise QueryError("Result.pl() needs polars: pip install polars") from None
+        return polars.from_arrow(self.arrow())
+
+    def __len__(self) -> int:
+        return len(self._table) if self._rows is None else len(self._rows)
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, Result) and (self.columns, self.rows, self.truncated) == (other.columns, other.rows, other.truncated)
+
+    def __repr__(self) -> str:
+        more = ", truncated" if self.truncated else ""
+        return f"Result({len(self)} rows x {len(self.columns)} columns: {', '.join(self.columns)}{more})"
+
+    def _repr_html_(self) -> str:
+        """The first rows as an HTML table, for notebooks (every value escaped)."""
+        head = "".join(f"<th>{html.escape(str(c))}</th>" for c in self.columns)
+        body = "".join(
+            "<tr>" + "".join(f"<td>{html.escape(str(v))}</td>" for v in row) + "</tr>" for row in self.rows[:REPR_ROWS]
+        )
+        more = f"<p>{len(self):,} rows; the first {REPR_ROWS} shown.</p>" if len(self) > REPR_ROWS else ""
+        return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>{more}"
 
 
 class Catalog:
@@ -137,7 +195,7 @@ class Catalog:
                 f"The result has more than {self.limits.max_rows:,} rows (or {self.limits.max_bytes >> 20} MiB): "
                 "add a LIMIT or aggregate, or connect with a larger max_rows."
             )
-        return Result(fetched.columns, fetched.rows, fetched.truncated)
+        return Result.of(fetched.table, fetched.truncated)
 
     def check_query(self, query: str) -> None:
         """Refuse anything but one statement whose whole parse tree is a query."""
@@ -200,6 +258,14 @@ class Catalog:
             raise QueryError(f"{hook} was not recorded in this store; recorded hooks: {', '.join(widths)}.")
         if not 0 <= neuron < widths[hook]:
             raise QueryError(f"neuron {neuron} is out of range: {hook} has {widths[hook]} neurons (0..{widths[hook] - 1}).")
+
+    def neuron(self, hook: str, neuron: int, *, k: int = 20):
+        """One neuron's page (:class:`actscope.queries.report.NeuronPage`): its ``document``, and
+        ``html()``; in Jupyter it renders inline."""
+        from actscope.queries.pages import HookPages
+        from actscope.queries.report import NeuronPage
+
+        return NeuronPage(HookPages(self, hook, [neuron], k=k).document(neuron))
 
     def top(self, hook: str, neuron: int, k: int = 20, window: int = 8) -> Result:
         """The k examples that most activate ``neuron``, each with ``window`` tokens either side."""

@@ -9,10 +9,12 @@ need no network: styles and scripts are inline.
 
 from __future__ import annotations
 
+import html
 import json
 import os
 import re
 import time
+from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 
@@ -144,6 +146,31 @@ def report_format(out: str, requested: str | None) -> str:
     if suffix not in formats:
         raise QueryError(f"cannot tell the format from {out!r}: name the file .html, .json or .md, or pass --format.")
     return formats[suffix]
+
+
+@dataclass(frozen=True)
+class NeuronPage:
+    """A neuron's page for notebooks: ``document`` (the JSON document), ``html()`` (the page),
+    ``markdown()``; Jupyter shows the page inline, in a sandboxed frame (its scripts run there,
+    with no access to the notebook)."""
+
+    document: dict
+
+    def html(self) -> str:
+        return render_html(self.document)
+
+    def markdown(self) -> str:
+        return render_markdown(self.document)
+
+    def _repr_html_(self) -> str:
+        title = html.escape(f"{self.document['hook']} neuron {self.document['neuron']}")
+        page = html.escape(self.html(), quote=True)
+        return (f'<iframe title="{title}" srcdoc="{page}" sandbox="allow-scripts" '
+                'style="width: 100%; height: 640px; border: 1px solid #ddd"></iframe>')
+
+    def __repr__(self) -> str:
+        stats = self.document["stats"]
+        return f"NeuronPage({self.document['hook']} neuron {self.document['neuron']}: max {stats['max']}, mean {stats['mean']})"
 
 
 def render(doc: dict, fmt: str, n_layers: int = 0) -> str:

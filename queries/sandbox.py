@@ -26,6 +26,8 @@ import sys
 import tempfile
 from dataclasses import asdict, dataclass
 
+import pyarrow as pa
+
 from actscope.storage.errors import QueryError
 
 
@@ -55,8 +57,7 @@ class Limits:
 
 @dataclass(frozen=True)
 class Fetched:
-    columns: list[str]
-    rows: list[tuple]
+    table: pa.Table  # read from the child's Arrow IPC stream, over the received bytes (no copy)
     truncated: bool
 
 
@@ -93,7 +94,8 @@ class Sandbox:
             if name == "SetupError":
                 self.close()
             raise QueryError(message)
-        return Fetched(*payload)
+        data, truncated = payload
+        return Fetched(pa.ipc.open_stream(pa.py_buffer(data)).read_all(), truncated)
 
     def _start(self) -> None:
         if self._process is not None and self._process.poll() is None:
@@ -173,6 +175,7 @@ def first_line(err):
 setup = receive()
 limits = setup["limits"]
 import duckdb
+import pyarrow as pa
 if hasattr(resource, "RLIMIT_DATA"):
     resource.setrlimit(resource.RLIMIT_DATA, (limits["memory"], limits["memory"]))
 con = duckdb.connect(":memory:", config={"python_enable_replacements": False})
@@ -190,22 +193,28 @@ while True:
         send(("error", "SetupError", failed))
         continue
     query, params = message
+    reader = None
     try:
-        relation = con.sql(query, params=params or None)
-        columns = list(relation.columns)
-        rows, size, truncated = [], 0, False
-        for batch in relation.to_arrow_reader(1024):
-            size += batch.nbytes
-            values = [column.to_pylist() for column in batch.columns]
-            rows.extend(zip(*values) if values else [() for _ in range(batch.num_rows)])
-            if len(rows) > limits["max_rows"] or size > limits["max_bytes"]:
+        reader = con.sql(query, params=params or None).to_arrow_reader(1024)
+        batches, n, size, truncated = [], 0, 0, False
+        for batch in reader:
+            batches.append(batch)
+            n, size = n + batch.num_rows, size + batch.nbytes
+            if n > limits["max_rows"] or size > limits["max_bytes"]:
                 truncated = True
                 break
-        send(("ok", columns, rows[: limits["max_rows"]], truncated))
+        table = pa.Table.from_batches(batches, schema=reader.schema).slice(0, limits["max_rows"])
+        sink = pa.BufferOutputStream()
+        with pa.ipc.new_stream(sink, table.schema) as writer:
+            writer.write_table(table)
+        send(("ok", sink.getvalue().to_pybytes(), truncated))
     except duckdb.Error as err:
         send(("error", type(err).__name__, first_line(err)))
     except MemoryError:
         send(("error", "MemoryError", ""))
     except Exception as err:
         send(("error", type(err).__name__, "the result cannot be returned (" + first_line(err) + ")"))
+    finally:
+        if reader is not None:
+            reader.close()  # a cut result is not drained: closed, or the next query finds it open
 """

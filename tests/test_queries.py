@@ -127,3 +127,36 @@ def test_top_reads_the_same_windows_as_the_sql_macro(finished):
                 fast = catalog.top("blocks.1.mlp.hook_post", neuron, k=k, window=window)
                 macro = catalog.sql("SELECT * FROM top_with_context(?, ?, k := ?, w := ?)", ["blocks.1.mlp.hook_post", neuron, k, window])
                 assert (fast.columns, fast.rows) == (macro.columns, macro.rows)
+
+
+def test_results_convert_to_arrow_pandas_and_polars(finished):
+    """A user query's result is the sandbox's Arrow table itself; pandas and polars are built
+    from it; rows, records and the notebook table agree, with every value escaped."""
+    polars = pytest.importorskip("polars")
+    with actscope.connect(finished.store) as catalog:
+        result = catalog.sql(
+            "SELECT neuron, mean, frac_active, '<b>' || neuron::VARCHAR AS label FROM neuron_stats "
+            "WHERE hook = ? ORDER BY neuron LIMIT 60", ["blocks.1.mlp.hook_post"])
+        table = result.arrow()
+        assert table is result.arrow() and table.num_rows == len(result) == 60
+        assert table.column_names == result.columns == ["neuron", "mean", "frac_active", "label"]
+        df, pl = result.df(), result.pl()
+        assert df["neuron"].tolist() == [r[0] for r in result.rows] == pl["neuron"].to_list()
+        assert df["mean"].tolist() == table.column("mean").to_pylist() == pl["mean"].to_list()
+        assert result.records()[3] == dict(zip(result.columns, result.rows[3]))
+        shown = result._repr_html_()
+        assert "&lt;b&gt;7" in shown and "<b>" not in shown and "60 rows; the first 50 shown" in shown
+        # Results built here (the catalog's own queries) convert the same way.
+        top = catalog.top("blocks.1.mlp.hook_post", 7, k=5)
+        assert top.df()["rank"].tolist() == [1, 2, 3, 4, 5] == top.arrow().column("rank").to_pylist()
+        empty = catalog.sql("SELECT neuron FROM neuron_stats WHERE neuron < 0")
+        assert (len(empty), empty.rows, empty.df().shape) == (0, [], (0, 1))
+        assert isinstance(pl, polars.DataFrame) and "Result(60 rows x 4 columns" in repr(result)
+
+
+def test_connect_takes_paths_and_file_urls(finished, tmp_path):
+    from pathlib import Path
+
+    for target in (Path(finished.store), Path(finished.store).resolve().as_uri()):
+        with actscope.connect(target) as catalog:
+            assert catalog.sql("SELECT count(*) FROM neuron_stats").rows[0][0] == 256

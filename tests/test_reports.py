@@ -416,3 +416,29 @@ def test_site_in_a_real_browser(store, browser, tmp_path):
     assert page.evaluate("document.querySelectorAll('script').length") == 3 and page.locator("b").filter(has_text="bold").count() == 0
     page.close()
     assert not problems, problems
+
+
+@pytest.mark.slow
+def test_neuron_page_renders_inline_in_a_notebook(store, browser):
+    """``catalog.neuron(hook, n)`` in Jupyter: the output cell is ``_repr_html_``, a sandboxed
+    frame holding the page, which runs its scripts and shows the hostile corpus text as text."""
+    spec, _ = store
+    n = _hostile_neuron(spec, DENSE)
+    with actscope.connect(spec.store) as c:
+        neuron = c.neuron(DENSE, n)
+    assert neuron.document["neuron"] == n and f"neuron {n}" in repr(neuron) and "## Top examples" in neuron.markdown()
+    page = browser.new_page()
+    problems = []
+    page.on("pageerror", lambda e: problems.append(f"page error: {e}"))
+    page.on("dialog", lambda d: (problems.append(f"dialog: {d.message}"), d.dismiss()))
+    page.set_content(f"<!doctype html><html><body><div class='output'>{neuron._repr_html_()}</div></body></html>")
+    assert page.locator("iframe").get_attribute("sandbox") == "allow-scripts"
+    frame = page.frame_locator("iframe")
+    frame.locator(".example").first.wait_for()
+    assert frame.locator("h2:has-text('Top examples') ~ .example").count() >= 1
+    for button in frame.locator("button.full").all():
+        button.click()
+    assert "<script>alert" in frame.locator("#page").inner_text()
+    assert page.evaluate("document.querySelectorAll('script').length") == 0  # nothing runs in the notebook itself
+    page.close()
+    assert not problems, problems
