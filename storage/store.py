@@ -298,6 +298,7 @@ class Store:
                 chunks=(spec.shard_size, spec.context_length),
                 compressors=_ZSTD,
                 fill_value=0,
+                dimension_names=("seq", "pos"),
                 overwrite=True,
             )
 
@@ -323,6 +324,8 @@ class Store:
             chunks=(spec.shard_size, spec.context_length, min(width, DENSE_NEURON_CHUNK)),
             compressors=_ZSTD,
             fill_value=0,
+            # Named, so that xarray.open_zarr(store, group="acts") reads them as they are.
+            dimension_names=("seq", "pos", "neuron"),
             overwrite=True,
         )
 

@@ -333,6 +333,28 @@ def test_neuron_records_round_trip_through_neuron_explainer(store, tmp_path):
     assert len(record.random_sample) == spec.random_samples
 
 
+# -- the dense arrays, read by the array ecosystem ------------------------------------------------
+
+def test_dense_activations_open_in_xarray_and_zarr(store):
+    """``acts/<hook>`` and the token arrays carry named dimensions: xarray reads them as they are
+    (no actscope code), and zarr alone reads the same numbers."""
+    xr = pytest.importorskip("xarray")
+    import zarr
+
+    spec, _ = store
+    acts = xr.open_zarr(spec.store, group="acts", consolidated=False)
+    assert acts[DENSE].dims == ("seq", "pos", "neuron") and acts[DENSE].dtype == np.float16
+    plain = zarr.open_array(f"{spec.store}/acts/{DENSE}", mode="r")
+    assert acts[DENSE].shape == plain.shape
+    np.testing.assert_array_equal(acts[DENSE][3:5, :, 10:20].values, plain[3:5, :, 10:20])
+    tokens = xr.open_zarr(spec.store, consolidated=False)
+    assert {name: tokens[name].dims for name in ("tokens", "kinds")} == {"tokens": ("seq", "pos"), "kinds": ("seq", "pos")}
+    # A neuron's activation on its top example, read through xarray, is the table's (fp16).
+    with actscope.connect(spec.store) as c:
+        value, seq, pos = c.internal("SELECT activation, seq_id, pos FROM top_examples WHERE hook = ? AND neuron = 5 AND rank = 1", [DENSE]).rows[0]
+    assert float(acts[DENSE].sel(neuron=5).isel(seq=seq, pos=pos)) == pytest.approx(value, rel=2e-3, abs=1e-3)
+
+
 # -- in a real browser -----------------------------------------------------------------------
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
