@@ -4,6 +4,9 @@ for this version of the package, and run a command and a job file that actscope 
 
 from __future__ import annotations
 
+import copy
+import gzip
+import json
 import re
 import shlex
 import tomllib
@@ -62,7 +65,9 @@ def test_gpu_workers_and_a_cpu_head():
             assert limits["nvidia.com/gpu"] == "1", kind  # one GPU per pod: one ShardWorker each
             assert pod["containers"][0]["resources"]["requests"] == limits, kind
             assert any(t["key"] == "nvidia.com/gpu" for t in pod["tolerations"]), kind
-            assert pod["nodeSelector"], kind
+            # Placed by the GPU request alone: nvidia.com/gpu.present exists only where NVIDIA's
+            # feature discovery labels the nodes.
+            assert "nvidia.com/gpu.present" not in str(pod.get("nodeSelector", {})), kind
 
 
 def test_images_are_the_ones_the_dockerfile_builds_for_this_version():
@@ -91,6 +96,9 @@ def test_the_rayjob_runs_the_configmaps_job_file_with_a_real_command():
     spec = JobSpec.from_dict(yaml.safe_load(docs["ConfigMap"]["data"][job_path.name]), source="k8s/job-configmap.yaml")
     assert "://" in spec.store  # every pod must reach the store: object storage
     assert spec.device == "cuda"
+    # `auto` counts the GPUs present at the start; the example asks for what the group grows to.
+    group = docs["RayJob"]["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]
+    assert spec.workers == group["maxReplicas"] * int(group["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"])
 
 
 @pytest.mark.parametrize("name", ["raycluster.yaml", "rayjob.yaml", "job-configmap.yaml"])
@@ -109,3 +117,75 @@ def _containers(doc):
         return []
     pods = [spec["headGroupSpec"]["template"]["spec"]] + [g["template"]["spec"] for g in spec["workerGroupSpecs"]]
     return [c for p in pods for c in p["containers"]]
+
+
+
+# -- against KubeRay's own CRD schemas and Kubernetes' core schemas ------------------------------
+
+CRDS = json.loads(gzip.decompress((Path(__file__).parent / "data" / "kuberay-v1.7.0-crds.json.gz").read_bytes()))
+
+
+def _unknown(value, schema: dict, path: str = "") -> list[str]:
+    """Fields a structural schema does not declare (the API server drops them, or with strict
+    field validation refuses them): a typo in a manifest is silently lost otherwise."""
+    if schema.get("x-kubernetes-preserve-unknown-fields"):
+        return []
+    if isinstance(value, list):
+        return [u for i, v in enumerate(value) for u in _unknown(v, schema.get("items", {}), f"{path}[{i}]")]
+    if not isinstance(value, dict):
+        return []
+    props, extra = schema.get("properties"), schema.get("additionalProperties")
+    found = []
+    for key, v in value.items():
+        if props is not None and key in props:
+            found += _unknown(v, props[key], f"{path}.{key}")
+        elif isinstance(extra, dict):
+            found += _unknown(v, extra, f"{path}.{key}")
+        elif props is not None:
+            found.append(f"{path}.{key}")
+    return found
+
+
+def _check_crd(doc: dict) -> list[str]:
+    import jsonschema
+
+    schema = CRDS["schemas"][doc["kind"]]
+    errors = [f"{'/'.join(map(str, e.absolute_path))}: {e.message}" for e in jsonschema.Draft7Validator(schema).iter_errors(doc)]
+    return errors + [f"{path}: not in the schema" for path in _unknown(doc, schema)]
+
+
+def _pod_templates(doc: dict):
+    spec = doc["spec"].get("rayClusterSpec", doc["spec"])
+    yield "head", spec["headGroupSpec"]["template"]
+    for group in spec["workerGroupSpecs"]:
+        yield group["groupName"], group["template"]
+
+
+def test_manifests_match_kuberays_crds_and_kubernetes_core_schemas():
+    kv = pytest.importorskip("kubernetes_validate")
+    docs = _docs()
+    for kind in ("RayCluster", "RayJob"):
+        assert _check_crd(docs[kind]) == [], kind
+        for name, template in _pod_templates(docs[kind]):
+            # Each pod template as a core PodTemplate, strictly (unknown fields are errors).
+            pod = {"apiVersion": "v1", "kind": "PodTemplate", "metadata": {"name": name}, "template": template}
+            kv.validate(pod, kv.latest_version(), strict=True)
+    kv.validate(docs["ConfigMap"], kv.latest_version(), strict=True)
+    # The checks see a typo and a wrong type.
+    broken = copy.deepcopy(docs["RayJob"])
+    broken["spec"]["shutdownAfterJobFinish"] = True
+    broken["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]["maxReplicas"] = "16"
+    problems = _check_crd(broken)
+    assert any("shutdownAfterJobFinish: not in the schema" in p for p in problems), problems
+    assert any("maxReplicas" in p and "integer" in p for p in problems), problems
+
+
+def test_the_image_installs_the_object_store_filesystem_and_a_small_context():
+    dockerfile = (K8S / "Dockerfile").read_text()
+    extras = re.search(r"pip install [^\n]*actscope\[([a-z0-9,]+)\]", dockerfile).group(1).split(",")
+    store = JobSpec.from_dict(yaml.safe_load(_docs()["ConfigMap"]["data"]["job.yaml"]), source="k8s").store
+    assert {"s3": "s3", "gs": "gcs"}[store.split("://")[0]] in extras
+    optional = tomllib.loads((K8S.parent / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    assert set(extras) <= set(optional)
+    ignored = (K8S.parent / ".dockerignore").read_text().split()
+    assert {".git", ".venv", "*.zarr", "tests"} <= set(ignored) and "README.md" not in ignored
