@@ -251,7 +251,12 @@ def _status_rows(s, spec, st, model) -> list[tuple[str, Text]]:
         ("sequences", f"{st['n_seq']:,} × {spec.context_length} tokens" if st["tokenized"] else "not tokenized yet"),
         ("shards", f"{done} of {s.n_shards} committed, in groups of {s.shards_per_group}" if st["tokenized"] else "-"),
     ]
-    rows += [("hook", f"{hook} ({width} neurons{', dense' if hook in spec.dense else ''})") for hook, width in model["hook_widths"].items()]
+    saes = model.get("saes", {})
+    rows += [
+        ("sae", f"{hook} ({saes[hook]['architecture']}, {saes[hook]['layout']}: d_in {saes[hook]['d_in']}, d_sae {width}, reads {saes[hook]['hook']})")
+        if hook in saes else ("hook", f"{hook} ({width} neurons{', dense' if hook in spec.dense else ''})")
+        for hook, width in model["hook_widths"].items()
+    ]
     rows.append(("status", Text("complete", "green") if st["complete"] else Text("incomplete: run the job again to resume", "yellow")))
     rows.append(("fingerprint", s.fingerprint))
     return [(name, value if isinstance(value, Text) else Text(_plain(str(value)))) for name, value in rows]

@@ -108,8 +108,13 @@ class Plan:
         verbs = {"create": "create a new store at", "resume": "resume the store at", "replace": "replace the store at"}
         lines = [f"{verbs[self.action]} {spec.store}" + (f" (built at {self.build_url}, swapped in when complete)" if self.build_url != spec.store else "")]
         lines.append(f"model: {self.model['name']} ({self.model['architecture']}, {self.model['n_layers']} layers, vocabulary {self.model['vocab_size']:,})")
+        saes = self.model.get("saes", {})
         for hook, width in self.model["hook_widths"].items():
-            lines.append(f"hook: {hook} ({width:,} units{', dense' if hook in spec.dense else ''})")
+            if hook in saes:
+                s = saes[hook]
+                lines.append(f"sae: {hook} ({s['architecture']} {s['layout']}, {s['d_in']:,} -> {s['d_sae']:,} latents, reads {s['hook']})")
+            else:
+                lines.append(f"hook: {hook} ({width:,} units{', dense' if hook in spec.dense else ''})")
         lines.append(f"forward: {describe_forward(self.model.get('forward'))}")
         partial = partial_bytes(spec, self.model["hook_widths"], self.model["vocab_size"])
         shard_tokens = spec.shard_size * spec.context_length
@@ -159,6 +164,9 @@ def plan(spec: JobSpec, *, overwrite: bool = False, job_path: str | None = None,
         "framing": framing.to_dict(),
         "forward": forward_plan(bridge, spec.hooks),
     }
+    if spec.saes:
+        model["saes"] = check_saes(spec, model["hook_widths"])
+        model["hook_widths"].update({name: info["d_sae"] for name, info in model["saes"].items()})
     weight_bytes = sum(p.numel() * p.element_size() for p in bridge.original_model.parameters())
     del bridge
     gc.collect()
@@ -196,6 +204,25 @@ def plan(spec: JobSpec, *, overwrite: bool = False, job_path: str | None = None,
     return decided("replace", staging)
 
 
+def check_saes(spec: JobSpec, widths: dict[str, int]) -> dict[str, dict]:
+    """Each SAE's record (``pipeline.sae.SAEInfo``), read from its folder and checked against
+    the hook it reads: in ``hooks``, and as wide as its ``d_in``."""
+    from actscope.pipeline.sae import read_config
+
+    out = {}
+    for entry in spec.saes:
+        info = read_config(entry)
+        if info.hook not in spec.hooks:
+            raise JobSpecError(f"saes: {info.name} reads {info.hook} (its cfg.json says so), which is not in hooks; add it to hooks.")
+        if info.d_in != widths[info.hook]:
+            raise JobSpecError(
+                f"saes: {info.name} has d_in {info.d_in}, but {info.hook} is {widths[info.hook]} wide for this model; "
+                "an SAE must read the hook it was trained on."
+            )
+        out[info.name] = info.to_dict()
+    return out
+
+
 def _check_stored_spec(store: Store, spec: JobSpec) -> None:
     """The stored spec is what workers read: it must be the job's (a hand-edited zarr.json has
     the right fingerprint and another spec)."""
@@ -226,6 +253,7 @@ def protect_paths(spec: JobSpec, job_path: str | None = None) -> None:
     protected = [("the file system root", "/"), ("your home folder", os.path.expanduser("~")), ("the working folder", os.getcwd())]
     if os.path.exists(spec.model):
         protected.append(("the model", spec.model))
+    protected += [(f"the SAE {sae.name}", sae.path) for sae in spec.saes if os.path.exists(sae.path)]
     if job_path is not None:
         protected.append(("the job file", job_path))
     protected += [("the corpus", glob_root(pattern)) for pattern in spec.dataset.data_files or []]

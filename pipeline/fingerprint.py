@@ -57,4 +57,7 @@ def fingerprint(spec: JobSpec) -> str:
     for path in data_files(spec):
         if os.path.isfile(path):
             _hash_file(path, digest)
+    for sae in spec.saes:  # an SAE's weights decide its latents as the model's decide the neurons
+        if os.path.isdir(sae.path):
+            _hash_tree(sae.path, digest)
     return digest.hexdigest()[:32]

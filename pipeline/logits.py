@@ -56,15 +56,22 @@ def output_map(bridge) -> torch.Tensor:
 
 
 @torch.no_grad()
-def logit_effects(bridge, hooks: list[str], k: int) -> dict[str, dict[str, np.ndarray]]:
+def logit_effects(bridge, hooks: list[str], k: int, latents: dict | None = None) -> dict[str, dict[str, np.ndarray]]:
     """{hook: promote_ids/promote_values/suppress_ids/suppress_values [k, width]} for the hooks
-    that write a residual direction; nothing for the others or for non-causal-LM models."""
+    that write a residual direction; nothing for the others or for non-causal-LM models.
+    ``latents``: {SAE name: (its hook, decoder rows [d_sae, hook width])}: a latent writes its
+    decoder row in the hook's space, so its direction is that row through the hook's own
+    directions (``W_dec @ W_out`` for an MLP hook, ``W_dec`` for a residual one)."""
     if not has_unembedding(bridge):
         return {}
     out_map = output_map(bridge)
+    sites = [(hook, directions(bridge, hook)) for hook in hooks]
+    for name, (hook, w_dec) in (latents or {}).items():
+        through = directions(bridge, hook)
+        if through is not None:
+            sites.append((name, w_dec.float().to(through.device) @ through.float()))
     results = {}
-    for hook in hooks:
-        direction = directions(bridge, hook)
+    for hook, direction in sites:
         if direction is None:
             continue
         parts = {"promote_ids": [], "promote_values": [], "suppress_ids": [], "suppress_values": []}

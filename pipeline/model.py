@@ -405,7 +405,14 @@ def job_forward(spec: JobSpec, model_record: dict, device: torch.device, hooks: 
     """The forward a worker runs for ``hooks`` (default: the job's): the Hugging Face model with
     module hooks when the plan found every hook on a module, else the bridge (SDPA when no hook
     is inside attention)."""
-    hooks = list(hooks or spec.hooks)
+    hooks = list(hooks or spec.sites)
+    saes = model_record.get("saes") or {}
+    if any(h in saes for h in hooks):
+        from actscope.pipeline.sae import Encoder, SAEInfo
+
+        encoders = {h: Encoder(SAEInfo(**saes[h]), device) for h in hooks if h in saes}
+        inputs = sorted({e.info.hook for e in encoders.values()} | {h for h in hooks if h not in saes}, key=spec.hooks.index)
+        return WithSAEs(job_forward(spec, model_record, device, inputs), encoders, hooks)
     plan = model_record.get("forward") or {}
     sites = plan.get("sites") or {}
     if plan.get("class") and all(h in sites for h in hooks):
@@ -416,6 +423,26 @@ def job_forward(spec: JobSpec, model_record: dict, device: torch.device, hooks: 
     bridge = load_job_model(spec, device)
     prefer_sdpa(bridge, hooks)
     return HookedForward(bridge, hooks)
+
+
+class WithSAEs:
+    """A forward whose result also holds SAE latents: each SAE encodes its hook's activations
+    (on the same device), and the result holds exactly the sites asked for."""
+
+    def __init__(self, forward, encoders: dict, sites: list[str]):
+        self.forward, self.encoders, self.sites = forward, encoders, sites
+        self.bridge = getattr(forward, "bridge", None)
+
+    def __call__(self, tokens: torch.Tensor, attention: torch.Tensor) -> dict[str, torch.Tensor]:
+        acts = self.forward(tokens, attention)
+        for name, encoder in self.encoders.items():
+            x = acts[encoder.info.hook]
+            acts[name] = encoder.encode(x.reshape(-1, x.shape[-1])).reshape(*x.shape[:-1], -1)
+        return {site: acts[site] for site in self.sites}
+
+    def close(self) -> None:
+        if hasattr(self.forward, "close"):
+            self.forward.close()
 
 
 def hook_widths(bridge, hooks: list[str]) -> dict[str, int]:

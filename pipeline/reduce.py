@@ -60,7 +60,7 @@ def _all_parts(store: Store) -> tuple[list[Part], list[Part]]:
     spec = store.spec
     widths, vocab, groups = store.model["hook_widths"], store.model["vocab_size"], store.n_groups
     first = []
-    for n, hook in enumerate(sorted(spec.hooks)):
+    for n, hook in enumerate(sorted(spec.sites)):
         w = widths[hook]
         memory = (16 * vocab * w if spec.computes("tokens") else 0) + 2 * hook_partial_bytes(spec, w, vocab) + (64 << 20)
         first.append(Part(f"hook-{n:04d}", "hook", hook=hook, memory=memory))

@@ -72,7 +72,7 @@ class ShardWorker:
         # each (see one_thread): a 2-hook MiniLM shard's reductions took 1.8 s instead of 2.2 s
         # on 2 cores.
         cpu_threads = torch.get_num_threads() if self.device.type == "cpu" else 1
-        parallel = cpu_threads > 1 and len(self.spec.hooks) > 1
+        parallel = cpu_threads > 1 and len(self.spec.sites) > 1
         self._reducers = ThreadPoolExecutor(cpu_threads, thread_name_prefix="reducer") if parallel else None
         return True
 
@@ -111,7 +111,7 @@ class ShardWorker:
         group_counted = group_kinds != PAD if spec.include_special_tokens else group_kinds == TEXT
         del ids
         tokens, counted = group_tokens.to(self.device), group_counted.to(self.device)
-        stats = {h: HookStatistics(spec, Group(h, self.widths[h], tokens, counted, first * ctx)) for h in spec.hooks}
+        stats = {h: HookStatistics(spec, Group(h, self.widths[h], tokens, counted, first * ctx)) for h in spec.sites}
         del tokens, counted
         del group_tokens, group_kinds, group_counted
         # Once the job's co-activation is merged (and the groups' copies dropped), a group written
@@ -178,7 +178,8 @@ class ShardWorker:
             # The weights' view the logit effects need is the bridge's (W_out, W_U, the final
             # norm): the bridge forward's own, or loaded once for this.
             bridge = getattr(self.forward, "bridge", None) or load_job_model(self.spec, self.device)
-            self.store.write_logits(logit_effects(bridge, self.spec.hooks, self.spec.top_logits))
+            latents = {name: (e.info.hook, e.directions()) for name, e in getattr(self.forward, "encoders", {}).items()}
+            self.store.write_logits(logit_effects(bridge, self.spec.hooks, self.spec.top_logits, latents))
         return True
 
 

@@ -41,7 +41,7 @@ def neuron_record(doc: dict, n_layers: int) -> dict:
     std = stats["std"]
     return {
         "dataclass_name": "NeuronRecord",
-        "neuron_id": {"dataclass_name": "NeuronId", "layer_index": layer_of(doc["hook"], n_layers), "neuron_index": doc["neuron"]},
+        "neuron_id": {"dataclass_name": "NeuronId", "layer_index": layer_of((doc.get("sae") or {}).get("hook", doc["hook"]), n_layers), "neuron_index": doc["neuron"]},
         "random_sample": [_record(doc, ex) for ex in doc["random_samples"]],
         "random_sample_by_quantile": buckets,
         "quantile_boundaries": boundaries,

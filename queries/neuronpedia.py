@@ -62,7 +62,8 @@ def batch_meta(catalog, hook: str, sae_set: str | None = None) -> dict:
     spec, model = catalog.store.spec, catalog.model
     return {
         "model_id": Path(model["name"]).name,  # "gpt2", "pythia-70m": a local folder or hub id's last part
-        "layer": layer_of(hook, int(model["n_layers"])),
+        # An SAE's latents sit at the layer of the hook it reads.
+        "layer": layer_of((model.get("saes") or {}).get(hook, {}).get("hook", hook), int(model["n_layers"])),
         "sae_set": sae_set or set_name(hook),
         "sae_id_suffix": None,
         "n_prompts_total": int(catalog.store.group["tokens"].shape[0]),

@@ -147,6 +147,7 @@ class HookPages:
             "model": self.catalog.model["name"],
             "architecture": self.catalog.model["architecture"],
             "hook": self.hook,
+            "sae": (self.catalog.model.get("saes") or {}).get(self.hook),  # the SAE whose latents these are, or None
             "neuron": int(neuron),
             "width": self.width,
             "threshold": self.spec.threshold(self.hook),

@@ -82,7 +82,33 @@ class CoactivationSpec(_Frozen):
         "all", description="Site pairs: all, within (same hook), adjacent (same or next layer)."
     )
     partners: Bounded(1000, "ranks are kept per neuron") = Field(10, description="Partners kept per neuron and ranking.")
-    hooks: list[str] | None = Field(None, description="Hooks taking part (default: every hook).")
+    hooks: list[str] | None = Field(None, description="Hooks and SAEs taking part (default: every hook, no SAE).")
+
+
+_SITE_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_.-]{0,127}$")
+
+
+class SAESpec(_Frozen):
+    """A sparse autoencoder over one of the job's hooks: its latents become units like neurons."""
+
+    name: str = Field(description="The site name of its latents (the tables' hook column, the CLI, the pages).")
+    path: Name = Field(description="A folder in SAELens's layout (cfg.json + sae_weights.safetensors) or Sparsify's (sae.safetensors).")
+    hook: Name | None = Field(None, description="The hook it reads (default: the one its cfg.json names); one of hooks.")
+    fold_w_dec_norm: bool = Field(False, description="Scale each latent by its decoder row's norm (as SAELens's fold_W_dec_norm, and Neuronpedia).")
+    scaling_factor: float | None = Field(
+        None, gt=0, allow_inf_nan=False,
+        description="Input scale of an expected_average_only_in SAE (SAELens's from_pretrained folds it in; a local folder lacks it).",
+    )
+
+    @field_validator("name")
+    @classmethod
+    def _site_name(cls, name: str) -> str:
+        if not _SITE_NAME.match(name) or name.startswith(("blocks.", "hook_")):
+            raise ValueError(
+                f"{short(name)} cannot name an SAE: a letter, then letters, digits, '_', '.' or '-' (at most 128), "
+                "not starting like a hook (blocks., hook_)"
+            )
+        return name
 
 
 class JobSpec(_Frozen):
@@ -143,6 +169,10 @@ class JobSpec(_Frozen):
     coactivation: CoactivationSpec = Field(
         default_factory=CoactivationSpec, description="Co-activation of neuron pairs (see its fields)."
     )
+    saes: list[SAESpec] = Field(
+        default_factory=list, max_length=256,
+        description="Sparse autoencoders over hooks: each one's latents get every statistic, as neurons do (see their fields).",
+    )
 
     @field_validator("hooks", "dense")
     @classmethod
@@ -160,12 +190,33 @@ class JobSpec(_Frozen):
 
     @model_validator(mode="after")
     def _hook_options_name_hooks(self) -> JobSpec:
+        names = [s.name for s in self.saes]
+        repeated = sorted({n for n in names if names.count(n) > 1})
+        if repeated:
+            raise ValueError(f"saes: names must be unique; repeated: {', '.join(repeated)}")
+        clash = [n for n in names if n in self.hooks]
+        if clash:
+            raise ValueError(f"saes: {', '.join(clash)} is a hook's name; give the SAE a name of its own")
+        for sae in self.saes:
+            if sae.hook is not None and sae.hook not in self.hooks:
+                raise ValueError(f"saes: {sae.name} reads {sae.hook}, which is not in hooks; add it to hooks")
+        latents = [h for h in self.dense if h in names]
+        if latents:
+            raise ValueError(f"dense: {', '.join(latents)} is an SAE; its latents are not stored densely yet (pages recompute them)")
         for option in ("dense", "thresholds", "coactivation.hooks"):
             value = self.coactivation.hooks or [] if option == "coactivation.hooks" else getattr(self, option)
-            missing = [h for h in value if h not in self.hooks]
+            missing = [h for h in value if h not in self.sites]
             if missing:
-                raise ValueError(f"{option} lists hooks that are not in hooks: {', '.join(missing)}")
+                raise ValueError(f"{option} lists hooks that are not in hooks or saes: {', '.join(missing)}")
         return self
+
+    @property
+    def sites(self) -> list[str]:
+        """Every set of units the job reduces: its hooks, then its SAEs' latents (by name)."""
+        return [*self.hooks, *(s.name for s in self.saes)]
+
+    def sae(self, name: str) -> SAESpec | None:
+        return next((s for s in self.saes if s.name == name), None)
 
     @model_validator(mode="after")
     def _shard_fits(self) -> JobSpec:
@@ -191,11 +242,13 @@ class JobSpec(_Frozen):
         return statistic in self.statistics
 
     def coactivation_hooks(self) -> list[str]:
-        """The hooks taking part in co-activation, in job order (none when it is off)."""
+        """The sites taking part in co-activation, in job order (none when it is off): every hook
+        by default, SAEs' latents when ``coactivation.hooks`` names them (their N x N state is
+        dense, so they are chosen, not implied)."""
         if not self.computes("coactivation"):
             return []
         chosen = self.coactivation.hooks
-        return [h for h in self.hooks if chosen is None or h in chosen]
+        return [h for h in self.sites if (h in self.hooks and chosen is None) or (chosen is not None and h in chosen)]
 
     def threshold(self, hook: str) -> float:
         return self.thresholds.get(hook, 0.0)
@@ -253,6 +306,6 @@ def _why(loc: tuple[Any, ...]) -> str | None:
 
 
 def _valid_keys(loc: tuple[Any, ...]) -> str:
-    nested = {"dataset": DatasetSpec, "coactivation": CoactivationSpec}
+    nested = {"dataset": DatasetSpec, "coactivation": CoactivationSpec, "saes": SAESpec}
     model: type[BaseModel] = nested.get(loc[0], JobSpec) if len(loc) > 1 else JobSpec
     return ", ".join(model.model_fields)

@@ -22,11 +22,18 @@ from actscope.queries.catalog import TABLES  # every table must match
 from actscope.storage.errors import ActscopeError, StoreError
 from actscope.storage.store import Store, shard_key
 from tests.conftest import tree_digest
+from tests.saes import write_sae
 
 
 def tables(store_url: str) -> dict:
+    """Every table as columns of Python values; NaN (the skew of a dead SAE latent) as "nan", so
+    that equal tables compare equal."""
     store = Store.open(store_url)
-    return {name: pq.read_table(store.table_url(name)).to_pydict() for name in TABLES}
+
+    def plain(values: list) -> list:
+        return ["nan" if isinstance(v, float) and v != v else v for v in values]
+
+    return {name: {c: plain(v) for c, v in pq.read_table(store.table_url(name)).to_pydict().items()} for name in TABLES}
 
 
 def arrays_digest(store_url: str) -> str:
@@ -40,11 +47,12 @@ def arrays_digest(store_url: str) -> str:
 
 
 @pytest.mark.slow
-def test_one_and_two_ray_workers_give_identical_results(make_job, ray_session, monkeypatch):
+def test_one_and_two_ray_workers_give_identical_results(make_job, ray_session, monkeypatch, tmp_path):
     """Also: tokenizing on Ray tasks (batches encoded anywhere, packed in order, beside workers
     started during the plan) writes the same token arrays as tokenizing in the driver."""
-    one = load_job(make_job("one", workers=1))
-    two = load_job(make_job("two", workers=2))
+    saes = [{"name": "res-sae", "path": str(write_sae(tmp_path / "sae", d_in=64, d_sae=96, architecture="topk", k=6))}]
+    one = load_job(make_job("one", workers=1, saes=saes))  # SAE latents too: the same whatever the workers
+    two = load_job(make_job("two", workers=2, saes=saes))
     s1 = run_job(one)  # the test corpus is one batch: encoded in the driver
     # Many small batches, all but the first two encoded on Ray tasks.
     monkeypatch.setattr(corpus, "DOCUMENTS_PER_BATCH", 8)
@@ -79,11 +87,13 @@ def test_rerun_resumes_and_a_shard_written_twice_is_harmless(make_job, ray_sessi
     assert tables(spec.store) == before
 
 
-def test_partially_done_job_resumes_to_identical_tables(make_job):
-    # Enough tokens for several groups of shards (each of several shards at this job's state).
-    clean = load_job(make_job("clean", dataset={"max_tokens": 16000}))
+def test_partially_done_job_resumes_to_identical_tables(make_job, tmp_path):
+    # Enough tokens for several groups of shards (each of several shards at this job's state),
+    # and an SAE's latents among the units.
+    saes = [{"name": "res-sae", "path": str(write_sae(tmp_path / "sae", d_in=64, d_sae=96, architecture="jumprelu"))}]
+    clean = load_job(make_job("clean", dataset={"max_tokens": 16000}, saes=saes))
     run_job(clean, use_ray=False)
-    partial = load_job(make_job("partial", dataset={"max_tokens": 16000}))
+    partial = load_job(make_job("partial", dataset={"max_tokens": 16000}, saes=saes))
     # Run plan + tokenize, then only some shards, as a crashed job would have.
     from actscope.jobs import runner
 

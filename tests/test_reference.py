@@ -11,6 +11,7 @@ from actscope.queries import connect
 from actscope.storage.store import PAD, TEXT, Store
 from tests.conftest import write_job
 from tests.reference import activations, assert_same_top_k, brute_top_k
+from tests.saes import encode, write_sae
 
 
 def _top_from_tables(store_url: str, hook: str, width: int, k: int, ctx: int):
@@ -37,19 +38,26 @@ def gpt2_run(tmp_path_factory, tiny_model, corpus_dir):
         dense=["blocks.0.mlp.hook_post", "blocks.1.hook_resid_post"],
         top_k=6, shard_size=8,
         batch_size=5,  # batches never cross a shard, and need not divide it
+        # SAE latents are units like neurons: every check below covers them too.
+        saes=[{"name": "res-jumprelu", "path": str(write_sae(root / "jumprelu", d_in=64, d_sae=128, architecture="jumprelu", seed=1))},
+              {"name": "mlp-topk", "hook": "blocks.0.mlp.hook_post",
+               "path": str(write_sae(root / "sparsify", d_in=256, d_sae=192, layout="sparsify", k=12, seed=2))}],
     )
     spec = load_job(path)
     run_job(spec, use_ray=False)
     store = Store.open(spec.store)
     data = store.read_tokens(0, store.n_seq)
     ref = activations(str(tiny_model), spec.hooks, data["tokens"], data["kinds"] != PAD)
+    for sae in spec.saes:  # the latents, encoded by the formulas from the plain forward's activations
+        hook = sae.hook or "blocks.1.hook_resid_post"
+        ref[sae.name] = encode(sae.path, ref[hook]).astype(np.float32)
     return spec, store, data, ref
 
 
 def test_top_k_of_every_neuron_equals_brute_force(gpt2_run):
     spec, store, data, ref = gpt2_run
     counted = data["kinds"] == TEXT
-    for hook in spec.hooks:
+    for hook in spec.sites:
         width = store.model["hook_widths"][hook]
         values, index = _top_from_tables(spec.store, hook, width, spec.top_k, spec.context_length)
         ref_values, _ = brute_top_k(ref[hook], counted, spec.top_k)
@@ -109,7 +117,7 @@ def _table(store_url: str, table: str, hook: str) -> dict:
 def test_bottom_k_of_every_neuron_equals_brute_force(gpt2_run):
     spec, store, data, ref = gpt2_run
     counted = data["kinds"] == TEXT
-    for hook in spec.hooks:
+    for hook in spec.sites:
         width = store.model["hook_widths"][hook]
         with connect(spec.store) as catalog:
             rows = catalog.sql(
@@ -129,7 +137,7 @@ def test_neuron_stats_equal_numpy(gpt2_run):
 
     spec, _store, data, ref = gpt2_run
     counted = (data["kinds"] == TEXT).reshape(-1)
-    for hook in spec.hooks:
+    for hook in spec.sites:
         x = ref[hook].reshape(-1, ref[hook].shape[-1])[counted].astype(np.float64)
         got = _table(spec.store, "neuron_stats", hook)
         assert (got["count"] == counted.sum()).all()
@@ -160,7 +168,7 @@ def test_histograms_and_quantiles_equal_numpy(gpt2_run):
     spec, _store, data, ref = gpt2_run
     counted = (data["kinds"] == TEXT).reshape(-1)
     mag = _magnitude_edges()
-    for hook in spec.hooks:
+    for hook in spec.sites:
         x = ref[hook].reshape(-1, ref[hook].shape[-1])[counted]
         # Independent binning: search the edges (the pipeline reads float bits).
         m = np.clip(np.searchsorted(mag, np.abs(x), side="right") - 1, 0, len(mag) - 2)
