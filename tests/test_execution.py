@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import math
 import os
 import signal
 import subprocess
@@ -31,7 +32,7 @@ def tables(store_url: str) -> dict:
     store = Store.open(store_url)
 
     def plain(values: list) -> list:
-        return ["nan" if isinstance(v, float) and v != v else v for v in values]
+        return ["nan" if isinstance(v, float) and math.isnan(v) else v for v in values]
 
     return {name: {c: plain(v) for c, v in pq.read_table(store.table_url(name)).to_pydict().items()} for name in TABLES}
 
