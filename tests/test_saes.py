@@ -98,7 +98,7 @@ def planted(tmp_path_factory, tiny_model, corpus_dir):
                "W_dec": np.concatenate([eye, -eye], 0), "b_dec": np.zeros(64, np.float32)}
     folder = write_sae(root / "halves", d_in=64, d_sae=128, weights=weights)
     hook = "blocks.1.hook_resid_post"
-    path = write_job(root, "job", tiny_model, corpus_dir, dataset={"max_tokens": 3000}, hooks=[hook], dense=[],
+    path = write_job(root, "job", tiny_model, corpus_dir, dataset={"max_tokens": 1500}, hooks=[hook], dense=[],
                      top_k=5, saes=[{"name": "halves", "path": str(folder)}], coactivation={"hooks": [hook, "halves"]})
     spec = load_job(path)
     run_job(spec, use_ray=False)

@@ -136,7 +136,7 @@ def test_no_logit_effects_without_a_causal_lm_head(make_job, minilm):
 
 
 def test_one_example_per_document(make_job, tiny_model):
-    spec = load_job(make_job("perdoc", examples="document", top_k=4, shard_size=4, batch_size=3, dense=[], statistics=["bottom"]))
+    spec = load_job(make_job("perdoc", examples="document", top_k=4, shard_size=4, batch_size=3, dense=[], statistics=["bottom"], dataset={"max_tokens": 3000}))
     run_job(spec, use_ray=False)
     store = Store.open(spec.store)
     data = store.read_tokens(0, store.n_seq, ("tokens", "kinds", "doc_ids"))
