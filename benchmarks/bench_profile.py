@@ -64,7 +64,7 @@ def timed(function, key: str):
 class TimedStatistics(HookStatistics):
     def __init__(self, spec, group):
         super().__init__(spec, group)
-        for statistic, reducer in zip(job_statistics(spec), self.reducers):
+        for statistic, reducer in zip(job_statistics(spec, group.hook), self.reducers):
             reducer.update = timed(reducer.update, f"batch: {statistic.name}")
 
 

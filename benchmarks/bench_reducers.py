@@ -81,7 +81,7 @@ def main() -> None:
         for hook, act in acts.items():
             x = act.reshape(-1, act.shape[-1]).float()
             s = stats[hook]
-            for statistic, reducer in zip(job_statistics(spec), s.reducers):
+            for statistic, reducer in zip(job_statistics(spec, hook), s.reducers):
                 name = statistic.name
                 sync()
                 t = time.perf_counter()

@@ -9,6 +9,9 @@ V: vocabulary size):
 - moments ``48 w``; histogram ``8 w * N_BINS``; band samples ``20 w * 32 * samples_per_band``;
   random samples ``4 w * random_samples``;
 - token sums ``8 w * min(V, G)`` (float64 rows of the ids present in the group of G tokens);
+  an SAE's are sparse: ``16`` bytes per (token id, latent) pair at which the latent fired, twice
+  while pieces are folded, so ``32 * min(V w, G L)`` for L latents firing per token (the plan
+  assumes ``L <= ASSUMED_L0``);
 - a batch's activations ``4 B w`` (float32), and ``2 T w`` of host buffer per dense hook;
 - co-activation ``8`` bytes per neuron pair on the device (float32 co-moments, int32 counts),
   ``8`` more per pair for the shard's result on the host and ``16`` per pair of the largest site
@@ -50,6 +53,7 @@ def worker_memory(spec: JobSpec, widths: dict[str, int], vocab_size: int, weight
     """``group_tokens``: tokens in one accumulation group; unknown before the corpus is
     tokenized, so by default the token sums are counted for the whole vocabulary."""
     shard_tokens = spec.shard_size * spec.context_length
+    sparse_group = group_tokens or shards_per_group(spec, widths, vocab_size, 1 << 40) * shard_tokens
     group_tokens = group_tokens or vocab_size
     batch_tokens = min(spec.batch_size, spec.shard_size) * spec.context_length
     parts: dict[str, int] = {"model weights": weight_bytes}
@@ -66,7 +70,9 @@ def worker_memory(spec: JobSpec, widths: dict[str, int], vocab_size: int, weight
             add("histograms", 8 * w * N_BINS)
         if spec.computes("samples"):
             add("samples", 20 * w * N_BANDS * spec.samples_per_band + 4 * w * spec.random_samples)
-        if spec.computes("tokens"):
+        if spec.computes("tokens") and spec.sae(hook):
+            add("token sums", 2 * sparse_token_bytes(spec, hook, w, vocab_size, sparse_group))
+        elif spec.computes("tokens"):
             add("token sums", 8 * w * min(vocab_size, group_tokens))
         add("activations", 4 * batch_tokens * w)
         if hook in spec.dense:
@@ -79,29 +85,43 @@ def worker_memory(spec: JobSpec, widths: dict[str, int], vocab_size: int, weight
     return Estimate(parts)
 
 
+#: The latents an SAE fires per token that the plan assumes (SAEs in use fire 20 to 150; one that
+#: fires more holds proportionally more).
+ASSUMED_L0 = 128
+
+
+def sparse_token_bytes(spec: JobSpec, site: str, w: int, vocab_size: int, tokens: int) -> int:
+    """Bytes of an SAE's sparse token sums over ``tokens`` tokens, at most: 16 per distinct
+    (token id, latent) pair that fired."""
+    return 16 * min(vocab_size * w, tokens * min(ASSUMED_L0, w))
+
+
 #: The partial state a group of shards may write per corpus token (the plan's target).
 PARTIAL_BYTES_PER_TOKEN = 1024
 
 
 def partial_bytes(spec: JobSpec, widths: dict[str, int], vocab_size: int) -> int:
     """Bytes one group's partial statistics take in the store, at most: the same terms as the
-    worker's, without its buffers (token sums counted for the whole vocabulary)."""
-    total = sum(hook_partial_bytes(spec, w, vocab_size) for w in widths.values())
+    worker's, without its buffers (token sums counted for the whole vocabulary). An SAE's sparse
+    token sums are not counted: they grow with the group's tokens (16 L bytes a token at most)
+    rather than being written once per group, so the group's size cannot amortise them."""
+    total = sum(hook_partial_bytes(spec, w, vocab_size, sparse=bool(spec.sae(site))) for site, w in widths.items())
     hooks = spec.coactivation_hooks()
     if hooks:
         total += 8 * sum(widths[hooks[i]] * widths[hooks[j]] for i, j in site_pairs(hooks, spec.coactivation.pairs))
     return total
 
 
-def hook_partial_bytes(spec: JobSpec, w: int, vocab_size: int) -> int:
-    """One hook's share of ``partial_bytes`` (co-activation aside), for a hook of width ``w``."""
+def hook_partial_bytes(spec: JobSpec, w: int, vocab_size: int, *, sparse: bool = False) -> int:
+    """One hook's share of ``partial_bytes`` (co-activation aside), for a hook of width ``w``
+    (``sparse``: an SAE's, whose token sums are not counted)."""
     sides = 2 if spec.computes("bottom") else 1
     total = sides * 12 * w * spec.top_k * (2 if spec.examples == "document" else 1) + 48 * w
     if spec.computes("histogram"):
         total += 8 * w * N_BINS
     if spec.computes("samples"):
         total += 20 * w * N_BANDS * spec.samples_per_band + 4 * w * spec.random_samples
-    if spec.computes("tokens"):
+    if spec.computes("tokens") and not sparse:
         total += 8 * w * vocab_size
     return total
 
@@ -148,7 +168,11 @@ def store_bytes(spec: JobSpec, widths: dict[str, int], vocab_size: int, n_tokens
     per_unit = 2 * spec.top_k * 22 + N_BINS * 30 + N_BANDS * spec.samples_per_band * 30 + spec.random_samples * 22
     per_unit += spec.top_tokens * 22 + 2 * spec.top_logits * 20 + (2 * spec.coactivation.partners * 40 if hooks else 0) + 100
     parts["tables"] = 25 * n_tokens + per_unit * units
-    parts["partial state (peak)"] = groups * partial_bytes(spec, widths, vocab_size) + 8 * pairs + per_unit * units
+    group_tokens = min(group_shards * shard_tokens, n_tokens)
+    sparse = sum(  # every group's sparse token sums
+        groups * sparse_token_bytes(spec, s, w, vocab_size, group_tokens) for s, w in widths.items() if spec.sae(s)
+    ) if spec.computes("tokens") else 0
+    parts["partial state (peak)"] = groups * partial_bytes(spec, widths, vocab_size) + sparse + 8 * pairs + per_unit * units
     return Estimate(parts)
 
 

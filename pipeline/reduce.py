@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from actscope.pipeline import coactivation
-from actscope.pipeline.capacity import hook_partial_bytes
+from actscope.pipeline.capacity import hook_partial_bytes, sparse_token_bytes
 from actscope.pipeline.index import hook_tables, vocab_table, write_tokens_table
 from actscope.pipeline.reducers import HookMerge
 from actscope.storage.errors import StoreError
@@ -62,7 +62,13 @@ def _all_parts(store: Store) -> tuple[list[Part], list[Part]]:
     first = []
     for n, hook in enumerate(sorted(spec.sites)):
         w = widths[hook]
-        memory = (16 * vocab * w if spec.computes("tokens") else 0) + 2 * hook_partial_bytes(spec, w, vocab) + (64 << 20)
+        if not spec.computes("tokens"):
+            tokens = 0
+        elif spec.sae(hook):
+            tokens = 2 * sparse_token_bytes(spec, hook, w, vocab, store.n_seq * spec.context_length)
+        else:
+            tokens = 16 * vocab * w
+        memory = tokens + 2 * hook_partial_bytes(spec, w, vocab, sparse=bool(spec.sae(hook))) + (64 << 20)
         first.append(Part(f"hook-{n:04d}", "hook", hook=hook, memory=memory))
     later = []
     hooks = spec.coactivation_hooks()
@@ -124,7 +130,7 @@ def assemble(store: Store, tokenizer) -> None:
 def merge_hook(store: Store, hook: str) -> dict[str, np.ndarray]:
     """One hook's statistics over every group: {top_values, top_index, bottom_*, count, mean,
     m2, ..., hist, band_*, random_*, token_*}."""
-    merge = HookMerge(store.spec, store.model["hook_widths"][hook], store.model["vocab_size"])
+    merge = HookMerge(store.spec, hook, store.model["hook_widths"][hook], store.model["vocab_size"])
     for group in range(store.n_groups):
         merge.add(store.read_partial(group, hook))
     return merge.result()

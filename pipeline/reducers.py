@@ -11,7 +11,7 @@ A :class:`Statistic` has two halves:
   states (:class:`Pairwise`), a function of the data alone so that the order of the groups does
   not matter for order statistics and counts; token sums add sparse rows into a dense sum.
 
-``job_statistics(spec)`` lists what a job computes, in a fixed order. Co-activation is not here:
+``job_statistics(spec, site)`` lists what a job computes for one site, in a fixed order. Co-activation is not here:
 its state spans every hook (``pipeline.coactivation``), and its merge is blockwise.
 """
 
@@ -32,7 +32,7 @@ from actscope.pipeline.sampling import (
     merge_band_samples,
     merge_random_samples,
 )
-from actscope.pipeline.tokenstats import RunningTokenSums, TokenSumMerge
+from actscope.pipeline.tokenstats import RunningSparseTokenSums, RunningTokenSums, SparseTokenSumMerge, TokenSumMerge
 from actscope.pipeline.topk import RunningTopK, RunningTopKPerDocument, merge_topk
 from actscope.storage.spec import JobSpec
 
@@ -153,8 +153,8 @@ class _Batched:
 
 
 class _TokenFold:
-    def __init__(self, spec: JobSpec, width: int, vocab: int):
-        self.spec, self.sums = spec, TokenSumMerge(vocab, width)
+    def __init__(self, spec: JobSpec, width: int, vocab: int, merge=TokenSumMerge):
+        self.spec, self.sums = spec, merge(vocab, width)
 
     def add(self, state: State) -> None:
         self.sums.add(state)
@@ -189,10 +189,17 @@ TOKENS = Statistic(
     lambda spec, g: _Batched(RunningTokenSums(g.tokens, g.counted, g.width)),
     _TokenFold,
 )
+#: An SAE's latents: the same table from sparse (token, latent) sums (``pipeline.tokenstats``).
+SPARSE_TOKENS = Statistic(
+    "token sums", lambda name: name.startswith("token_"),
+    lambda spec, g: _Batched(RunningSparseTokenSums(g.tokens, g.counted, g.width)),
+    lambda spec, width, vocab: _TokenFold(spec, width, vocab, SparseTokenSumMerge),
+)
 
 
-def job_statistics(spec: JobSpec) -> list[Statistic]:
-    """The per-hook statistics ``spec`` computes, in a fixed order (top-k and moments always)."""
+def job_statistics(spec: JobSpec, site: str) -> list[Statistic]:
+    """The statistics ``spec`` computes for ``site`` (a hook, or an SAE's name), in a fixed order
+    (top-k and moments always)."""
     chosen = [_extremes("top")]
     if spec.computes("bottom"):
         chosen.append(_extremes("bottom"))
@@ -202,7 +209,7 @@ def job_statistics(spec: JobSpec) -> list[Statistic]:
     if spec.computes("samples"):
         chosen += [BAND_SAMPLES, RANDOM_SAMPLES]
     if spec.computes("tokens"):
-        chosen.append(TOKENS)
+        chosen.append(SPARSE_TOKENS if spec.sae(site) else TOKENS)
     return chosen
 
 
@@ -210,7 +217,7 @@ class HookStatistics:
     """Every statistic the job asks for, of one hook over one group, updated batch by batch."""
 
     def __init__(self, spec: JobSpec, group: Group):
-        self.reducers = [statistic.reducer(spec, group) for statistic in job_statistics(spec)]
+        self.reducers = [statistic.reducer(spec, group) for statistic in job_statistics(spec, group.hook)]
 
     def update(self, x: torch.Tensor, batch) -> None:
         for reducer in self.reducers:
@@ -227,8 +234,8 @@ class HookStatistics:
 class HookMerge:
     """Folds one hook's group partials, in the order they are added."""
 
-    def __init__(self, spec: JobSpec, width: int, vocab_size: int):
-        self.folds = [(statistic, statistic.fold(spec, width, vocab_size)) for statistic in job_statistics(spec)]
+    def __init__(self, spec: JobSpec, site: str, width: int, vocab_size: int):
+        self.folds = [(statistic, statistic.fold(spec, width, vocab_size)) for statistic in job_statistics(spec, site)]
 
     def add(self, part: State) -> None:
         for statistic, fold in self.folds:

@@ -95,3 +95,116 @@ def top_rows(scores: np.ndarray, m: int) -> np.ndarray:
     for column in tied:
         rows[:, column] = np.lexsort((np.arange(len(scores)), -scores[:, column]))[:m]
     return rows
+
+
+# -- SAE latents: sparse sums -------------------------------------------------------------------
+#
+# A latent is zero at almost every token, and an SAE is 16k to 1M latents wide: dense rows of
+# [ids present, width] float64 would be 8 V w bytes (10 GB for a 24k-latent SAE over GPT-2's
+# vocabulary). Latent sites keep only the (token id, latent) pairs at which the latent fired, as
+# one int64 key ``token_id * width + latent`` and its float64 sum: at most 16 bytes for every
+# non-zero activation, and far fewer once repeated pairs are summed. A token ranks for a latent
+# only where the latent fired at it at least once (the tokens where it never fires would tie at
+# mean 0 and fill the ranking by id, which says nothing).
+
+
+def _compact(keys: list, sums: list, xp):
+    """Sum equal keys of the concatenated pieces, keeping the pieces' order within a key (stable
+    sort, then a sum per run): the same sums for the same pieces, on a CPU and on a GPU."""
+    if xp is np:
+        keys, sums = np.concatenate(keys), np.concatenate(sums)
+        order = np.argsort(keys, kind="stable")
+        keys = keys[order]
+        starts = np.flatnonzero(np.r_[True, keys[1:] != keys[:-1]]) if len(keys) else np.zeros(0, dtype=np.int64)
+        return keys[starts], np.add.reduceat(sums[order], starts) if len(keys) else sums[:0]
+    keys, sums = torch.cat(keys), torch.cat(sums)
+    order = torch.argsort(keys, stable=True)
+    unique, lengths = torch.unique_consecutive(keys[order], return_counts=True)
+    if len(unique) == len(keys):
+        return unique, sums[order]
+    return unique, torch.segment_reduce(sums[order], "sum", lengths=lengths, axis=0)
+
+
+class _Pending:
+    """Key/sum pieces folded into one sorted, summed run once they outgrow it (each value is
+    then re-sorted O(log n) times in all)."""
+
+    MIN_PENDING = 1 << 16
+
+    def __init__(self, xp, keys, sums):
+        self.xp, self.keys, self.sums, self.pending, self.n_pending = xp, keys, sums, [], 0
+
+    def add(self, keys, sums) -> None:
+        self.pending.append((keys, sums))
+        self.n_pending += len(keys)
+        if self.n_pending > max(len(self.keys), self.MIN_PENDING):
+            self.compact()
+
+    def compact(self):
+        if self.pending:
+            pieces = [(self.keys, self.sums), *self.pending]
+            self.keys, self.sums = _compact([k for k, _ in pieces], [s for _, s in pieces], self.xp)
+            self.pending, self.n_pending = [], 0
+        return self.keys, self.sums
+
+
+class RunningSparseTokenSums:
+    """Per token id present in the group: its count; per (token id, latent) where the latent is
+    non-zero: the sum of its activations (float64)."""
+
+    def __init__(self, shard_tokens: torch.Tensor, counted: torch.Tensor, width: int):
+        device = shard_tokens.device
+        self.width = width
+        self.present = torch.unique(shard_tokens[counted])
+        self.counts = torch.zeros(len(self.present), dtype=torch.int64, device=device)
+        self.sums = _Pending(torch, torch.zeros(0, dtype=torch.int64, device=device), torch.zeros(0, dtype=torch.float64, device=device))
+
+    def update(self, x: torch.Tensor, batch) -> None:
+        ids, x = (batch.token_ids, x) if batch.counted is None else (batch.token_ids[batch.counted], x[batch.counted])
+        if len(ids) == 0:
+            return
+        self.counts += torch.bincount(torch.searchsorted(self.present, ids), minlength=len(self.present))
+        row, unit = torch.nonzero(x, as_tuple=True)  # row-major: token order, then latent order
+        if len(row):
+            self.sums.add(ids[row] * self.width + unit, x[row, unit].double())
+
+    def result(self) -> dict[str, np.ndarray]:
+        keys, sums = self.sums.compact()
+        return {
+            "token_ids": self.present.to(torch.int32).cpu().numpy(),
+            "token_counts": self.counts.cpu().numpy(),
+            "token_pair_keys": keys.cpu().numpy(),  # token_id * width + latent, sorted
+            "token_pair_sums": sums.cpu().numpy(),
+        }
+
+
+class SparseTokenSumMerge:
+    """Adds groups' counts into a [vocab] count and their pair sums into one sorted run, in the
+    order given; peak memory 16 bytes per distinct (token, latent) pair, twice while folding."""
+
+    def __init__(self, vocab_size: int, width: int):
+        self.width = width
+        self.counts = np.zeros(vocab_size, dtype=np.int64)
+        self.sums = _Pending(np, np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.float64))
+
+    def add(self, part: dict[str, np.ndarray]) -> None:
+        self.counts[part["token_ids"]] += part["token_counts"]
+        self.sums.add(part["token_pair_keys"], part["token_pair_sums"])
+
+    def top(self, m: int, min_count: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """As :meth:`TokenSumMerge.top`, over the tokens at which each latent fired: [m, width]
+        each, id -1 past the last such token seen ``min_count`` times; ties by lower id."""
+        keys, sums = self.sums.compact()
+        token, unit = np.divmod(keys, self.width)
+        keep = self.counts[token] >= min_count
+        token, unit, means = token[keep], unit[keep], sums[keep] / self.counts[token[keep]]
+        order = np.lexsort((token, -means, unit))
+        token, unit, means = token[order], unit[order], means[order]
+        rank = np.arange(len(unit)) - np.searchsorted(unit, unit)  # place within the latent's run
+        take = rank < m
+        ids = np.full((m, self.width), -1, dtype=np.int64)
+        out_means = np.zeros((m, self.width))
+        counts = np.zeros((m, self.width), dtype=np.int64)
+        at = (rank[take], unit[take])
+        ids[at], out_means[at], counts[at] = token[take], means[take], self.counts[token[take]]
+        return ids, out_means, counts

@@ -10,9 +10,10 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from actscope.pipeline import tokenstats
 from actscope.pipeline.reducers import Group, HookMerge, HookStatistics
 from actscope.pipeline.worker import Batch
-from actscope.storage.spec import JobSpec
+from actscope.storage.spec import JobSpec, SAESpec
 from tests.reference import band, priority
 
 
@@ -35,16 +36,18 @@ def jobs(draw):
         "samples_per_band": draw(st.integers(1, 3)), "band_sample_rate": draw(st.sampled_from([1.0, 0.5, 0.125])), "random_samples": draw(st.integers(1, 5)),
         "seed": draw(st.integers(0, 2**32 - 1)), "top_tokens": 2, "min_token_count": draw(st.integers(1, 3)),
         "examples": draw(st.sampled_from(["token", "document"])),
+        "saes": [{"name": "lat", "path": "sae", "hook": "h"}],
     })
-    return spec, acts, counted, token_ids, docs, [c for c in cuts if c < n_tokens], draw(st.integers(1, 7))
+    # "lat" is an SAE's site: its token sums are sparse (only where the unit is non-zero).
+    return spec, acts, counted, token_ids, docs, [c for c in cuts if c < n_tokens], draw(st.integers(1, 7)), draw(st.sampled_from(["h", "lat"]))
 
 
-def _merged(spec, acts, counted, token_ids, docs, cuts, batch_size):
+def _merged(spec, acts, counted, token_ids, docs, cuts, batch_size, site="h"):
     bounds = [0, *cuts, len(acts)]
-    merge = HookMerge(spec, acts.shape[1], vocab_size=6)
+    merge = HookMerge(spec, site, acts.shape[1], vocab_size=6)
     t = lambda a: torch.from_numpy(np.ascontiguousarray(a))
     for a, b in itertools.pairwise(bounds):
-        stats = HookStatistics(spec, Group("h", acts.shape[1], t(token_ids[a:b]).long(), t(counted[a:b]), offset=a))
+        stats = HookStatistics(spec, Group(site, acts.shape[1], t(token_ids[a:b]).long(), t(counted[a:b]), offset=a))
         for b0 in range(a, b, batch_size):
             b1 = min(b0 + batch_size, b)
             index = torch.arange(b0, b1)
@@ -59,8 +62,8 @@ def _merged(spec, acts, counted, token_ids, docs, cuts, batch_size):
 @settings(max_examples=120, deadline=None)
 @given(jobs())
 def test_merged_reducers_equal_brute_force(job):
-    spec, acts, counted, token_ids, docs, cuts, batch_size = job
-    got = _merged(spec, acts, counted, token_ids, docs, cuts, batch_size)
+    spec, acts, counted, token_ids, docs, cuts, batch_size, site = job
+    got = _merged(spec, acts, counted, token_ids, docs, cuts, batch_size, site)
     index = np.flatnonzero(counted)
     prio = {int(i): priority(int(i), spec.seed) for i in index}
     by_priority = sorted(index.tolist(), key=prio.__getitem__)
@@ -78,9 +81,11 @@ def test_merged_reducers_equal_brute_force(job):
         # Token sums: mean activation per token id among those seen min_token_count times.
         ids, counts = np.unique(token_ids[index], return_counts=True)
         means = {t: acts[index[token_ids[index] == t], neuron].astype(np.float64).mean() for t in ids}
-        eligible = sorted((t for t, c in zip(ids, counts) if c >= spec.min_token_count), key=lambda t: (-means[t], t))
+        fired = {t for t in ids if (acts[index[token_ids[index] == t], neuron] != 0).any()}
+        eligible = sorted((t for t, c in zip(ids, counts) if c >= spec.min_token_count and (site == "h" or t in fired)), key=lambda t: (-means[t], t))
         top = got["token_top_ids"][:, neuron] if len(got["token_top_ids"]) else np.array([])
-        assert top.tolist() == eligible[: spec.top_tokens]
+        assert top[top >= 0].tolist() == eligible[: spec.top_tokens]
+        assert got["token_top_mean"][:, neuron][top >= 0].tolist() == [means[t] for t in eligible[: spec.top_tokens]]
         # Extremes: per token, or the best token of each document, ties by lower token index.
         for side, sign in (("top", 1), ("bottom", -1)):
             candidates = sorted(index.tolist(), key=lambda i: (-sign * acts[i, neuron], i))
@@ -97,7 +102,32 @@ def test_equal_means_tie_by_id_in_any_split():
     acts = np.array([[0.3], [-0.01], [0.3], [-0.3], [0.01], [0.3]], dtype=np.float32)
     token_ids = np.array([0, 1, 1, 0, 1, 0])
     spec = JobSpec.from_dict({"model": "m", "dataset": {"path": "text"}, "hooks": ["h"], "store": "s", "top_tokens": 2, "min_token_count": 1})
-    for cuts in ([], [1], [2], [3], [1, 4], [2, 3, 5]):
-        for batch_size in (1, 2, 6):
-            got = _merged(spec, acts, np.ones(6, dtype=bool), token_ids, np.zeros(6, dtype=np.int64), cuts, batch_size)
-            assert got["token_top_ids"][:, 0].tolist() == [0, 1], (cuts, batch_size)
+    spec = spec.model_copy(update={"saes": [SAESpec(name="lat", path="sae", hook="h")]})
+    for site in ("h", "lat"):
+        for cuts in ([], [1], [2], [3], [1, 4], [2, 3, 5]):
+            for batch_size in (1, 2, 6):
+                got = _merged(spec, acts, np.ones(6, dtype=bool), token_ids, np.zeros(6, dtype=np.int64), cuts, batch_size, site)
+                assert got["token_top_ids"][:, 0].tolist() == [0, 1], (site, cuts, batch_size)
+
+
+def test_sparse_token_sums_fold_the_same_whenever_they_compact(monkeypatch):
+    """An SAE site's (token, latent) sums are folded into one sorted run as pieces arrive; folding
+    after every batch gives the same sums and ranking as folding once, and both equal the means."""
+    rng = np.random.default_rng(3)
+    acts = (rng.random((300, 7)) < 0.2) * rng.choice([0.5, 1.25, 3.0], (300, 7))
+    acts = acts.astype(np.float32)
+    token_ids = rng.integers(0, 6, 300)
+    spec = JobSpec.from_dict({"model": "m", "dataset": {"path": "text"}, "hooks": ["h"], "store": "s", "top_tokens": 3, "min_token_count": 2,
+                              "saes": [{"name": "lat", "path": "sae", "hook": "h"}]})
+    args = (spec, acts, np.ones(300, dtype=bool), token_ids, np.zeros(300, dtype=np.int64), [50, 170], 16, "lat")
+    once = _merged(*args)
+    monkeypatch.setattr(tokenstats._Pending, "MIN_PENDING", 1)
+    every = _merged(*args)
+    for name in ("token_top_ids", "token_top_mean", "token_top_count"):
+        np.testing.assert_array_equal(once[name], every[name])
+    for unit in range(7):
+        means = {t: acts[token_ids == t, unit].astype(np.float64).mean() for t in range(6) if (acts[token_ids == t, unit] != 0).any()}
+        best = sorted(means, key=lambda t: (-means[t], t))[:3]
+        top = once["token_top_ids"][:, unit]
+        assert top[top >= 0].tolist() == best
+        np.testing.assert_allclose(once["token_top_mean"][:, unit][top >= 0], [means[t] for t in best], rtol=1e-12)
