@@ -252,14 +252,24 @@ def _status_rows(s, spec, st, model) -> list[tuple[str, Text]]:
         ("shards", f"{done} of {s.n_shards} committed, in groups of {s.shards_per_group}" if st["tokenized"] else "-"),
     ]
     saes = model.get("saes", {})
+    quality = s.sae_quality() if saes and st["tokenized"] else {}
     rows += [
-        ("sae", f"{hook} ({saes[hook]['architecture']}, {saes[hook]['layout']}: d_in {saes[hook]['d_in']}, d_sae {width}, reads {saes[hook]['hook']})")
-        if hook in saes else ("hook", f"{hook} ({width} neurons{', dense' if hook in spec.dense else ''})")
+        ("sae", _sae_line(hook, saes[hook], quality.get(hook))) if hook in saes
+        else ("hook", f"{hook} ({width} neurons{', dense' if hook in spec.dense else ''})")
         for hook, width in model["hook_widths"].items()
     ]
     rows.append(("status", Text("complete", "green") if st["complete"] else Text("incomplete: run the job again to resume", "yellow")))
     rows.append(("fingerprint", s.fingerprint))
     return [(name, value if isinstance(value, Text) else Text(_plain(str(value)))) for name, value in rows]
+
+
+def _sae_line(name: str, sae: dict, measured: dict | None) -> str:
+    writes = f", writes {sae.get('hook_out') or 'an unnamed hook'}" if sae.get("transcoder") else ""
+    line = f"{name} ({sae['architecture']}, {sae['layout']}: d_in {sae['d_in']}, d_sae {sae['d_sae']}, reads {sae['hook']}{writes})"
+    if measured and "l0" in measured:
+        fvu = f"FVU {measured['fvu']:.4f}" if "fvu" in measured else "FVU not measured (its output hook is not in hooks)"
+        line += f"; L0 {measured['l0']:.2f}, {fvu} on the first batch of {measured['groups']} group(s), {measured['tokens']:,} tokens"
+    return line
 
 
 @app.command()

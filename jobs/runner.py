@@ -112,7 +112,8 @@ class Plan:
         for hook, width in self.model["hook_widths"].items():
             if hook in saes:
                 s = saes[hook]
-                lines.append(f"sae: {hook} ({s['architecture']} {s['layout']}, {s['d_in']:,} -> {s['d_sae']:,} latents, reads {s['hook']})")
+                writes = f", writes {s['hook_out'] or 'an unnamed hook'}" if s.get("transcoder") else ""
+                lines.append(f"sae: {hook} ({s['architecture']} {s['layout']}, {s['d_in']:,} -> {s['d_sae']:,} latents, reads {s['hook']}{writes})")
             else:
                 lines.append(f"hook: {hook} ({width:,} units{', dense' if hook in spec.dense else ''})")
         lines.append(f"forward: {describe_forward(self.model.get('forward'))}")
@@ -165,7 +166,7 @@ def plan(spec: JobSpec, *, overwrite: bool = False, job_path: str | None = None,
         "forward": forward_plan(bridge, spec.hooks),
     }
     if spec.saes:
-        model["saes"] = check_saes(spec, model["hook_widths"])
+        model["saes"] = check_saes(spec, model["hook_widths"], bridge)
         model["hook_widths"].update({name: info["d_sae"] for name, info in model["saes"].items()})
     weight_bytes = sum(p.numel() * p.element_size() for p in bridge.original_model.parameters())
     del bridge
@@ -204,9 +205,10 @@ def plan(spec: JobSpec, *, overwrite: bool = False, job_path: str | None = None,
     return decided("replace", staging)
 
 
-def check_saes(spec: JobSpec, widths: dict[str, int]) -> dict[str, dict]:
+def check_saes(spec: JobSpec, widths: dict[str, int], bridge) -> dict[str, dict]:
     """Each SAE's record (``pipeline.sae.SAEInfo``), read from its folder and checked against
-    the hook it reads: in ``hooks``, and as wide as its ``d_in``."""
+    the hook it reads: in ``hooks``, and as wide as its ``d_in``; a transcoder's output hook
+    against the model (a hook it has, as wide as ``d_out``)."""
     from actscope.pipeline.sae import read_config
 
     out = {}
@@ -219,6 +221,14 @@ def check_saes(spec: JobSpec, widths: dict[str, int]) -> dict[str, dict]:
                 f"saes: {info.name} has d_in {info.d_in}, but {info.hook} is {widths[info.hook]} wide for this model; "
                 "an SAE must read the hook it was trained on."
             )
+        if info.hook_out is not None:
+            try:
+                validate_hooks(bridge, [info.hook_out])
+            except JobSpecError as error:
+                raise JobSpecError(f"saes: {info.name} writes {info.hook_out} (hook_out), which is not a hook of this model: {error}") from None
+            width = hook_widths(bridge, [info.hook_out])[info.hook_out]
+            if width != info.d_out:
+                raise JobSpecError(f"saes: {info.name}'s decoder writes {info.d_out} values, but {info.hook_out} is {width} wide; give the hook it was trained to predict as hook_out.")
         out[info.name] = info.to_dict()
     return out
 

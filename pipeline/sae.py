@@ -18,9 +18,16 @@ are read directly and the encoders follow SAELens's own formulas (``sae_lens/sae
 - **Architectures.** ``standard``: ``relu(x W_enc + b_enc)``. ``jumprelu``: ``relu(pre) * (pre >
   threshold)`` (``threshold``, or ``exp(log_threshold)``). ``gated``: ``(x W_enc + b_gate > 0) *
   relu(x (W_enc * exp(r_mag)) + b_mag)``. ``topk``: the k largest of ``pre`` (times ``|W_dec|``
-  rows when ``rescale_acts_by_decoder_norm``), through a ReLU, the rest 0. Sparsify ``topk``: the
-  k largest of ``relu(x W^T + b)``. Anything else (batch-top-k, transcoders, temporal or
-  matching-pursuit SAEs, hook_z SAEs, Sparsify's groupmax) is refused by name.
+  rows when ``rescale_acts_by_decoder_norm``), through a ReLU, the rest 0. ``abstopk``: the k of
+  ``pre`` largest in magnitude, signed (no ReLU). Sparsify ``topk``: the k largest of
+  ``relu(x W^T + b)``.
+- **Transcoders** (SAELens ``transcoder``, ``skip_transcoder``, ``jumprelu_transcoder``,
+  ``jumprelu_skip_transcoder``; Sparsify ``transcode: true``): the latents are the encoder's on
+  the *input* hook (``b_dec`` is the output's bias, so it is never subtracted from the input; a
+  skip connection changes the output, not the latents); the output hook (``hook_name_out``, or
+  the job's ``hook_out``) is recorded, and the decoder rows are directions there (logit effects).
+  Refused by name: batch-top-k (saved as jumprelu for inference), temporal or matching-pursuit
+  SAEs, hook_z SAEs, Sparsify's groupmax, cross-layer transcoders.
 - **fold_w_dec_norm** (standard, jumprelu, gated): every latent times its decoder row's norm, as
   SAELens's ``fold_W_dec_norm`` gives (and Neuronpedia shows).
 
@@ -32,6 +39,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -39,15 +47,18 @@ import torch
 
 from actscope.storage.errors import JobSpecError
 
-ARCHITECTURES = ("standard", "jumprelu", "gated", "topk")
+ARCHITECTURES = (
+    "standard", "jumprelu", "gated", "topk", "abstopk",
+    "transcoder", "skip_transcoder", "jumprelu_transcoder", "jumprelu_skip_transcoder",
+)
+#: A transcoder's encoder is one of the SAEs' (its skip connection acts on the output only).
+TRANSCODERS = {"transcoder": "standard", "skip_transcoder": "standard", "jumprelu_transcoder": "jumprelu", "jumprelu_skip_transcoder": "jumprelu"}
 NORMALIZATIONS = ("none", "constant_norm_rescale", "layer_norm", "expected_average_only_in")
 _REFUSED = {
     "batchtopk": "batch-top-k SAEs are a training-time architecture (SAELens saves them as jumprelu for inference)",
     "matryoshka_batchtopk": "batch-top-k SAEs are a training-time architecture (SAELens saves them as jumprelu for inference)",
-    "transcoder": "transcoders are not supported yet",
-    "skip_transcoder": "transcoders are not supported yet",
-    "jumprelu_transcoder": "transcoders are not supported yet",
     "temporal": "temporal SAEs read more than one token",
+    "clt": "cross-layer transcoders read and write every layer",
 }
 MAX_CONFIG_BYTES = 1 << 20
 
@@ -70,9 +81,18 @@ class SAEInfo:
     scaling_factor: float | None = None
     rescale_acts_by_decoder_norm: bool = False
     fold_w_dec_norm: bool = False
+    transcoder: bool = False  # latents of ``hook``; the decoder writes ``hook_out``
+    hook_out: str | None = None
+    d_out: int | None = None  # the decoder's width (d_in for an SAE)
+    skip: bool = False  # a skip connection (W_skip) adds x W_skip^T to the output
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    @property
+    def encoder(self) -> str:
+        """The encoding formula: the architecture's, a transcoder's that of its SAE kind."""
+        return TRANSCODERS.get(self.architecture, self.architecture)
 
 
 def read_config(entry, source: str = "saes") -> SAEInfo:
@@ -147,40 +167,46 @@ def _saelens(entry, cfg: dict, folder: Path, where: str) -> SAEInfo:
             "from_pretrained looks up by release; give it as scaling_factor in the job's saes entry."
         )
     shapes = _shapes(folder / "sae_weights.safetensors", where)
-    needed = {"standard": ("W_enc", "b_enc", "W_dec", "b_dec"), "topk": ("W_enc", "b_enc", "W_dec", "b_dec"),
-              "jumprelu": ("W_enc", "b_enc", "W_dec", "b_dec"), "gated": ("W_enc", "b_gate", "r_mag", "b_mag", "W_dec", "b_dec")}
-    missing = [name for name in needed[architecture] if name not in shapes]
-    if architecture == "jumprelu" and not {"threshold", "log_threshold"} & set(shapes):
+    kind = TRANSCODERS.get(architecture, architecture)
+    transcoder, skip = architecture in TRANSCODERS, "skip" in architecture
+    needed = ["W_enc", "b_gate", "r_mag", "b_mag", "W_dec", "b_dec"] if kind == "gated" else ["W_enc", "b_enc", "W_dec", "b_dec"]
+    missing = [name for name in needed + ["W_skip"] * skip if name not in shapes]
+    if kind == "jumprelu" and not {"threshold", "log_threshold"} & set(shapes):
         missing.append("threshold (or log_threshold)")
     if missing:
         raise JobSpecError(f"{where}: sae_weights.safetensors lacks {', '.join(missing)} for a {architecture} SAE.")
     d_in, d_sae = shapes["W_enc"][0][0], shapes["W_enc"][0][1]
     if "d_in" in cfg and "d_sae" in cfg and (cfg["d_in"], cfg["d_sae"]) != (d_in, d_sae):
         raise JobSpecError(f"{where}: cfg.json says d_in {cfg['d_in']}, d_sae {cfg['d_sae']}; W_enc is {d_in} x {d_sae}.")
-    if architecture == "topk" and not (isinstance(k, int) and 0 < k <= d_sae):
-        raise JobSpecError(f"{where}: a topk SAE needs k, a whole number from 1 to d_sae ({d_sae}); got {k!r}.")
+    if entry.hook_out and not transcoder:
+        raise JobSpecError(f"{where}: hook_out names a transcoder's output hook; this is a {architecture} SAE, which writes back to its own hook.")
+    top_k = architecture in ("topk", "abstopk")
+    if top_k and not (isinstance(k, int) and 0 < k <= d_sae):
+        raise JobSpecError(f"{where}: a {architecture} SAE needs k, a whole number from 1 to d_sae ({d_sae}); got {k!r}.")
     rescale = bool(cfg.get("rescale_acts_by_decoder_norm", False))
-    if entry.fold_w_dec_norm and architecture == "topk":
-        raise JobSpecError(f"{where}: fold_w_dec_norm would change which latents a topk SAE keeps; leave it off.")
+    if entry.fold_w_dec_norm and top_k:
+        raise JobSpecError(f"{where}: fold_w_dec_norm would change which latents a {architecture} SAE keeps; leave it off.")
+    d_out = shapes["W_dec"][0][-1]
+    if shapes["W_dec"][0] != (d_sae, d_out) or shapes["b_dec"][0] != (d_out,) or (not transcoder and d_out != d_in):
+        raise JobSpecError(f"{where}: W_dec is {shapes['W_dec'][0]} and b_dec {shapes['b_dec'][0]}; expected ({d_sae}, {d_in if not transcoder else 'd_out'}) and the same d_out.")
     return SAEInfo(
         name=entry.name, hook=_hook(entry, hook_in_cfg, where), path=str(folder.resolve()), layout="saelens",
-        architecture=architecture, d_in=d_in, d_sae=d_sae, dtype=shapes["W_enc"][1].lower(), k=k if architecture == "topk" else None,
-        apply_b_dec_to_input=bool(cfg.get("apply_b_dec_to_input", True)), normalize_activations=normalize,
+        architecture=architecture, d_in=d_in, d_sae=d_sae, dtype=shapes["W_enc"][1].lower(), k=k if top_k else None,
+        apply_b_dec_to_input=bool(cfg.get("apply_b_dec_to_input", True)) and not transcoder, normalize_activations=normalize,
         scaling_factor=scaling, rescale_acts_by_decoder_norm=rescale, fold_w_dec_norm=entry.fold_w_dec_norm,
+        transcoder=transcoder, d_out=d_out, skip=skip,
+        hook_out=entry.hook_out or (meta.get("hook_name_out") or cfg.get("hook_name_out") or None if transcoder else None),
     )
 
 
 def _sparsify(entry, cfg: dict, folder: Path, where: str) -> SAEInfo:
-    if cfg.get("transcode"):
-        raise JobSpecError(f"{where}: Sparsify transcoders are not supported yet.")
     if cfg.get("activation", "topk") != "topk":
         raise JobSpecError(f"{where}: Sparsify activation {cfg.get('activation')!r} is not supported (topk is).")
-    if cfg.get("skip_connection"):
-        raise JobSpecError(f"{where}: Sparsify skip connections decode from the input; not supported.")
     if entry.fold_w_dec_norm:
         raise JobSpecError(f"{where}: fold_w_dec_norm would change which latents a top-k SAE keeps; leave it off.")
+    transcoder, skip = bool(cfg.get("transcode")), bool(cfg.get("skip_connection"))
     shapes = _shapes(folder / "sae.safetensors", where)
-    missing = [name for name in ("encoder.weight", "encoder.bias", "W_dec", "b_dec") if name not in shapes]
+    missing = [name for name in ("encoder.weight", "encoder.bias", "W_dec", "b_dec") + ("W_skip",) * skip if name not in shapes]
     if missing:
         raise JobSpecError(f"{where}: sae.safetensors lacks {', '.join(missing)}.")
     d_sae, d_in = shapes["encoder.weight"][0]
@@ -189,9 +215,15 @@ def _sparsify(entry, cfg: dict, folder: Path, where: str) -> SAEInfo:
         raise JobSpecError(f"{where}: cfg.json needs k, a whole number from 1 to {d_sae}; got {k!r}.")
     if entry.hook is None:
         raise JobSpecError(f"{where}: Sparsify names its hook point by module path; give the TransformerLens hook as hook:.")
+    if entry.hook_out and not transcoder:
+        raise JobSpecError(f"{where}: hook_out names a transcoder's output hook; this Sparsify folder is an autoencoder (transcode is false).")
+    d_out = shapes["W_dec"][0][-1]
+    if not transcoder and d_out != d_in:
+        raise JobSpecError(f"{where}: W_dec is {shapes['W_dec'][0]}; an autoencoder's rows are d_in ({d_in}) wide.")
     return SAEInfo(
         name=entry.name, hook=entry.hook, path=str(folder.resolve()), layout="sparsify", architecture="topk",
-        d_in=d_in, d_sae=d_sae, dtype=shapes["encoder.weight"][1].lower(), k=k,
+        d_in=d_in, d_sae=d_sae, dtype=shapes["encoder.weight"][1].lower(), k=k, apply_b_dec_to_input=not transcoder,
+        transcoder=transcoder, hook_out=entry.hook_out if transcoder else None, d_out=d_out, skip=skip,
     )
 
 
@@ -214,27 +246,66 @@ class Encoder:
         w = {k: v.to(device=device, dtype=torch.float32) for k, v in load_file(str(Path(info.path) / name)).items()}
         if info.layout == "sparsify":
             w = {"W_enc": w["encoder.weight"].T.contiguous(), "b_enc": w["encoder.bias"], "W_dec": w["W_dec"], "b_dec": w["b_dec"]}
-        if info.architecture == "jumprelu" and "threshold" not in w:
+        if info.encoder == "jumprelu" and "threshold" not in w:
             w["threshold"] = w["log_threshold"].exp()
-        if info.architecture == "gated":
+        if info.encoder == "gated":
             w["W_mag"] = w["W_enc"] * w["r_mag"].exp()
         self.w = w
         self.norms = w["W_dec"].norm(dim=-1)
 
+    def _normalized(self, x: torch.Tensor) -> tuple[torch.Tensor, Callable[[torch.Tensor], torch.Tensor]]:
+        """``x`` as the SAE reads it, and the map SAELens applies to its output to undo that
+        (``run_time_activation_norm_fn_out``; none for a transcoder, whose output is another
+        hook's)."""
+        info = self.info
+        undo = lambda y: y
+        if info.normalize_activations == "constant_norm_rescale":
+            scale = math.sqrt(info.d_in) / x.norm(dim=-1, keepdim=True)
+            x, undo = x * scale, lambda y: y / scale
+        elif info.normalize_activations == "layer_norm":
+            mean = x.mean(dim=-1, keepdim=True)
+            std = (x - mean).std(dim=-1, keepdim=True)
+            x, undo = (x - mean) / (std + 1e-5), lambda y: y * std + mean
+        elif info.normalize_activations == "expected_average_only_in":
+            x, undo = x * info.scaling_factor, lambda y: y / info.scaling_factor
+        return x, (lambda y: y) if info.transcoder else undo
+
     @torch.no_grad()
     def encode(self, x: torch.Tensor) -> torch.Tensor:
-        info, w = self.info, self.w
+        return self._encode(self._normalized(x.float())[0])
+
+    @torch.no_grad()
+    def reconstruct(self, x: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
+        """The SAE's output for input ``x`` whose latents are ``latents`` (in the hook's units:
+        SAELens's ``decode``; a transcoder's prediction of its output hook)."""
+        w = self.w
         x = x.float()
-        if info.normalize_activations == "constant_norm_rescale":
-            x = x * (math.sqrt(info.d_in) / x.norm(dim=-1, keepdim=True))
-        elif info.normalize_activations == "layer_norm":
-            centred = x - x.mean(dim=-1, keepdim=True)
-            x = centred / (centred.std(dim=-1, keepdim=True) + 1e-5)
-        elif info.normalize_activations == "expected_average_only_in":
-            x = x * info.scaling_factor
-        if info.apply_b_dec_to_input or info.layout == "sparsify":
+        _, undo = self._normalized(x)
+        if self.info.fold_w_dec_norm or self.info.rescale_acts_by_decoder_norm:
+            latents = latents / self.norms  # the latents carry the decoder norms
+        out = latents @ w["W_dec"] + w["b_dec"]
+        if self.info.skip:
+            out = out + x @ w["W_skip"].T
+        return undo(out)
+
+    @torch.no_grad()
+    def quality(self, x: torch.Tensor, latents: torch.Tensor, target: torch.Tensor | None) -> dict[str, float]:
+        """Sums from which L0 and the fraction of variance unexplained follow, over the tokens
+        (rows) given: ``tokens``, ``active`` (non-zero latents), and, where ``target`` is known
+        (the input for an SAE, the output hook's activations for a transcoder), ``sse`` (squared
+        error of the reconstruction) and ``sst`` (squared deviation from the target's mean)."""
+        out = {"tokens": float(len(x)), "active": float((latents != 0).sum())}
+        if target is not None and len(x):
+            target = target.double()
+            out["sse"] = float(((self.reconstruct(x, latents).double() - target) ** 2).sum())
+            out["sst"] = float(((target - target.mean(0)) ** 2).sum())
+        return out
+
+    def _encode(self, x: torch.Tensor) -> torch.Tensor:
+        info, w = self.info, self.w
+        if info.apply_b_dec_to_input:  # never for a transcoder (its b_dec is the output's)
             x = x - w["b_dec"]
-        arch = info.architecture
+        arch = info.encoder
         if arch == "gated":
             gate = (x @ w["W_enc"] + w["b_gate"]) > 0
             latents = torch.relu(x @ w["W_mag"] + w["b_mag"]) * gate
@@ -244,22 +315,27 @@ class Encoder:
                 latents = torch.relu(pre)
             elif arch == "jumprelu":
                 latents = torch.relu(pre) * (pre > w["threshold"])
-            else:  # topk
+            else:  # topk, abstopk
                 if info.layout == "sparsify":
                     pre = torch.relu(pre)
                 elif info.rescale_acts_by_decoder_norm:
                     pre = pre * self.norms
-                top = torch.topk(pre, info.k, dim=-1)
-                latents = torch.zeros_like(pre).scatter_(-1, top.indices, torch.relu(top.values))
+                if arch == "abstopk":
+                    index = torch.topk(pre.abs(), info.k, dim=-1).indices
+                    latents = torch.zeros_like(pre).scatter_(-1, index, pre.gather(-1, index))
+                else:
+                    top = torch.topk(pre, info.k, dim=-1)
+                    latents = torch.zeros_like(pre).scatter_(-1, top.indices, torch.relu(top.values))
         if info.fold_w_dec_norm:
             latents = latents * self.norms
         return latents
 
     def directions(self) -> torch.Tensor:
-        """[d_sae, d_in]: what each latent writes, in the hook's space (decoder rows; with folded
-        norms, the rows scaled to unit norm, since the latents carry the norms)."""
+        """[d_sae, d_out]: what each latent writes, in the hook's space (a transcoder's: its output
+        hook's), the decoder rows; with folded norms, the rows scaled to unit norm, since the
+        latents carry the norms."""
         w_dec = self.w["W_dec"]
         return w_dec / self.norms[:, None].clamp_min(1e-30) if self.info.fold_w_dec_norm else w_dec
 
 
-__all__ = ["ARCHITECTURES", "Encoder", "SAEInfo", "read_config"]
+__all__ = ["ARCHITECTURES", "TRANSCODERS", "Encoder", "SAEInfo", "read_config"]

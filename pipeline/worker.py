@@ -88,8 +88,10 @@ class ShardWorker:
         shards = range(first // size, -(-last // size))
         if self.store.is_committed(group):
             return ShardResult(group, n_tokens, 0.0, skipped=True, node=_node(), shards=len(shards))
-        partials = self._reduce(first, last, [(s * size, min((s + 1) * size, last)) for s in shards])
+        partials, quality = self._reduce(first, last, [(s * size, min((s + 1) * size, last)) for s in shards])
         record = {"first_seq": first, "last_seq": last, "n_tokens": n_tokens, "shards": [shards[0], shards[-1] + 1]}
+        if quality:
+            record["saes"] = quality  # L0 and variance explained on the group's first batch
         written = time.perf_counter()
         self.store.write_partial(group, partials, record)
         end = time.perf_counter()
@@ -118,16 +120,30 @@ class ShardWorker:
         # again (a retried task) must not bring its copy back.
         merged = self.store.has_merged_coactivation()
         coact = RunningCoactivation(spec, self.widths, self.device) if spec.coactivation_hooks() and not merged else None
+        quality: dict[str, dict] = {}
         for lo, hi in shards:
-            self._reduce_shard(lo, hi, first * ctx, stats, coact)
+            self._reduce_shard(lo, hi, first * ctx, stats, coact, quality)
         partials = {hook: s.result() for hook, s in stats.items()}
         if coact is not None:
             partials[COACTIVATION] = coact.result()
-        return partials
+        return partials, quality
 
-    def _reduce_shard(self, first: int, last: int, group_offset: int, stats: dict, coact) -> None:
+    def _measure_saes(self, flat: dict[str, torch.Tensor], mask: torch.Tensor | None) -> dict[str, dict]:
+        """Each SAE's L0 and reconstruction sums (``Encoder.quality``) on one batch's counted
+        tokens; a transcoder's reconstruction only where its output hook is recorded."""
+        out = {}
+        for name, encoder in getattr(self.forward, "encoders", {}).items():
+            info = encoder.info
+            target_hook = info.hook_out if info.transcoder else info.hook
+            pick = (lambda t: t) if mask is None else (lambda t: t[mask])
+            target = pick(flat[target_hook]) if target_hook in flat else None
+            out[name] = encoder.quality(pick(flat[info.hook]), pick(flat[name]), target)
+        return out
+
+    def _reduce_shard(self, first: int, last: int, group_offset: int, stats: dict, coact, quality: dict) -> None:
         """Fold sequences [first, last) (one shard) into ``stats`` and ``coact``; write the
-        shard's dense chunks whole (they belong to this shard alone), one hook per thread."""
+        shard's dense chunks whole (they belong to this shard alone), one hook per thread.
+        ``quality``: filled with the SAEs' measures on the group's first batch."""
         spec, ctx = self.spec, self.spec.context_length
         data = self.store.read_tokens(first, last, ("tokens", "kinds", "doc_ids"))
         tokens = torch.from_numpy(data["tokens"].astype(np.int64)).to(self.device)
@@ -154,6 +170,8 @@ class ShardWorker:
                 priority=priority[span],
             )
             flat = {hook: act.reshape(-1, act.shape[-1]).float() for hook, act in acts.items()}  # float32 once
+            if not quality and spec.saes:
+                quality.update(self._measure_saes(flat, batch.counted))
             with one_thread(self.device):
                 if self._reducers is None:
                     for hook, x in flat.items():
@@ -178,7 +196,10 @@ class ShardWorker:
             # The weights' view the logit effects need is the bridge's (W_out, W_U, the final
             # norm): the bridge forward's own, or loaded once for this.
             bridge = getattr(self.forward, "bridge", None) or load_job_model(self.spec, self.device)
-            latents = {name: (e.info.hook, e.directions()) for name, e in getattr(self.forward, "encoders", {}).items()}
+            latents = {  # a transcoder's decoder writes its output hook; without one named, it has no direction
+                name: (e.info.hook_out if e.info.transcoder else e.info.hook, e.directions())
+                for name, e in getattr(self.forward, "encoders", {}).items() if e.info.hook_out or not e.info.transcoder
+            }
             self.store.write_logits(logit_effects(bridge, self.spec.hooks, self.spec.top_logits, latents))
         return True
 

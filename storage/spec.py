@@ -94,6 +94,7 @@ class SAESpec(_Frozen):
     name: str = Field(description="The site name of its latents (the tables' hook column, the CLI, the pages).")
     path: Name = Field(description="A folder in SAELens's layout (cfg.json + sae_weights.safetensors) or Sparsify's (sae.safetensors).")
     hook: Name | None = Field(None, description="The hook it reads (default: the one its cfg.json names); one of hooks.")
+    hook_out: Name | None = Field(None, description="A transcoder's output hook (default: its cfg.json's hook_name_out).")
     fold_w_dec_norm: bool = Field(False, description="Scale each latent by its decoder row's norm (as SAELens's fold_W_dec_norm, and Neuronpedia).")
     scaling_factor: float | None = Field(
         None, gt=0, allow_inf_nan=False,

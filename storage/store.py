@@ -374,6 +374,26 @@ class Store:
     def shard_record(self, group: int) -> dict[str, Any]:
         return dict(self.group[self._group_path(group)].attrs)
 
+    def sae_quality(self) -> dict[str, dict[str, float]]:
+        """Each SAE's L0 (non-zero latents a token) and fraction of variance unexplained, over
+        the first batch of every committed group (``fvu`` absent where unmeasured: a transcoder
+        whose output hook is not recorded), with the ``tokens`` and ``groups`` measured."""
+        sums: dict[str, dict[str, float]] = {}
+        for group in sorted(self.committed_groups()):
+            for name, measured in self.shard_record(group).get("saes", {}).items():
+                total = sums.setdefault(name, {"groups": 0})
+                total["groups"] += 1
+                for key, value in measured.items():
+                    total[key] = total.get(key, 0.0) + value
+        out = {}
+        for name, total in sums.items():
+            out[name] = {"tokens": int(total.get("tokens", 0)), "groups": total["groups"]}
+            if total.get("tokens"):
+                out[name]["l0"] = total["active"] / total["tokens"]
+            if total.get("sst"):
+                out[name]["fvu"] = total["sse"] / total["sst"]
+        return out
+
     # -- logit effects (from the weights, once per job) -----------------------------------
 
     def write_logits(self, arrays: Mapping[str, Mapping[str, np.ndarray]]) -> None:

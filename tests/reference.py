@@ -15,7 +15,7 @@ def _site(model, hook: str):
     base = getattr(model, "transformer", None) or getattr(model, "encoder", None) or model
     if hasattr(base, "h"):  # GPT-2
         block = base.h[layer]
-        return {"mlp.hook_post": block.mlp.act, "hook_resid_post": block}[".".join(parts[2:])]
+        return {"mlp.hook_post": block.mlp.act, "hook_resid_post": block, "hook_mlp_out": block.mlp}[".".join(parts[2:])]
     block = base.layer[layer]  # BERT
     return {"mlp.hook_post": block.intermediate.intermediate_act_fn, "hook_resid_post": block}[".".join(parts[2:])]
 

@@ -41,7 +41,8 @@ def gpt2_run(tmp_path_factory, tiny_model, corpus_dir):
         # SAE latents are units like neurons: every check below covers them too.
         saes=[{"name": "res-jumprelu", "path": str(write_sae(root / "jumprelu", d_in=64, d_sae=128, architecture="jumprelu", seed=1))},
               {"name": "mlp-topk", "hook": "blocks.0.mlp.hook_post",
-               "path": str(write_sae(root / "sparsify", d_in=256, d_sae=192, layout="sparsify", k=12, seed=2))}],
+               "path": str(write_sae(root / "sparsify", d_in=256, d_sae=192, layout="sparsify", k=12, seed=2))},
+              {"name": "res-abstopk", "path": str(write_sae(root / "abstopk", d_in=64, d_sae=96, architecture="abstopk", k=8, seed=4))}],
     )
     spec = load_job(path)
     run_job(spec, use_ray=False)
@@ -193,3 +194,31 @@ def test_histograms_and_quantiles_equal_numpy(gpt2_run):
             # Within one bin: the bin's width at the true quantile (12.5 % of it, or the zero bin).
             width = np.maximum(np.abs(truth) * 0.125, 2 * mag[0]) + 1e-6
             assert (np.abs(stats[name] - truth) <= width).all(), name
+
+
+def test_sae_l0_and_variance_explained_equal_numpy(gpt2_run):
+    """Each SAE's L0 and FVU, measured on the first batch of every group, against the latents
+    and the decoder applied in numpy to the same tokens."""
+    from safetensors.numpy import load_file
+
+    spec, store, data, ref = gpt2_run
+    quality = store.sae_quality()
+    for sae in spec.saes:
+        info = store.model["saes"][sae.name]
+        name = "sae.safetensors" if info["layout"] == "sparsify" else "sae_weights.safetensors"
+        w = {k: v.astype(np.float64) for k, v in load_file(f"{sae.path}/{name}").items()}
+        active = tokens = sse = sst = 0.0
+        for group in range(store.n_groups):
+            first, last = store.group_range(group)
+            seqs = slice(first, min(first + spec.batch_size, first + spec.shard_size, last))
+            counted = (data["kinds"][seqs] == TEXT).reshape(-1)
+            x = ref[info["hook"]][seqs].reshape(-1, info["d_in"])[counted].astype(np.float64)
+            latents = ref[sae.name][seqs].reshape(-1, info["d_sae"])[counted].astype(np.float64)
+            error = latents @ w["W_dec"] + w["b_dec"] - x
+            active, tokens = active + (latents != 0).sum(), tokens + len(x)
+            sse, sst = sse + (error**2).sum(), sst + ((x - x.mean(0)) ** 2).sum()
+        got = quality[sae.name]
+        assert got["groups"] == store.n_groups and got["tokens"] == tokens
+        assert got["l0"] == pytest.approx(active / tokens, rel=1e-9)
+        assert got["fvu"] == pytest.approx(sse / sst, rel=1e-4)
+        assert 0 < got["fvu"]  # random SAEs reconstruct badly, but they do reconstruct

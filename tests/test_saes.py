@@ -37,6 +37,12 @@ CASES = [  # (layout, architecture, extra)
     ("saelens5", "topk", {"k": 5}),
     ("saelens5", "standard", {"normalize": "expected_average_only_in"}),
     ("sparsify", "topk", {"k": 9}),
+    ("saelens6", "abstopk", {"k": 6}),
+    ("saelens6", "transcoder", {"d_out": 24, "hook_out": "blocks.1.hook_mlp_out"}),
+    ("saelens6", "skip_transcoder", {"d_out": 24, "skip": True}),
+    ("saelens6", "jumprelu_transcoder", {"d_out": 24}),
+    ("saelens6", "jumprelu_skip_transcoder", {"d_out": 24, "skip": True, "normalize": "layer_norm"}),
+    ("sparsify", "topk", {"k": 9, "d_out": 24, "skip": True}),
 ]
 
 
@@ -47,12 +53,16 @@ def test_encoders_follow_the_formulas(tmp_path, layout, architecture, extra):
     entry = SAESpec(name="s", path=str(folder), hook="blocks.1.hook_resid_post", scaling_factor=scaling)
     info = read_config(entry)
     assert (info.architecture, info.d_in, info.d_sae) == (architecture, 16, 48)
+    assert (info.transcoder, info.d_out, info.skip) == ("d_out" in extra, extra.get("d_out", 16), extra.get("skip", False))
+    assert info.hook_out == extra.get("hook_out")
     x = np.random.default_rng(1).normal(0, 1, (300, 16)).astype(np.float32)
     got = Encoder(info, torch.device("cpu")).encode(torch.from_numpy(x)).numpy()
     ref = encode(folder, x, scaling_factor=scaling)
     np.testing.assert_allclose(got, ref, atol=2e-5)
-    assert 0.02 < (ref > 0).mean() < 0.9  # the SAE is neither dead nor dense on this input
-    if architecture in ("standard", "jumprelu", "gated"):
+    assert 0.02 < (ref != 0).mean() < 0.9  # the SAE is neither dead nor dense on this input
+    if architecture == "abstopk":
+        assert (ref < 0).any() and ((ref != 0).sum(-1) == extra["k"]).all()  # signed, k a token
+    if info.encoder in ("standard", "jumprelu", "gated"):
         folded = Encoder(read_config(entry.model_copy(update={"fold_w_dec_norm": True})), torch.device("cpu"))
         np.testing.assert_allclose(folded.encode(torch.from_numpy(x)).numpy(), encode(folder, x, fold=True, scaling_factor=scaling), atol=1e-4)
 
@@ -76,6 +86,10 @@ def test_sae_entries_that_cannot_work_are_refused_by_name(tmp_path):
     cases.append((SAESpec(name="a", path=str(sparse)), "give the TransformerLens hook as hook:"))
     topk = write_sae(tmp_path / "topk", d_in=16, d_sae=32, architecture="topk", k=4)
     cases.append((SAESpec(name="a", path=str(topk), fold_w_dec_norm=True), "fold_w_dec_norm would change"))
+    cases.append((SAESpec(name="a", path=str(good), hook_out="blocks.1.hook_mlp_out"), "hook_out names a transcoder's output hook"))
+    clt = write_sae(tmp_path / "clt", d_in=16, d_sae=32)
+    (clt / "cfg.json").write_text(json.dumps({**cfg, "architecture": "clt"}))
+    cases.append((SAESpec(name="a", path=str(clt)), "cross-layer transcoders"))
     (tmp_path / "junk").mkdir()
     (tmp_path / "junk" / "cfg.json").write_text("{not json")
     (tmp_path / "junk" / "sae_weights.safetensors").write_bytes(b"\x00" * 64)
@@ -140,8 +154,12 @@ def test_latents_are_addressed_like_neurons(planted, tmp_path):
     runner = CliRunner()
     result = runner.invoke(app, ["top", spec.store, "halves", "3", "-k", "3"])
     assert result.exit_code == 0, result.output
-    result = runner.invoke(app, ["status", spec.store])
+    result = runner.invoke(app, ["status", spec.store], env={"COLUMNS": "400"})
     assert result.exit_code == 0 and "halves" in result.output and "standard" in result.output, result.output
+    # [relu(x), relu(-x)] decodes to x exactly, and every non-zero x_n fires one latent.
+    assert "L0 64.00, FVU 0.0000 on the first batch of" in result.output, result.output
+    quality = Store.open(spec.store).sae_quality()["halves"]
+    assert quality["fvu"] < 1e-10 and quality["groups"] == Store.open(spec.store).n_groups
     result = runner.invoke(app, ["top", spec.store, "halves", "128"])
     assert result.exit_code == 2 and "out of range" in result.output
     with actscope.connect(spec.store) as c:
@@ -160,12 +178,15 @@ def test_latents_are_addressed_like_neurons(planted, tmp_path):
 
 def test_job_files_with_bad_saes_say_which_and_why(make_job, tmp_path):
     sae = write_sae(tmp_path / "narrow", d_in=32, d_sae=64)
+    transcoder = write_sae(tmp_path / "tc", d_in=64, d_sae=64, architecture="transcoder", d_out=64)
     cases = [
         ({"saes": [{"name": "s", "path": str(sae)}]}, "d_in 32"),  # the hook is 64 wide
         ({"saes": [{"name": "s", "path": str(sae), "hook": "blocks.0.hook_resid_post"}]}, "not in hooks"),
         ({"saes": [{"name": "blocks.0.mlp.hook_post", "path": str(sae)}]}, "not starting like a"),
         ({"saes": [{"name": "s", "path": str(sae)}], "dense": ["s"]}, "dense"),
         ({"saes": [{"name": "s", "path": str(sae)}, {"name": "s", "path": str(sae)}]}, "unique"),
+        ({"saes": [{"name": "t", "path": str(transcoder), "hook_out": "blocks.1.hook_mlp_outt"}]}, "not a hook of this model"),
+        ({"saes": [{"name": "t", "path": str(transcoder), "hook_out": "blocks.1.mlp.hook_post"}]}, "decoder writes 64 values"),
     ]
     for overrides, message in cases:
         job = make_job("bad", **overrides)

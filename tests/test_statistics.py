@@ -22,11 +22,14 @@ def run(tmp_path_factory, tiny_model, corpus_dir):
     path = write_job(
         root, "job", tiny_model, corpus_dir,
         dataset={"max_tokens": 4000},
-        hooks=["blocks.0.mlp.hook_post", "blocks.1.hook_resid_post"], dense=[],
+        hooks=["blocks.0.mlp.hook_post", "blocks.1.hook_resid_post", "blocks.0.hook_mlp_out"], dense=[],
         top_k=5, shard_size=8, batch_size=5, samples_per_band=3, random_samples=7, seed=11,
         top_tokens=4, min_token_count=3, top_logits=5, band_sample_rate=0.5,
         saes=[{"name": "res-gated", "fold_w_dec_norm": True,
-               "path": str(write_sae(root / "gated", d_in=64, d_sae=48, architecture="gated", seed=5))}],
+               "path": str(write_sae(root / "gated", d_in=64, d_sae=48, architecture="gated", seed=5))},
+              {"name": "tc", "hook": "blocks.0.mlp.hook_post",
+               "path": str(write_sae(root / "tc", d_in=256, d_sae=40, architecture="jumprelu_skip_transcoder", d_out=64,
+                                     hook_out="blocks.0.hook_mlp_out", skip=True, seed=6))}],
     )
     spec = load_job(path)
     run_job(spec, use_ray=False)
@@ -34,6 +37,7 @@ def run(tmp_path_factory, tiny_model, corpus_dir):
     data = store.read_tokens(0, store.n_seq, ("tokens", "kinds", "doc_ids"))
     ref = activations(str(tiny_model), spec.hooks, data["tokens"], data["kinds"] != PAD)
     ref["res-gated"] = encode(spec.saes[0].path, ref["blocks.1.hook_resid_post"], fold=True).astype(np.float32)
+    ref["tc"] = encode(spec.saes[1].path, ref["blocks.0.mlp.hook_post"]).astype(np.float32)
     return spec, data, ref
 
 
@@ -111,6 +115,7 @@ def test_token_stats_equal_brute_force_means(run):
 
 
 def test_logit_effects_equal_the_weights(run, tiny_model):
+    from safetensors.numpy import load_file
     from transformers import GPT2LMHeadModel
 
     spec, _, _ = run
@@ -120,6 +125,8 @@ def test_logit_effects_equal_the_weights(run, tiny_model):
     sites = {
         "blocks.0.mlp.hook_post": model.transformer.h[0].mlp.c_proj.weight.detach().double(),  # Conv1D: [d_mlp, d_model]
         "blocks.1.hook_resid_post": torch.eye(model.config.n_embd, dtype=torch.float64),
+        # A transcoder's latent writes its decoder row into its output hook (here the MLP's output).
+        "tc": torch.from_numpy(load_file(f"{spec.saes[1].path}/sae_weights.safetensors")["W_dec"]).double(),
     }
     for hook, direction in sites.items():
         centred = direction - direction.mean(1, keepdim=True)
@@ -171,3 +178,23 @@ def test_statistics_can_be_switched_off(make_job):
     for table in ("bottom_examples", "histograms", "band_samples", "random_samples", "token_stats", "logit_effects"):
         assert _rows(spec.store, f"SELECT count(*) FROM {table}") == [(0,)], table
     assert _rows(spec.store, "SELECT count(*) > 0, bool_and(p50 IS NULL) FROM neuron_stats") == [(True, True)]
+
+
+def test_a_transcoders_variance_explained_is_of_its_output_hook(run):
+    """A transcoder's reconstruction predicts its output hook (recorded here): ``latents W_dec +
+    b_dec + x W_skip^T`` against that hook's activations, on the first batch of every group."""
+    from safetensors.numpy import load_file
+
+    spec, data, ref = run
+    store = Store.open(spec.store)
+    w = {k: v.astype(np.float64) for k, v in load_file(f"{spec.saes[1].path}/sae_weights.safetensors").items()}
+    sse = sst = 0.0
+    for group in range(store.n_groups):
+        first, last = store.group_range(group)
+        seqs = slice(first, min(first + spec.batch_size, first + spec.shard_size, last))
+        counted = (data["kinds"][seqs] == TEXT).reshape(-1)
+        x, y, latents = (ref[hook][seqs].reshape(-1, width)[counted].astype(np.float64)
+                         for hook, width in (("blocks.0.mlp.hook_post", 256), ("blocks.0.hook_mlp_out", 64), ("tc", 40)))
+        error = latents @ w["W_dec"] + w["b_dec"] + x @ w["W_skip"].T - y
+        sse, sst = sse + (error**2).sum(), sst + ((y - y.mean(0)) ** 2).sum()
+    assert store.sae_quality()["tc"]["fvu"] == pytest.approx(sse / sst, rel=1e-4)
