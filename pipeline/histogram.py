@@ -80,6 +80,14 @@ class RunningHistogram:
             index = torch.index_select(self.lut, 0, pattern(x).view(-1)).view(x.shape).add_(self.column)
             self.counts += torch.bincount(index.view(-1), minlength=len(self.counts))
 
+    def update_nonzero(self, nz) -> None:
+        """The same counts from a batch's non-zero entries (``pipeline.nonzero``); each unit's
+        zeros go to the near-zero bin by count."""
+        if len(nz.values):
+            index = torch.index_select(self.lut, 0, pattern(nz.values)).add_(nz.units.to(torch.int32))
+            self.counts += torch.bincount(index, minlength=len(self.counts))
+        self.counts[ZERO * self.width:(ZERO + 1) * self.width] += nz.n - nz.per_unit()
+
     def result(self) -> dict[str, np.ndarray]:
         return {"hist": self.counts.reshape(N_BINS, self.width).T.contiguous().cpu().numpy()}
 

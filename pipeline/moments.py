@@ -95,6 +95,26 @@ class RunningMoments:
         }
         self.state = combine(self.state, batch)
 
+    def update_nonzero(self, nz) -> None:
+        """The same batch statistics from its non-zero entries (``pipeline.nonzero``): a unit's
+        central sums are its entries' plus ``zeros * (0 - mean)^p``, in float64."""
+        n = nz.n
+        if n == 0:
+            return
+        zeros = (n - nz.per_unit()).double()
+        mean = nz.per_unit(nz.values) / n
+        d = nz.values.double() - mean[nz.units]
+        d2 = d * d
+        batch = {
+            "count": torch.full_like(self.state["count"], n), "mean": mean,
+            "m2": nz.per_unit(d2) + zeros * mean**2,
+            "m3": nz.per_unit(d2 * d) - zeros * mean**3,
+            "m4": nz.per_unit(d2 * d2) + zeros * mean**4,
+            "min": nz.per_unit_extreme(largest=False), "max": nz.per_unit_extreme(largest=True),
+            "n_active": torch.bincount(nz.units[nz.values > self.threshold], minlength=nz.width) + (zeros.long() if self.threshold < 0 else 0),
+        }
+        self.state = combine(self.state, batch)
+
     def result(self) -> dict[str, np.ndarray]:
         return {name: value.cpu().numpy() for name, value in self.state.items()}
 

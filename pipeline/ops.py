@@ -23,3 +23,10 @@ def flat_where(compare, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     if a.device.type == "cpu":
         return torch.from_numpy(np.flatnonzero(_NUMPY[compare](a.numpy(), b.numpy())))
     return compare(a, b).reshape(-1).nonzero().squeeze(1)
+
+
+def count_where(compare, a: torch.Tensor, b: torch.Tensor) -> int:
+    """How many elements ``compare(a, b)`` holds for, without materialising their indices."""
+    if a.device.type == "cpu":
+        return int(np.count_nonzero(_NUMPY[compare](a.numpy(), b.numpy())))
+    return int(compare(a, b).sum())

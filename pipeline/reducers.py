@@ -26,6 +26,7 @@ import torch
 
 from actscope.pipeline.histogram import RunningHistogram
 from actscope.pipeline.moments import FIELDS, RunningMoments, combine
+from actscope.pipeline.nonzero import NonZeros
 from actscope.pipeline.sampling import (
     RunningBandSamples,
     RunningRandomSamples,
@@ -127,10 +128,13 @@ def _extremes(side: str) -> Statistic:
 # -- the rest ---------------------------------------------------------------------------------
 
 class _Counted:
-    """A reducer whose update takes (x, first token index, counted mask)."""
+    """A reducer whose update takes (x, first token index, counted mask), or the batch's
+    non-zero entries (``update_nonzero``) where the running statistic can."""
 
     def __init__(self, running):
         self.running = running
+        if hasattr(running, "update_nonzero"):
+            self.update_nonzero = lambda nz, batch: running.update_nonzero(nz)
 
     def update(self, x: torch.Tensor, batch) -> None:
         self.running.update(x, batch.first, batch.counted)
@@ -144,6 +148,8 @@ class _Batched:
 
     def __init__(self, running):
         self.running = running
+        if hasattr(running, "update_nonzero"):
+            self.update_nonzero = running.update_nonzero
 
     def update(self, x: torch.Tensor, batch) -> None:
         self.running.update(x, batch)
@@ -218,10 +224,17 @@ class HookStatistics:
 
     def __init__(self, spec: JobSpec, group: Group):
         self.reducers = [statistic.reducer(spec, group) for statistic in job_statistics(spec, group.hook)]
+        # An SAE's latents are sparse: the batch's non-zero entries are found once, and the
+        # statistics that can work from them do (``pipeline.nonzero``).
+        self.sparse = spec.sae(group.hook) is not None
 
     def update(self, x: torch.Tensor, batch) -> None:
+        nz = NonZeros.of(x, batch.counted) if self.sparse else None
         for reducer in self.reducers:
-            reducer.update(x, batch)
+            if nz is not None and hasattr(reducer, "update_nonzero"):
+                reducer.update_nonzero(nz, batch)
+            else:
+                reducer.update(x, batch)
 
     def result(self) -> State:
         """The group's partial statistics (token indices global)."""

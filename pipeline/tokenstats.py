@@ -168,6 +168,14 @@ class RunningSparseTokenSums:
         if len(row):
             self.sums.add(ids[row] * self.width + unit, x[row, unit].double())
 
+    def update_nonzero(self, nz, batch) -> None:
+        """The same, from the batch's non-zero entries (``pipeline.nonzero``: counted, row-major)."""
+        ids = batch.token_ids if batch.counted is None else batch.token_ids[batch.counted]
+        if len(ids):
+            self.counts += torch.bincount(torch.searchsorted(self.present, ids), minlength=len(self.present))
+        if len(nz.rows):
+            self.sums.add(batch.token_ids[nz.rows] * self.width + nz.units, nz.values.double())
+
     def result(self) -> dict[str, np.ndarray]:
         keys, sums = self.sums.compact()
         return {

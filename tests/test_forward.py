@@ -177,3 +177,31 @@ def test_the_device_benchmark_runs_and_its_plan_is_the_planners(tiny_model, tmp_
     result = json.loads(done.stdout)["results"][0]
     assert {"bare", "hooked", "top-k only", "every statistic but co-activation", "every statistic"} <= set(result)
     assert result["every statistic"]["tokens_per_s"] > 0
+
+
+def test_the_sae_benchmark_runs_and_its_plan_is_the_planners(tiny_model):
+    """``benchmarks/bench_sae.py`` (also made for the GPU machine) writes out the planner's plan
+    for the last residual stream, and runs at a tiny shape here: its SAEs fire about l0 a token."""
+    import importlib.util
+    import json
+    import subprocess
+    import sys
+
+    path = Path(__file__).parents[1] / "benchmarks" / "bench_sae.py"
+    spec = importlib.util.spec_from_file_location("bench_sae", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.path.insert(0, str(path.parent))
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(path.parent))
+    bridge = load_model(str(tiny_model), torch.device("cpu"))
+    assert forward_plan(bridge, ["blocks.1.hook_resid_post"]) == module.resid_plan(2)
+    args = ["--layers", "2", "--d-model", "64", "--vocab", "600", "--ctx", "32", "--batch", "4", "--seqs", "8", "--l0", "8",
+            "--device", "cpu", "--threads", "1"]
+    done = subprocess.run([sys.executable, str(path), *args], check=False, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads(done.stdout)["results"]
+    assert result["hook + topk SAE"]["measured_l0"] == 8.0
+    assert 4 <= result["hook + jumprelu SAE"]["measured_l0"] <= 16
+    assert set(result["hook + topk SAE"]["statistics_ms_per_batch"]) >= {"top", "moments", "histogram", "token sums"}

@@ -56,6 +56,21 @@ def test_split_merge_equals_brute_force(problem, largest, batch):
     assert (index[n:] == -1).all()
 
 
+@settings(max_examples=40, deadline=None)
+@given(st.integers(0, 2**32 - 1), st.booleans(), st.sampled_from([1, 3, 8]))
+def test_a_sparse_first_batch_keeps_the_first_tied_tokens(seed, largest, k):
+    """SAE latents are 0 almost everywhere: on a first batch the bound is 0 and nearly every token
+    ties at it; only the first k counted tied tokens are kept, and the result is still exact."""
+    rng = np.random.default_rng(seed)
+    acts = ((rng.random((400, 12)) < 0.03) * rng.choice([0.5, 1.0, 2.0], (400, 12))).astype(np.float32)
+    acts[:, 0] = 0.0  # a dead latent
+    counted = rng.random(400) < 0.9
+    values, index = _shard_topk(acts, counted, k, 0, largest, 400)
+    ref_values, ref_index = brute_top_k(acts, counted, k, largest=largest)
+    np.testing.assert_array_equal(values, ref_values)
+    np.testing.assert_array_equal(index, ref_index)
+
+
 def test_ordered_bits_is_monotonic_and_invertible():
     x = np.array([-np.inf, -3e38, -1.5, -1e-40, -0.0, 0.0, 1e-40, 2.0, 3e38, np.inf], dtype=np.float32)
     keys = ordered_bits(torch.from_numpy(x)).numpy()
@@ -120,3 +135,42 @@ def test_histogram_bins_at_their_edges():
         assert lo[b] <= v <= hi[b] and (v < hi[b] or v < 0), (v, b, lo[b], hi[b])
     assert index[-2] == N_BINS - 1 and index[-1] == 0
     assert index[6] + 1 == index[7] == index[8] + 1  # 1.0 and 1.125 bound one eighth of an octave
+
+
+@settings(max_examples=80, deadline=None)
+@given(problems(), st.integers(1, 7), st.sampled_from([0.0, -0.75, 0.5]))
+def test_moments_and_histogram_from_non_zeros_equal_numpy(problem, batch, threshold):
+    """An SAE site's moments and histogram come from each batch's non-zero entries and a count of
+    its zeros (``pipeline.nonzero``): the same statistics as numpy's over the counted tokens."""
+    from actscope.pipeline.histogram import RunningHistogram, bin_index
+    from actscope.pipeline.moments import RunningMoments, describe
+    from actscope.pipeline.nonzero import NonZeros
+
+    acts, counted, _, _ = problem
+    width = acts.shape[1]
+    moments = RunningMoments(width, torch.device("cpu"), threshold=threshold)
+    hist = RunningHistogram(width, torch.device("cpu"))
+    for b0 in range(0, len(acts), batch):
+        nz = NonZeros.of(torch.from_numpy(acts[b0:b0 + batch]), torch.from_numpy(counted[b0:b0 + batch]))
+        moments.update_nonzero(nz)
+        hist.update_nonzero(nz)
+    got = describe(moments.result())
+    x = acts[counted].astype(np.float64)
+    assert (got["count"] == len(x)).all()
+    expected = np.zeros((width, 257), dtype=np.int64)
+    for unit in range(width):
+        np.add.at(expected[unit], bin_index(torch.from_numpy(acts[counted][:, unit])).numpy(), 1)
+    np.testing.assert_array_equal(hist.result()["hist"], expected)
+    if len(x) == 0:
+        return
+    np.testing.assert_allclose(got["mean"], x.mean(0), rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(got["std"], x.std(0), atol=1e-9)
+    np.testing.assert_array_equal(got["min"], x.min(0).astype(np.float32))
+    np.testing.assert_array_equal(got["max"], x.max(0).astype(np.float32))
+    np.testing.assert_array_equal(got["frac_active"], (x > threshold).mean(0))
+    spread = x.std(0) > 1e-6
+    if spread.any():
+        centred = x[:, spread] - x[:, spread].mean(0)
+        m2, m3, m4 = (centred**2).mean(0), (centred**3).mean(0), (centred**4).mean(0)
+        np.testing.assert_allclose(got["skew"][spread], m3 / m2**1.5, rtol=1e-6, atol=1e-6)
+        np.testing.assert_allclose(got["kurtosis"][spread], m4 / m2**2 - 3, rtol=1e-6, atol=1e-6)
