@@ -472,7 +472,8 @@ def run_job(
                 n_seq = tokenize_corpus(store, spec, Framing.from_tokenizer(tokenizer), encoder, progress=reporter.advance)
                 tokenize_tasks = encoder.tasks
                 for hook in spec.dense:
-                    store.create_dense(hook, model["hook_widths"][hook], n_seq)
+                    if hook in spec.hooks:  # an SAE's latents are written sparse, per shard
+                        store.create_dense(hook, model["hook_widths"][hook], n_seq)
                 mark_tokenized(store, spec, n_seq)
                 phases["tokenize"] = time.perf_counter() - t
             done = store.committed_groups()

@@ -12,7 +12,9 @@ V: vocabulary size):
   an SAE's are sparse: ``16`` bytes per (token id, latent) pair at which the latent fired, twice
   while pieces are folded, so ``32 * min(V w, G L)`` for L latents firing per token (the plan
   assumes ``L <= ASSUMED_L0``);
-- a batch's activations ``4 B w`` (float32), and ``2 T w`` of host buffer per dense hook;
+- a batch's activations ``4 B w`` (float32), and ``2 T w`` of host buffer per dense hook (an
+  SAE's stored latents: ``14 T L`` of (token, latent, value) entries; ``8 + 6 L`` bytes a token
+  in the store);
 - co-activation ``8`` bytes per neuron pair on the device (float32 co-moments, int32 counts),
   ``8`` more per pair for the shard's result on the host and ``16`` per pair of the largest site
   pair while it is converted;
@@ -75,7 +77,9 @@ def worker_memory(spec: JobSpec, widths: dict[str, int], vocab_size: int, weight
         elif spec.computes("tokens"):
             add("token sums", 8 * w * min(vocab_size, group_tokens))
         add("activations", 4 * batch_tokens * w)
-        if hook in spec.dense:
+        if hook in spec.dense and spec.sae(hook):
+            add("dense buffers", 14 * shard_tokens * min(ASSUMED_L0, w))  # (token, latent, value) entries
+        elif hook in spec.dense:
             add("dense buffers", 2 * shard_tokens * w)
     hooks = spec.coactivation_hooks()
     if hooks:
@@ -158,7 +162,7 @@ def store_bytes(spec: JobSpec, widths: dict[str, int], vocab_size: int, n_tokens
     groups = -(-n_tokens // (group_shards * shard_tokens))
     units = sum(widths.values())
     parts: dict[str, int] = {"token arrays": 17 * n_tokens}
-    dense = sum(2 * widths[h] * n_tokens for h in spec.dense)
+    dense = sum((8 + 6 * min(ASSUMED_L0, widths[h])) * n_tokens if spec.sae(h) else 2 * widths[h] * n_tokens for h in spec.dense)
     if dense:
         parts["dense activations"] = dense
     pairs = 0

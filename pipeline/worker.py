@@ -155,7 +155,8 @@ class ShardWorker:
         shard = torch.arange(offset, offset + tokens.numel(), device=self.device)
         priority = sampling.priority(shard, spec.seed)
         local = offset - group_offset  # the shard's first token, counted from the group's
-        dense = {h: np.empty((last - first, ctx, self.widths[h]), dtype=np.float16) for h in spec.dense}
+        dense = {h: np.empty((last - first, ctx, self.widths[h]), dtype=np.float16) for h in spec.dense if h in spec.hooks}
+        stored = {name: [] for name in spec.dense if spec.sae(name)}  # latents kept sparse: (token, latent, value) per batch
         for b0 in range(0, last - first, spec.batch_size):
             b1 = min(b0 + spec.batch_size, last - first)
             acts = self.forward(tokens[b0:b1], attention[b0:b1])
@@ -181,9 +182,15 @@ class ShardWorker:
                         done.result()
             for hook, array in dense.items():
                 array[b0:b1] = acts[hook].to(torch.float16).cpu().numpy()
+            for name, pieces in stored.items():
+                rows, units = torch.nonzero(flat[name], as_tuple=True)  # row-major: token, then latent
+                pieces.append(((rows + b0 * ctx).cpu().numpy(), units.to(torch.int32).cpu().numpy(),
+                               flat[name][rows, units].to(torch.float16).cpu().numpy()))
             if coact is not None:
                 coact.update(flat, batch)
         writes = [self._writer.submit(self.store.dense(hook).__setitem__, slice(first, last), array) for hook, array in dense.items()]
+        writes += [self._writer.submit(self.store.write_latents, name, first // spec.shard_size, csr_rows(pieces, (last - first) * ctx))
+                   for name, pieces in stored.items()]
         for write in writes:
             write.result()
 
@@ -202,6 +209,18 @@ class ShardWorker:
             }
             self.store.write_logits(logit_effects(bridge, self.spec.hooks, self.spec.top_logits, latents))
         return True
+
+
+def csr_rows(pieces: list[tuple[np.ndarray, np.ndarray, np.ndarray]], n_tokens: int) -> dict[str, np.ndarray]:
+    """A shard's batches of (token, latent, value) entries, in token order, as CSR rows."""
+    rows = np.concatenate([p[0] for p in pieces]) if pieces else np.zeros(0, np.int64)
+    indptr = np.zeros(n_tokens + 1, dtype=np.int64)
+    np.cumsum(np.bincount(rows, minlength=n_tokens), out=indptr[1:])
+    return {
+        "indptr": indptr,
+        "index": np.concatenate([p[1] for p in pieces]) if pieces else np.zeros(0, np.int32),
+        "value": np.concatenate([p[2] for p in pieces]) if pieces else np.zeros(0, np.float16),
+    }
 
 
 @contextmanager

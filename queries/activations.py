@@ -1,6 +1,7 @@
 """Per-token activations of chosen (sequence, neuron) pairs, for colouring text in reports.
 
-They come from the dense store when the hook was stored densely (float16), otherwise from
+They come from the dense store when the hook was stored densely (float16; an SAE's latents as
+sparse rows per shard, float16 values), otherwise from
 re-running the job's model on just those sequences (the job's spec is in the store). Either way
 they are checked against the cached statistics at the tokens those name (see
 :func:`check_marked`), so a page never colours text with numbers that disagree with its tables.
@@ -58,9 +59,27 @@ class TokenActivations:
         return out
 
     def _dense_block(self, group: np.ndarray, n_lo: int, n_hi: int) -> np.ndarray:
+        if self.spec.sae(self.hook):
+            return self._latent_block(group, n_lo, n_hi)
         first = int(group[0])
         span = self.store.dense(self.hook)[first : int(group[-1]) + 1, :, n_lo:n_hi]
         return span[group - first].astype(np.float32)
+
+    def _latent_block(self, group: np.ndarray, n_lo: int, n_hi: int) -> np.ndarray:
+        """An SAE's stored latents (CSR rows per shard; ``group`` lies in one shard)."""
+        ctx, size = self.spec.context_length, self.spec.shard_size
+        shard = int(group[0]) // size
+        rows = self.store.read_latents(self.hook, shard)
+        indptr, index, value = rows["indptr"], rows["index"], rows["value"]
+        out = np.zeros((len(group), ctx, n_hi - n_lo), np.float32)
+        for i, seq in enumerate(group):
+            t0 = (int(seq) - shard * size) * ctx
+            lo, hi = indptr[t0], indptr[t0 + ctx]
+            pos = np.repeat(np.arange(ctx), np.diff(indptr[t0:t0 + ctx + 1]))
+            latent = index[lo:hi]
+            keep = (latent >= n_lo) & (latent < n_hi)
+            out[i, pos[keep], latent[keep] - n_lo] = value[lo:hi][keep]
+        return out
 
     def _recompute_block(self, group: np.ndarray, n_lo: int, n_hi: int) -> np.ndarray:
         import torch

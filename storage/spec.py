@@ -201,9 +201,6 @@ class JobSpec(_Frozen):
         for sae in self.saes:
             if sae.hook is not None and sae.hook not in self.hooks:
                 raise ValueError(f"saes: {sae.name} reads {sae.hook}, which is not in hooks; add it to hooks")
-        latents = [h for h in self.dense if h in names]
-        if latents:
-            raise ValueError(f"dense: {', '.join(latents)} is an SAE; its latents are not stored densely yet (pages recompute them)")
         for option in ("dense", "thresholds", "coactivation.hooks"):
             value = self.coactivation.hooks or [] if option == "coactivation.hooks" else getattr(self, option)
             missing = [h for h in value if h not in self.sites]

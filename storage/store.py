@@ -8,6 +8,10 @@
   doc_pos           int32 [n_seq, ctx]    the token's index within its document
   kinds             uint8 [n_seq, ctx]    TEXT, SPECIAL (BOS/EOS/CLS/SEP) or PAD
   acts/<hook>       f16 [n_seq, ctx, width]  for the hooks stored densely
+  latents/<sae>/<shard>/  an SAE named in ``dense``, stored sparse, one group per shard: its
+                    tokens' latents as CSR rows (``indptr`` int64 [tokens + 1], ``index`` int32
+                    latent ids, ``value`` f16), token t of the shard being position t of its
+                    sequences flattened; ``scipy.sparse.csr_matrix((value, index, indptr))``
   shards/<id>/      one group of shards' partial statistics (named by its first shard); its
                     attrs' commit record is written last
   coactivation/     the merged co-moments and co-firing counts (once the reduce has merged them,
@@ -331,6 +335,18 @@ class Store:
 
     def dense(self, hook: str) -> zarr.Array:
         return self.group[f"acts/{hook}"]
+
+    def write_latents(self, name: str, shard: int, rows: dict[str, np.ndarray]) -> None:
+        """One shard's latents of SAE ``name``, as CSR rows (``indptr``, ``index``, ``value``);
+        the same bytes whenever the shard is written again."""
+        group = self.group.require_group(f"latents/{name}/{shard_key(shard)}")
+        for key, array in rows.items():
+            group.create_array(key, shape=array.shape, dtype=array.dtype, chunks=(max(len(array), 1),), compressors=_ZSTD, overwrite=True)[...] = array
+
+    def read_latents(self, name: str, shard: int) -> dict[str, np.ndarray]:
+        """One shard's stored latents of SAE ``name``: ``indptr``, ``index``, ``value``."""
+        group = self.group[f"latents/{name}/{shard_key(shard)}"]
+        return {key: group[key][...] for key in ("indptr", "index", "value")}
 
     # -- per-shard partial statistics -----------------------------------------------------
 

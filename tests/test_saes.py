@@ -112,7 +112,7 @@ def planted(tmp_path_factory, tiny_model, corpus_dir):
                "W_dec": np.concatenate([eye, -eye], 0), "b_dec": np.zeros(64, np.float32)}
     folder = write_sae(root / "halves", d_in=64, d_sae=128, weights=weights)
     hook = "blocks.1.hook_resid_post"
-    path = write_job(root, "job", tiny_model, corpus_dir, dataset={"max_tokens": 1500}, hooks=[hook], dense=[],
+    path = write_job(root, "job", tiny_model, corpus_dir, dataset={"max_tokens": 1500}, hooks=[hook], dense=["halves"],
                      top_k=5, saes=[{"name": "halves", "path": str(folder)}], coactivation={"hooks": [hook, "halves"]})
     spec = load_job(path)
     run_job(spec, use_ray=False)
@@ -149,6 +149,36 @@ def test_a_planted_sae_gives_the_hooks_halves(planted, tiny_model):
     assert sum(a == b for a, b, _ in pairs if a < 64) >= 60
 
 
+def test_latents_named_in_dense_are_stored_sparse(planted, tiny_model):
+    """``dense: [halves]`` keeps the latents as CSR rows per shard (float16 values), equal to the
+    hook's halves at every token, and pages read them instead of recomputing."""
+    from actscope.queries.activations import TokenActivations
+
+    spec, hook = planted, "blocks.1.hook_resid_post"
+    store = Store.open(spec.store)
+    data = store.read_tokens(0, store.n_seq)
+    x = activations(str(tiny_model), [hook], data["tokens"], data["kinds"] != PAD)[hook]
+    halves = np.concatenate([np.maximum(x, 0), np.maximum(-x, 0)], -1)
+    real = (data["kinds"] != PAD).reshape(-1)
+    assert "acts" not in store.group or "halves" not in store.group["acts"]  # no N-wide array
+    stored = []
+    for shard in range(store.n_shards):
+        rows = store.read_latents("halves", shard)
+        n = len(rows["indptr"]) - 1
+        block = np.zeros((n, 128), np.float32)
+        block[np.repeat(np.arange(n), np.diff(rows["indptr"])), rows["index"]] = rows["value"]
+        assert rows["value"].dtype == np.float16 and (rows["value"] != 0).all()
+        stored.append(block)
+    stored = np.concatenate(stored)
+    np.testing.assert_allclose(stored[real], halves.reshape(-1, 128)[real], atol=2e-3, rtol=1e-3)  # float16 storage
+    source = TokenActivations(store, "halves")
+    assert source.source == "dense"
+    seqs = np.array([0, 1, store.n_seq - 1])
+    np.testing.assert_array_equal(source.gather(seqs, np.array([3, 70, 127])), stored.reshape(store.n_seq, -1, 128)[seqs, :, [3, 70, 127]])
+    with actscope.connect(spec.store) as c:
+        assert c.neuron("halves", 3).document["top_examples"]  # the page's values agree with the tables
+
+
 def test_latents_are_addressed_like_neurons(planted, tmp_path):
     spec = planted
     runner = CliRunner()
@@ -183,7 +213,6 @@ def test_job_files_with_bad_saes_say_which_and_why(make_job, tmp_path):
         ({"saes": [{"name": "s", "path": str(sae)}]}, "d_in 32"),  # the hook is 64 wide
         ({"saes": [{"name": "s", "path": str(sae), "hook": "blocks.0.hook_resid_post"}]}, "not in hooks"),
         ({"saes": [{"name": "blocks.0.mlp.hook_post", "path": str(sae)}]}, "not starting like a"),
-        ({"saes": [{"name": "s", "path": str(sae)}], "dense": ["s"]}, "dense"),
         ({"saes": [{"name": "s", "path": str(sae)}, {"name": "s", "path": str(sae)}]}, "unique"),
         ({"saes": [{"name": "t", "path": str(transcoder), "hook_out": "blocks.1.hook_mlp_outt"}]}, "not a hook of this model"),
         ({"saes": [{"name": "t", "path": str(transcoder), "hook_out": "blocks.1.mlp.hook_post"}]}, "decoder writes 64 values"),
