@@ -144,7 +144,7 @@ def s3():
 
 
 # An object store (here a local Python server) is slow per request: fewer, larger shards.
-S3_JOB = {"shard_size": 16, "dataset": {"max_tokens": 3000}}
+S3_JOB = {"shard_size": 32, "dataset": {"max_tokens": 2000}}
 
 
 @pytest.fixture(scope="module")

@@ -74,3 +74,53 @@ def test_a_group_on_cuda_equals_the_cpu(tmp_path, tiny_model):
                 np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4, err_msg=f"{hook} {name}")
             else:
                 np.testing.assert_array_equal(got, expected, err_msg=f"{hook} {name}")
+
+
+def _latent_partials(device: str) -> dict:
+    """The partials of one SAE site (sparse paths: non-zeros, sparse token sums) over four
+    batches of the same latents on ``device``."""
+    from actscope.pipeline import sampling
+    from actscope.pipeline.reducers import Group, HookStatistics
+    from actscope.pipeline.worker import Batch
+    from actscope.storage.spec import JobSpec
+
+    rng = np.random.default_rng(5)
+    latents = torch.from_numpy(((rng.random((512, 300)) < 0.02) * rng.gamma(2.0, 1.0, (512, 300))).astype(np.float32))
+    tokens = torch.from_numpy(rng.integers(0, 50, 512))
+    counted = torch.from_numpy(rng.random(512) < 0.95)
+    spec = JobSpec.from_dict({"model": "m", "dataset": {"path": "text"}, "hooks": ["h"], "store": "s", "top_tokens": 4, "min_token_count": 2,
+                              "saes": [{"name": "lat", "path": "sae", "hook": "h"}]})
+    dev = torch.device(device)
+    stats = HookStatistics(spec, Group("lat", 300, tokens.to(dev), counted.to(dev), 0))
+    for b0 in range(0, 512, 128):
+        span = slice(b0, b0 + 128)
+        index = torch.arange(b0, b0 + 128, device=dev)
+        stats.update(latents[span].to(dev), Batch(first=b0, counted=counted[span].to(dev), global_index=index, token_ids=tokens[span].to(dev),
+                                                  docs=torch.zeros(128, dtype=torch.int64, device=dev), priority=sampling.priority(index, spec.seed)))
+    return stats.result()
+
+
+def test_sparse_latent_statistics_on_cuda_equal_the_cpu():
+    """An SAE site's statistics from the same latents on both devices: the GPU sums by sorted
+    segments where the CPU adds in order, so integer arrays are identical and float sums agree
+    to float64 rounding."""
+    cpu, gpu = _latent_partials("cpu"), _latent_partials("cuda")
+    assert set(cpu) == set(gpu)
+    for name, expected in cpu.items():
+        if np.issubdtype(expected.dtype, np.floating):
+            np.testing.assert_allclose(gpu[name], expected, rtol=1e-9, atol=1e-12, err_msg=name)
+        else:
+            np.testing.assert_array_equal(gpu[name], expected, err_msg=name)
+
+
+def test_sae_encoders_on_cuda_equal_the_cpu(tmp_path):
+    from actscope.pipeline.sae import Encoder, read_config
+    from actscope.storage.spec import SAESpec
+    from tests.saes import write_sae
+
+    x = torch.from_numpy(np.random.default_rng(1).normal(0, 1, (256, 16)).astype(np.float32))
+    for architecture, extra in (("jumprelu", {}), ("gated", {}), ("abstopk", {"k": 6}), ("skip_transcoder", {"d_out": 24, "skip": True})):
+        folder = write_sae(tmp_path / architecture, d_in=16, d_sae=48, architecture=architecture, seed=3, **extra)
+        info = read_config(SAESpec(name="s", path=str(folder), hook="blocks.1.hook_resid_post"))
+        cpu, gpu = Encoder(info, torch.device("cpu")), Encoder(info, torch.device("cuda"))
+        np.testing.assert_allclose(gpu.encode(x.cuda()).cpu().numpy(), cpu.encode(x).numpy(), atol=1e-5, err_msg=architecture)
