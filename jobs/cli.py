@@ -438,19 +438,73 @@ def _number(value) -> str:
 
 @app.command()
 @friendly
-def hooks(model: Annotated[str, typer.Argument(help="A Hugging Face model directory or hub id.")]):
+def hooks(
+    model: Annotated[str, typer.Argument(help="A Hugging Face model directory or hub id.")],
+    sae: Annotated[list[str] | None, typer.Option("--sae", help="An SAE folder to check against the model (repeatable).")] = None,
+    text: Annotated[str | None, typer.Option(help="Text to measure the SAEs' L0 and FVU on (default: Python's own docstrings).")] = None,
+):
     """List a model's hook names that can be recorded (one vector per token). Hooks marked
     ``(bridge)`` exist only inside TransformerLens's reimplementation: a job recording one runs
-    the bridge's forward instead of the Hugging Face model's own (slower, eager attention)."""
+    the bridge's forward instead of the Hugging Face model's own (slower, eager attention). With
+    ``--sae``, check each SAE folder against the model instead: its format, the hook it reads
+    and its width, and its L0 and fraction of variance unexplained on some text."""
     import torch
 
     from actscope.pipeline.model import load_model, module_sites, per_token_hooks
 
     bridge = load_model(model, torch.device("cpu"))
     names = per_token_hooks(bridge)
-    on_modules = module_sites(bridge, names)
-    for name in names:
-        out.print(name if name in on_modules else f"{name}  (bridge)")
+    if not sae:
+        on_modules = module_sites(bridge, names)
+        for name in names:
+            out.print(name if name in on_modules else f"{name}  (bridge)")
+        return
+    for folder in sae:
+        for line in _check_sae(bridge, model, names, folder, text):
+            out.print(line)
+
+
+def _check_sae(bridge, model: str, names: list[str], folder: str, text: str | None) -> list[str]:
+    """What ``hooks --sae`` says of one SAE folder: a line each for its record, its fit to the
+    model, and its L0 and FVU on ``text`` (problems said, not raised: the next folder is checked)."""
+    import torch
+
+    from actscope.jobs.demo import stdlib_docstrings
+    from actscope.pipeline.model import HookedForward, hook_widths, load_tokenizer
+    from actscope.pipeline.sae import Encoder, read_config
+    from actscope.storage.errors import JobSpecError
+    from actscope.storage.spec import SAESpec
+
+    try:
+        info = read_config(SAESpec(name="sae", path=folder))
+    except JobSpecError as error:
+        return [f"{folder}: {first_line(str(error)).removeprefix('saes: sae (' + folder + '): ')}"]
+    writes = f", writes {info.hook_out or 'an unnamed hook'}" if info.transcoder else ""
+    lines = [f"{folder}: {info.architecture} ({info.layout}), d_in {info.d_in}, d_sae {info.d_sae}{f', k {info.k}' if info.k else ''}, reads {info.hook}{writes}"]
+    hooks = [h for h in (info.hook, info.hook_out) if h]
+    unknown = [h for h in hooks if h not in names]
+    if unknown:
+        return [*lines, f"  {', '.join(unknown)}: not a hook of {model}; see `actscope hooks {model}`"]
+    widths = hook_widths(bridge, hooks)
+    wrong = [f"{h} is {widths[h]} wide, the SAE's {side} is {want}" for h, side, want in ((info.hook, "d_in", info.d_in), (info.hook_out, "d_out", info.d_out)) if h and widths[h] != want]
+    if wrong:
+        return [*lines, "  does not fit this model: " + "; ".join(wrong)]
+    tokenizer = load_tokenizer(model)
+    ids = tokenizer(text or " ".join(stdlib_docstrings(limit=200)), add_special_tokens=False)["input_ids"]
+    n_ctx = min(getattr(bridge.cfg, "n_ctx", None) or 128, 128)
+    ids = ids[: max(n_ctx, len(ids) // n_ctx * n_ctx)][: 8 * n_ctx]
+    tokens = torch.tensor(ids).reshape(-1, min(n_ctx, len(ids)))
+    forward = HookedForward(bridge, hooks)
+    try:
+        acts = {h: a.reshape(-1, a.shape[-1]).float() for h, a in forward(tokens, torch.ones_like(tokens)).items()}
+    finally:
+        bridge.reset_hooks(including_permanent=True)
+    encoder = Encoder(info, torch.device("cpu"))
+    x = acts[info.hook]
+    target = acts.get(info.hook_out) if info.transcoder else x
+    measured = encoder.quality(x, encoder.encode(x), target)
+    fvu = f", FVU {measured['sse'] / measured['sst']:.4f}" if "sst" in measured else ", FVU not measured (a transcoder without hook_out)"
+    return [*lines, f"  fits this model; on {len(x):,} tokens of {'--text' if text else 'sample text'}: L0 {measured['active'] / len(x):.2f}{fvu}"]
 
 
 @app.command()

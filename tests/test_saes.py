@@ -222,3 +222,27 @@ def test_job_files_with_bad_saes_say_which_and_why(make_job, tmp_path):
         result = CliRunner().invoke(app, ["run", str(job), "--local", "--dry-run"])
         assert result.exit_code == 2 and message in result.output, (overrides, result.output)
         assert "Traceback" not in result.output
+
+
+def test_hooks_checks_sae_folders_against_the_model(tiny_model, tmp_path):
+    """``actscope hooks MODEL --sae DIR`` reads each folder, checks its hooks and widths against
+    the model, and measures L0 and FVU on sample text; a folder that does not fit says why."""
+    eye = np.eye(64, dtype=np.float32)
+    halves = write_sae(tmp_path / "halves", d_in=64, d_sae=128, weights={
+        "W_enc": np.concatenate([eye, -eye], 1), "b_enc": np.zeros(128, np.float32),
+        "W_dec": np.concatenate([eye, -eye], 0), "b_dec": np.zeros(64, np.float32)})
+    narrow = write_sae(tmp_path / "narrow", d_in=32, d_sae=64)
+    elsewhere = write_sae(tmp_path / "elsewhere", d_in=64, d_sae=64, hook="blocks.7.hook_resid_post")
+    transcoder = write_sae(tmp_path / "tc", d_in=64, d_sae=64, architecture="transcoder", d_out=64, hook_out="blocks.1.hook_mlp_out")
+    args = ["hooks", str(tiny_model)]
+    for folder in (halves, narrow, elsewhere, transcoder, tmp_path / "missing"):
+        args += ["--sae", str(folder)]
+    result = CliRunner().invoke(app, args, env={"COLUMNS": "300"})
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    assert "standard (saelens), d_in 64, d_sae 128, reads blocks.1.hook_resid_post" in lines[0]
+    assert "fits this model" in lines[1] and "L0 64.00, FVU 0.0000" in lines[1]  # [relu(x), relu(-x)] decodes to x
+    assert "blocks.1.hook_resid_post is 64 wide, the SAE's d_in is 32" in result.output
+    assert "blocks.7.hook_resid_post: not a hook of" in result.output
+    assert "writes blocks.1.hook_mlp_out" in result.output and "FVU not measured" not in result.output
+    assert "not a folder" in result.output and "Traceback" not in result.output
