@@ -86,7 +86,13 @@ def make_store(url: str, model: str, args, dtype: str, statistics: list[str]) ->
     record = {"name": model, "architecture": "GPT2LMHeadModel", "n_layers": args.layers, "d_model": args.d_model,
               "vocab_size": args.vocab, "hook_widths": {h: 4 * args.d_model for h in hooks}, "framing": framing,
               "forward": gpt2_plan(args.layers)}
-    store = Store.create(url, spec=spec, fingerprint="bench-device", model=record)
+    return random_store(url, spec, record, args)
+
+
+def random_store(url: str, spec: JobSpec, record: dict, args) -> str:
+    """The store of ``spec`` and model ``record``, tokenized: ``args.seqs`` sequences of random
+    token ids, one accumulation group."""
+    store = Store.create(url, spec=spec, fingerprint="bench", model=record)
     store.reset_token_arrays()
     rng = np.random.default_rng(0)
     shape = (args.seqs, args.ctx)

@@ -39,7 +39,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_device import build_model, synchronize, time_forward
+from bench_device import build_model, random_store, synchronize, time_forward
 
 from actscope.pipeline import sampling
 from actscope.pipeline.nonzero import NonZeros
@@ -47,7 +47,6 @@ from actscope.pipeline.reducers import Group, HookStatistics, job_statistics
 from actscope.pipeline.sae import Encoder, SAEInfo
 from actscope.pipeline.worker import Batch, ShardWorker, one_thread
 from actscope.storage.spec import JobSpec
-from actscope.storage.store import TEXT, Store
 
 
 def resid_plan(layers: int) -> dict:
@@ -110,18 +109,7 @@ def make_store(url: str, model: str, args, sae: dict | None) -> str:
         spec["saes"] = [{"name": "sae", "path": sae["path"]}]
         record["saes"] = {"sae": sae}
         record["hook_widths"]["sae"] = sae["d_sae"]
-    store = Store.create(url, spec=JobSpec.from_dict(spec), fingerprint="bench-sae", model=record)
-    store.reset_token_arrays()
-    rng = np.random.default_rng(0)
-    shape = (args.seqs, args.ctx)
-    store.append_tokens({
-        "tokens": rng.integers(0, args.vocab, size=shape, dtype=np.int32),
-        "doc_ids": np.repeat(np.arange(args.seqs, dtype=np.int64)[:, None], args.ctx, axis=1),
-        "doc_pos": np.broadcast_to(np.arange(args.ctx, dtype=np.int32), shape).copy(),
-        "kinds": np.full(shape, TEXT, dtype=np.uint8),
-    })
-    store.update_status(tokenized=True, n_seq=args.seqs, shards_per_group=-(-args.seqs // (args.batch * 4)))
-    return url
+    return random_store(url, JobSpec.from_dict(spec), record, args)
 
 
 def run_worker(url: str, args) -> dict:

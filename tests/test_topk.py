@@ -110,17 +110,23 @@ def test_moments_merge_over_any_split_equals_numpy(problem, batch):
     if len(x) == 0:
         return
     # Batch sums are float32 (then float64 across batches): agreement to float32 precision.
-    np.testing.assert_allclose(got["mean"], x.mean(0), rtol=1e-7)
-    np.testing.assert_allclose(got["std"], x.std(0), atol=1e-5)
+    _assert_moments(got, x, 100.0, mean=1e-7, std=1e-5, shape=1e-4)
+
+
+def _assert_moments(got: dict, x: np.ndarray, threshold: float, *, mean: float, std: float, shape: float) -> None:
+    """``describe``'s statistics against numpy's over ``x`` [tokens, units] (float64), to the
+    relative ``mean``, absolute ``std`` and ``shape`` (skew, kurtosis) tolerances given."""
+    np.testing.assert_allclose(got["mean"], x.mean(0), rtol=mean, atol=mean)
+    np.testing.assert_allclose(got["std"], x.std(0), atol=std)
     np.testing.assert_array_equal(got["min"], x.min(0).astype(np.float32))
     np.testing.assert_array_equal(got["max"], x.max(0).astype(np.float32))
-    np.testing.assert_array_equal(got["frac_active"], (x > 100.0).mean(0))
+    np.testing.assert_array_equal(got["frac_active"], (x > threshold).mean(0))
     spread = x.std(0) > 1e-6
     if spread.any():
         centred = x[:, spread] - x[:, spread].mean(0)
         m2, m3, m4 = (centred**2).mean(0), (centred**3).mean(0), (centred**4).mean(0)
-        np.testing.assert_allclose(got["skew"][spread], m3 / m2**1.5, rtol=1e-4, atol=1e-4)
-        np.testing.assert_allclose(got["kurtosis"][spread], m4 / m2**2 - 3, rtol=1e-4, atol=1e-4)
+        np.testing.assert_allclose(got["skew"][spread], m3 / m2**1.5, rtol=shape, atol=shape)
+        np.testing.assert_allclose(got["kurtosis"][spread], m4 / m2**2 - 3, rtol=shape, atol=shape)
 
 
 def test_histogram_bins_at_their_edges():
@@ -163,14 +169,4 @@ def test_moments_and_histogram_from_non_zeros_equal_numpy(problem, batch, thresh
     np.testing.assert_array_equal(hist.result()["hist"], expected)
     if len(x) == 0:
         return
-    np.testing.assert_allclose(got["mean"], x.mean(0), rtol=1e-12, atol=1e-12)
-    np.testing.assert_allclose(got["std"], x.std(0), atol=1e-9)
-    np.testing.assert_array_equal(got["min"], x.min(0).astype(np.float32))
-    np.testing.assert_array_equal(got["max"], x.max(0).astype(np.float32))
-    np.testing.assert_array_equal(got["frac_active"], (x > threshold).mean(0))
-    spread = x.std(0) > 1e-6
-    if spread.any():
-        centred = x[:, spread] - x[:, spread].mean(0)
-        m2, m3, m4 = (centred**2).mean(0), (centred**3).mean(0), (centred**4).mean(0)
-        np.testing.assert_allclose(got["skew"][spread], m3 / m2**1.5, rtol=1e-6, atol=1e-6)
-        np.testing.assert_allclose(got["kurtosis"][spread], m4 / m2**2 - 3, rtol=1e-6, atol=1e-6)
+    _assert_moments(got, x, threshold, mean=1e-12, std=1e-9, shape=1e-6)  # float64 sums throughout
