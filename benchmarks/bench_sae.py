@@ -151,7 +151,7 @@ def latent_costs(sae: dict, residual_batches: list[torch.Tensor], tokens: torch.
         synchronize(device)
         ms = {"non-zeros": round(1000 * (time.perf_counter() - start), 2)}
         for statistic, reducer in zip(job_statistics(spec, "sae"), stats.reducers):
-            update = (lambda r=reducer: r.update_nonzero(nz, batch)) if hasattr(reducer, "update_nonzero") else (lambda r=reducer: r.update(latents, batch))
+            update = (lambda r=reducer: r.update_nonzero(latents, nz, batch)) if hasattr(reducer, "update_nonzero") else (lambda r=reducer: r.update(latents, batch))
             update()  # the first batch of a group ranks differently; time a later one
             synchronize(device)
             start = time.perf_counter()

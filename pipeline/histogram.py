@@ -83,9 +83,9 @@ class RunningHistogram:
     def update_nonzero(self, nz) -> None:
         """The same counts from a batch's non-zero entries (``pipeline.nonzero``); each unit's
         zeros go to the near-zero bin by count."""
-        if len(nz.values):
+        if len(nz.values):  # added in place: a bincount would allocate N_BINS x width counters a batch
             index = torch.index_select(self.lut, 0, pattern(nz.values)).add_(nz.units.to(torch.int32))
-            self.counts += torch.bincount(index, minlength=len(self.counts))
+            self.counts.index_add_(0, index, torch.ones_like(index, dtype=torch.int64))
         self.counts[ZERO * self.width:(ZERO + 1) * self.width] += nz.n - nz.per_unit()
 
     def result(self) -> dict[str, np.ndarray]:

@@ -99,6 +99,12 @@ class _Extremes:
         else:
             self.running.update(x, batch.first, batch.counted)
 
+    def update_nonzero(self, x: torch.Tensor, nz, batch) -> None:
+        if self.per_document:
+            self.running.update(x, batch.first, batch.counted, batch.docs)
+        else:
+            self.running.update(x, batch.first, batch.counted, nz)
+
     def state(self) -> State:
         values, index = self.running.result()
         out = {f"{self.side}_values": values, f"{self.side}_index": np.where(index >= 0, index + self.offset, -1)}
@@ -134,7 +140,7 @@ class _Counted:
     def __init__(self, running):
         self.running = running
         if hasattr(running, "update_nonzero"):
-            self.update_nonzero = lambda nz, batch: running.update_nonzero(nz)
+            self.update_nonzero = lambda x, nz, batch: running.update_nonzero(nz)
 
     def update(self, x: torch.Tensor, batch) -> None:
         self.running.update(x, batch.first, batch.counted)
@@ -149,7 +155,7 @@ class _Batched:
     def __init__(self, running):
         self.running = running
         if hasattr(running, "update_nonzero"):
-            self.update_nonzero = running.update_nonzero
+            self.update_nonzero = lambda x, nz, batch: running.update_nonzero(nz, batch)
 
     def update(self, x: torch.Tensor, batch) -> None:
         self.running.update(x, batch)
@@ -232,7 +238,7 @@ class HookStatistics:
         nz = NonZeros.of(x, batch.counted) if self.sparse else None
         for reducer in self.reducers:
             if nz is not None and hasattr(reducer, "update_nonzero"):
-                reducer.update_nonzero(nz, batch)
+                reducer.update_nonzero(x, nz, batch)
             else:
                 reducer.update(x, batch)
 

@@ -113,12 +113,26 @@ class RunningBandSamples:
         if len(flat) == 0:
             return
         token = torch.div(flat, self.width, rounding_mode="floor")
-        new_cell = cell.view(-1)[flat]
+        self._insert(cell.view(-1)[flat], prio[token], index[token], x.reshape(-1)[flat])
+
+    def update_nonzero(self, nz, batch) -> None:
+        """The same from a batch's non-zero entries (``pipeline.nonzero``): zeros are in no band,
+        so an SAE's latents need no pass over their zeros."""
+        prio = batch.priority[nz.rows]
+        keep = prio < self.cut
+        rows, prio, values = nz.rows[keep], prio[keep], nz.values[keep]
+        cell = torch.index_select(self.lut, 0, pattern(values)).add_(nz.units[keep])
+        better = prio < torch.index_select(self.worst, 0, cell)
+        if bool(better.any()):
+            self._insert(cell[better], prio[better], batch.global_index[rows[better]], values[better])
+
+    def _insert(self, new_cell: torch.Tensor, new_prio: torch.Tensor, new_index: torch.Tensor, new_value: torch.Tensor) -> None:
+        """Fold candidate (cell, priority, token, value) entries into the cells they touch."""
         touched = torch.unique(new_cell)
         cells = torch.cat([touched.repeat_interleave(self.size), new_cell])
-        prios = torch.cat([self.prio[touched].reshape(-1), prio[token]])
-        indices = torch.cat([self.index[touched].reshape(-1), index[token]])
-        values = torch.cat([self.value[touched].reshape(-1), x.reshape(-1)[flat]])
+        prios = torch.cat([self.prio[touched].reshape(-1), new_prio])
+        indices = torch.cat([self.index[touched].reshape(-1), new_index])
+        values = torch.cat([self.value[touched].reshape(-1), new_value])
         order = torch.argsort((cells << 34) | prios)  # cell, then priority (distinct per token)
         cells, prios, indices, values = cells[order], prios[order], indices[order], values[order]
         slot = torch.arange(len(cells), device=cells.device) - torch.searchsorted(cells, cells)

@@ -65,7 +65,9 @@ class RunningTopK:
         self.keys = torch.full((width, k), EXCLUDED, dtype=torch.int64, device=device)
         self.bound: torch.Tensor | None = None  # [width] the k-th value so far; None before any batch
 
-    def update(self, acts: torch.Tensor, first_index: int, counted: torch.Tensor | None) -> None:
+    def update(self, acts: torch.Tensor, first_index: int, counted: torch.Tensor | None, nz=None) -> None:
+        """``nz``: the batch's non-zero entries (``pipeline.nonzero``), if known: after the first
+        batch, the candidates are then found among them, where no unit's zeros could enter."""
         n_tokens, width = acts.shape
         if first_index + n_tokens > MAX_SHARD_TOKENS:
             raise ValueError("a shard holds more than 2**32 tokens; use smaller shards")
@@ -81,6 +83,10 @@ class RunningTopK:
                 self.update(acts[cut:], first_index + cut, None if counted is None else counted[cut:])
                 return
             flat = flat_where(reaches, x, bound)
+        elif nz is not None and not self._zeros_enter(nz):
+            bound = torch.index_select(self.bound, 0, nz.units)
+            beyond = nz.values > bound if self.largest else nz.values < bound
+            flat = (nz.rows * width + nz.units)[beyond]
         else:
             flat = flat_where(operator.gt if self.largest else operator.lt, x, self.bound)
         token = torch.div(flat, width, rounding_mode="floor")
@@ -104,6 +110,12 @@ class RunningTopK:
             self.keys = torch.topk(torch.cat([self.keys, new], dim=1), self.k, dim=1, sorted=False).values
         kth = self.keys.amin(1)
         self.bound = torch.where(kth == EXCLUDED, -torch.inf, unordered_bits(kth >> 32)) * self.sign
+
+    def _zeros_enter(self, nz) -> bool:
+        """Whether a zero of this batch beats some unit's k-th value (a unit with fewer than k
+        tokens so far, or a signed latent's k-th below zero): then every token must be looked at."""
+        enters = self.bound < 0 if self.largest else self.bound > 0
+        return bool((enters & (nz.per_unit() < nz.n)).any())
 
     def _first_bound(self, x: torch.Tensor, counted: torch.Tensor | None) -> torch.Tensor:
         """A value that the batch's k-th best reaches, per neuron (infinite: none known)."""

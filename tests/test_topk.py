@@ -170,3 +170,26 @@ def test_moments_and_histogram_from_non_zeros_equal_numpy(problem, batch, thresh
     if len(x) == 0:
         return
     _assert_moments(got, x, threshold, mean=1e-12, std=1e-9, shape=1e-6)  # float64 sums throughout
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(0, 2**32 - 1), st.booleans(), st.sampled_from([1, 3, 8]), st.sampled_from([7, 50, 400]), st.booleans())
+def test_later_batches_rank_candidates_from_the_non_zeros(seed, largest, k, batch, signed):
+    """After the first batch, a sparse site's candidates come from its non-zero entries, unless a
+    zero could still enter (fewer than k tokens so far, or a k-th value beyond zero): exact
+    either way, signed latents included."""
+    from actscope.pipeline.nonzero import NonZeros
+
+    rng = np.random.default_rng(seed)
+    acts = (rng.random((400, 12)) < 0.04) * rng.choice([0.5, 1.0, 2.0], (400, 12)) * (rng.choice([-1, 1], (400, 12)) if signed else 1)
+    acts = acts.astype(np.float32)
+    acts[:, 0] = 0.0
+    counted = rng.random(400) < 0.9
+    top = RunningTopK(k, 12, torch.device("cpu"), largest=largest)
+    for b0 in range(0, 400, batch):
+        x, c = torch.from_numpy(acts[b0:b0 + batch]), torch.from_numpy(counted[b0:b0 + batch])
+        top.update(x, b0, c, NonZeros.of(x, c))
+    values, index = top.result()
+    ref_values, ref_index = brute_top_k(acts, counted, k, largest=largest)
+    np.testing.assert_array_equal(values, ref_values)
+    np.testing.assert_array_equal(index, ref_index)
