@@ -73,7 +73,7 @@ def worker_memory(spec: JobSpec, widths: dict[str, int], vocab_size: int, weight
         if spec.computes("samples"):
             add("samples", 20 * w * N_BANDS * spec.samples_per_band + 4 * w * spec.random_samples)
         if spec.computes("tokens") and spec.sae(hook):
-            add("token sums", 2 * sparse_token_bytes(spec, hook, w, vocab_size, sparse_group))
+            add("token sums", 2 * sparse_token_bytes(w, vocab_size, sparse_group))
         elif spec.computes("tokens"):
             add("token sums", 8 * w * min(vocab_size, group_tokens))
         add("activations", 4 * batch_tokens * w)
@@ -94,7 +94,7 @@ def worker_memory(spec: JobSpec, widths: dict[str, int], vocab_size: int, weight
 ASSUMED_L0 = 128
 
 
-def sparse_token_bytes(spec: JobSpec, site: str, w: int, vocab_size: int, tokens: int) -> int:
+def sparse_token_bytes(w: int, vocab_size: int, tokens: int) -> int:
     """Bytes of an SAE's sparse token sums over ``tokens`` tokens, at most: 16 per distinct
     (token id, latent) pair that fired."""
     return 16 * min(vocab_size * w, tokens * min(ASSUMED_L0, w))
@@ -174,7 +174,7 @@ def store_bytes(spec: JobSpec, widths: dict[str, int], vocab_size: int, n_tokens
     parts["tables"] = 25 * n_tokens + per_unit * units
     group_tokens = min(group_shards * shard_tokens, n_tokens)
     sparse = sum(  # every group's sparse token sums
-        groups * sparse_token_bytes(spec, s, w, vocab_size, group_tokens) for s, w in widths.items() if spec.sae(s)
+        groups * sparse_token_bytes(w, vocab_size, group_tokens) for s, w in widths.items() if spec.sae(s)
     ) if spec.computes("tokens") else 0
     parts["partial state (peak)"] = groups * partial_bytes(spec, widths, vocab_size) + sparse + 8 * pairs + per_unit * units
     return Estimate(parts)

@@ -31,11 +31,14 @@ class NonZeros:
     @classmethod
     def of(cls, x: torch.Tensor, counted: torch.Tensor | None) -> NonZeros:
         rows, units = torch.nonzero(x, as_tuple=True)
-        n = len(x)
-        if counted is not None:
-            keep = counted[rows]
-            rows, units, n = rows[keep], units[keep], int(counted.sum())
-        return cls(rows, units, x[rows, units].float(), n, x.shape[1])
+        return cls(rows, units, x[rows, units].float(), len(x), x.shape[1]).counted(counted)
+
+    def counted(self, counted: torch.Tensor | None) -> NonZeros:
+        """These entries (found over every token) restricted to the counted tokens."""
+        if counted is None:
+            return self
+        keep = counted[self.rows]
+        return NonZeros(self.rows[keep], self.units[keep], self.values[keep], int(counted.sum()), self.width)
 
     def per_unit(self, values: torch.Tensor | None = None) -> torch.Tensor:
         """[width]: each unit's sum of ``values`` (one per entry; float64), or its entry count."""

@@ -65,7 +65,7 @@ def _all_parts(store: Store) -> tuple[list[Part], list[Part]]:
         if not spec.computes("tokens"):
             tokens = 0
         elif spec.sae(hook):
-            tokens = 2 * sparse_token_bytes(spec, hook, w, vocab, store.n_seq * spec.context_length)
+            tokens = 2 * sparse_token_bytes(w, vocab, store.n_seq * spec.context_length)
         else:
             tokens = 16 * vocab * w
         memory = tokens + 2 * hook_partial_bytes(spec, w, vocab, sparse=bool(spec.sae(hook))) + (64 << 20)

@@ -100,8 +100,8 @@ class _Extremes:
             self.running.update(x, batch.first, batch.counted)
 
     def update_nonzero(self, x: torch.Tensor, nz, batch) -> None:
-        if self.per_document:
-            self.running.update(x, batch.first, batch.counted, batch.docs)
+        if self.per_document:  # a document's best token needs every token
+            self.update(x, batch)
         else:
             self.running.update(x, batch.first, batch.counted, nz)
 
@@ -234,8 +234,11 @@ class HookStatistics:
         # statistics that can work from them do (``pipeline.nonzero``).
         self.sparse = spec.sae(group.hook) is not None
 
-    def update(self, x: torch.Tensor, batch) -> None:
-        nz = NonZeros.of(x, batch.counted) if self.sparse else None
+    def update(self, x: torch.Tensor, batch, nonzeros: NonZeros | None = None) -> None:
+        """``nonzeros``: the batch's non-zero entries over every token, if the caller found them."""
+        nz = None
+        if self.sparse:
+            nz = NonZeros.of(x, batch.counted) if nonzeros is None else nonzeros.counted(batch.counted)
         for reducer in self.reducers:
             if nz is not None and hasattr(reducer, "update_nonzero"):
                 reducer.update_nonzero(x, nz, batch)

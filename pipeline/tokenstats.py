@@ -25,6 +25,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from actscope.pipeline.nonzero import NonZeros
+
 
 class RunningTokenSums:
     """Per (token id present in the shard, neuron): count and sum of activations."""
@@ -160,16 +162,10 @@ class RunningSparseTokenSums:
         self.sums = _Pending(torch, torch.zeros(0, dtype=torch.int64, device=device), torch.zeros(0, dtype=torch.float64, device=device))
 
     def update(self, x: torch.Tensor, batch) -> None:
-        ids, x = (batch.token_ids, x) if batch.counted is None else (batch.token_ids[batch.counted], x[batch.counted])
-        if len(ids) == 0:
-            return
-        self.counts += torch.bincount(torch.searchsorted(self.present, ids), minlength=len(self.present))
-        row, unit = torch.nonzero(x, as_tuple=True)  # row-major: token order, then latent order
-        if len(row):
-            self.sums.add(ids[row] * self.width + unit, x[row, unit].double())
+        self.update_nonzero(NonZeros.of(x, batch.counted), batch)
 
     def update_nonzero(self, nz, batch) -> None:
-        """The same, from the batch's non-zero entries (``pipeline.nonzero``: counted, row-major)."""
+        """Fold one batch from its non-zero entries (``pipeline.nonzero``: counted, row-major)."""
         ids = batch.token_ids if batch.counted is None else batch.token_ids[batch.counted]
         if len(ids):
             self.counts += torch.bincount(torch.searchsorted(self.present, ids), minlength=len(self.present))

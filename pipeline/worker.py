@@ -22,6 +22,7 @@ from actscope.pipeline import sampling
 from actscope.pipeline.coactivation import RunningCoactivation
 from actscope.pipeline.logits import logit_effects
 from actscope.pipeline.model import job_forward, load_job_model, resolve_device
+from actscope.pipeline.nonzero import NonZeros
 from actscope.pipeline.reducers import Group, HookStatistics
 from actscope.storage.store import COACTIVATION, PAD, TEXT, Store
 
@@ -132,10 +133,10 @@ class ShardWorker:
         """Each SAE's L0 and reconstruction sums (``Encoder.quality``) on one batch's counted
         tokens; a transcoder's reconstruction only where its output hook is recorded."""
         out = {}
+        pick = (lambda t: t) if mask is None else (lambda t: t[mask])
         for name, encoder in getattr(self.forward, "encoders", {}).items():
             info = encoder.info
             target_hook = info.hook_out if info.transcoder else info.hook
-            pick = (lambda t: t) if mask is None else (lambda t: t[mask])
             target = pick(flat[target_hook]) if target_hook in flat else None
             out[name] = encoder.quality(pick(flat[info.hook]), pick(flat[name]), target)
         return out
@@ -173,19 +174,20 @@ class ShardWorker:
             flat = {hook: act.reshape(-1, act.shape[-1]).float() for hook, act in acts.items()}  # float32 once
             if not quality and spec.saes:
                 quality.update(self._measure_saes(flat, batch.counted))
+            # A stored SAE's non-zeros over every token: written below, and its statistics' input.
+            nonzeros = {name: NonZeros.of(flat[name], None) for name in stored}
             with one_thread(self.device):
                 if self._reducers is None:
                     for hook, x in flat.items():
-                        stats[hook].update(x, batch)
+                        stats[hook].update(x, batch, nonzeros.get(hook))
                 else:
-                    for done in [self._reducers.submit(stats[hook].update, x, batch) for hook, x in flat.items()]:
+                    for done in [self._reducers.submit(stats[hook].update, x, batch, nonzeros.get(hook)) for hook, x in flat.items()]:
                         done.result()
             for hook, array in dense.items():
                 array[b0:b1] = acts[hook].to(torch.float16).cpu().numpy()
             for name, pieces in stored.items():
-                rows, units = torch.nonzero(flat[name], as_tuple=True)  # row-major: token, then latent
-                pieces.append(((rows + b0 * ctx).cpu().numpy(), units.to(torch.int32).cpu().numpy(),
-                               flat[name][rows, units].to(torch.float16).cpu().numpy()))
+                nz = nonzeros[name]  # row-major: token, then latent
+                pieces.append(((nz.rows + b0 * ctx).cpu().numpy(), nz.units.to(torch.int32).cpu().numpy(), nz.values.to(torch.float16).cpu().numpy()))
             if coact is not None:
                 coact.update(flat, batch)
         writes = [self._writer.submit(self.store.dense(hook).__setitem__, slice(first, last), array) for hook, array in dense.items()]
