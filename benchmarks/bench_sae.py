@@ -11,7 +11,10 @@ latents a token, it measures, side by side in one run:
    l0 / d_sae of the tokens, as trained SAEs do); each run twice, the second reported;
 3. for each SAE: the encode alone over the same batches, and, on one batch of its latents, the
    non-zeros pass and each statistic's update as the worker runs them (from the non-zeros where
-   the statistic can), in ``statistics_ms_per_batch``.
+   the statistic can), in ``statistics_ms_per_batch``;
+4. for each SAE, co-activation of the hook's neurons and the latents at each of
+   ``--coactivation-strides``: the update per batch (against the dense N x N update on one batch),
+   the latent pairs met and their bytes against the plan's bound, and the merge's time.
 
 The SAE's added cost is ``(hook + SAE) - (hook only)`` of the worker's time, over ``bare``. It
 needs torch, transformers, numpy, zarr, pydantic and safetensors (no Ray, no TransformerLens),
@@ -19,6 +22,7 @@ so it runs on the lent GPU machine too. Prints one JSON document:
 
     python benchmarks/bench_sae.py [--layers 12] [--d-model 768] [--expansion 16] [--l0 64]
         [--vocab 50257] [--ctx 128] [--batch 16] [--seqs 64] [--dtype float32] [--device auto]
+        [--coactivation-strides 32,1]
 """
 
 from __future__ import annotations
@@ -162,6 +166,70 @@ def latent_costs(sae: dict, residual_batches: list[torch.Tensor], tokens: torch.
             "batch_tokens": n, "density": round(float((latents != 0).float().mean()), 5)}
 
 
+def latent_coactivation(sae: dict, residual_batches: list[torch.Tensor], device: torch.device, root: Path, stride: int, dense: bool) -> dict:
+    """Co-activation of the hook's neurons and the SAE's latents (``pairs: all``) over every batch
+    at ``stride``: the worker's update per batch, the distinct latent pairs met and their bytes
+    against the plan's bound, then the merge (``prepare`` and every block) from a real store;
+    ``dense``: also one batch of the dense N x N update the latents had before (a negative
+    threshold still takes it)."""
+    from actscope.pipeline import capacity, coactivation
+    from actscope.storage.store import COACTIVATION, Store
+
+    hook, width = sae["hook"], sae["d_in"]
+    encoder = Encoder(SAEInfo(**sae), device)
+    fields = {"model": "m", "dataset": {"path": "text"}, "hooks": [hook], "store": str(root / "coact.zarr"), "statistics": ["coactivation"],
+              "saes": [{"name": "sae", "path": sae["path"]}], "coactivation": {"stride": stride, "hooks": [hook, "sae"]}}
+    spec = JobSpec.from_dict(fields)
+    widths = {hook: width, "sae": sae["d_sae"]}
+    running = coactivation.RunningCoactivation(spec, widths, device)
+    seconds, start_index = 0.0, 0
+    for x in residual_batches:
+        n = len(x)
+        index = torch.arange(start_index, start_index + n, device=device)
+        batch = Batch(first=0, counted=None, global_index=index, token_ids=index, docs=index, priority=sampling.priority(index, spec.seed))
+        acts = {hook: x, "sae": encoder.encode(x)}
+        synchronize(device)
+        start = time.perf_counter()
+        running.update(acts, batch)
+        synchronize(device)
+        seconds += time.perf_counter() - start
+        start_index += n
+    result = running.result()
+    met = len(result["pairs.1.1.key"])
+    out = {"stride": stride, "tokens": start_index, "coactivation_tokens": int(result["n"][0]),
+           "update_ms_per_batch": round(1000 * seconds / len(residual_batches), 1),
+           "latent_pairs_met": met, "latent_pairs_bytes_mib": round(68 * met / 2**20, 1),
+           "plan_bound_pairs": capacity.latent_pair_entries(spec, widths, start_index),
+           "dense_pairs_bytes_mib": round(16 * sae["d_sae"] ** 2 / 2**20, 1)}
+    store = Store.create(spec.store, spec=spec, fingerprint="bench", model={"hook_widths": widths})
+    store.update_status(n_seq=1)
+    store.write_partial(0, {COACTIVATION: result}, {})
+    start = time.perf_counter()
+    coactivation.prepare(store, spec)
+    out["merge_prepare_s"] = round(time.perf_counter() - start, 2)
+    start = time.perf_counter()
+    blocks = coactivation.blocks(spec, widths)
+    rows = sum(coactivation.block_table(store, spec, site, first).num_rows for site, first in blocks)
+    out["merge_blocks_s"] = round(time.perf_counter() - start, 2)
+    out["merge_rows"] = rows
+    shutil.rmtree(spec.store, ignore_errors=True)
+    if dense:  # the same update on one batch with the latents dense (threshold -1)
+        spec = JobSpec.from_dict({**fields, "thresholds": {"sae": -1.0}})
+        running = coactivation.RunningCoactivation(spec, widths, device)
+        x = residual_batches[0]
+        index = torch.arange(len(x), device=device)
+        batch = Batch(first=0, counted=None, global_index=index, token_ids=index, docs=index, priority=sampling.priority(index, spec.seed))
+        acts = {hook: x, "sae": encoder.encode(x)}
+        running.update(acts, batch)  # warm-up
+        synchronize(device)
+        start = time.perf_counter()
+        running.update(acts, batch)
+        synchronize(device)
+        out["dense_update_ms_per_batch"] = round(1000 * (time.perf_counter() - start), 1)
+        del running
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--layers", type=int, default=12)
@@ -175,6 +243,7 @@ def main() -> None:
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--coactivation-strides", default="32,1", help="co-activation of the latents at each stride ('' for none)")
     args = parser.parse_args()
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
     args.device = device.type
@@ -208,6 +277,10 @@ def main() -> None:
                 out[name]["sae_added_over_bare"] = round(added / bare_s, 3)
                 out[name].update(latent_costs(sae, batches, tokens, device, args))
                 out[name]["encode_over_bare"] = round(out[name]["encode_s"] / bare_s, 3)
+                out[name]["coactivation"] = [
+                    latent_coactivation(sae, batches, device, root, int(stride), dense=k == 0)
+                    for k, stride in enumerate(filter(None, args.coactivation_strides.split(",")))
+                ]
     finally:
         shutil.rmtree(root, ignore_errors=True)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{platform.machine()} CPU, {os.cpu_count()} cores"

@@ -22,6 +22,7 @@ from typing import Protocol
 from actscope.pipeline.capacity import (
     Estimate,
     gib,
+    latents_per_token,
     machine_memory,
     partial_bytes,
     shards_per_group,
@@ -130,7 +131,7 @@ class Plan:
             grouping = "groups sized once the corpus is tokenized"
         lines.append(f"partial state: at most {gib(partial)} per group, written once per group ({grouping})")
         if spec.dataset.max_tokens:
-            sizes = store_bytes(spec, widths, vocab, n_tokens, group)
+            sizes = store_bytes(spec, widths, vocab, n_tokens, group, latents_per_token(self.model))
             lines.append(f"store: at most {gib(sizes.total)} at its peak: " + ", ".join(f"{name} {gib(size)}" for name, size in sizes.parts.items()))
             if n_groups < 8:
                 lines.append(f"parallelism: {n_groups} group(s), so at most {n_groups} worker(s) busy; set group_shards lower to spread the job (more store bytes)")
@@ -171,7 +172,7 @@ def plan(spec: JobSpec, *, overwrite: bool = False, job_path: str | None = None,
     weight_bytes = sum(p.numel() * p.element_size() for p in bridge.original_model.parameters())
     del bridge
     gc.collect()
-    memory = worker_memory(spec, model["hook_widths"], model["vocab_size"], weight_bytes, _group_tokens(spec, model))
+    memory = worker_memory(spec, model["hook_widths"], model["vocab_size"], weight_bytes, _group_tokens(spec, model), latents_per_token(model))
     limit = _memory_limit(spec, local_workers)
     if limit is not None and memory.total > limit:
         raise JobSpecError(_too_big(memory, limit, local_workers))

@@ -17,7 +17,10 @@ V: vocabulary size):
   in the store);
 - co-activation ``8`` bytes per neuron pair on the device (float32 co-moments, int32 counts),
   ``8`` more per pair for the shard's result on the host and ``16`` per pair of the largest site
-  pair while it is converted;
+  pair while it is converted; a latent x neuron pair is the same; pairs of latents (two sparse
+  sites) are kept only where they met: ``68`` bytes per distinct pair (24 on the device, twice
+  while folded, and 20 in the result), at most ``min(N_i N_j, G / stride * L_i L_j)`` pairs
+  (half of it within one SAE) for the group's G tokens;
 - the model's weights.
 
 A worker needs the sum; the machine running the plan checks it against its own memory when the
@@ -31,7 +34,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 
-from actscope.pipeline.coactivation import site_pairs
+from actscope.pipeline.coactivation import site_pairs, sparse_sites
 from actscope.pipeline.histogram import N_BINS
 from actscope.pipeline.sampling import N_BANDS
 from actscope.storage.spec import JobSpec
@@ -51,9 +54,11 @@ class Estimate:
         return sorted(self.parts.items(), key=lambda item: -item[1])[:n]
 
 
-def worker_memory(spec: JobSpec, widths: dict[str, int], vocab_size: int, weight_bytes: int, group_tokens: int | None = None) -> Estimate:
+def worker_memory(spec: JobSpec, widths: dict[str, int], vocab_size: int, weight_bytes: int, group_tokens: int | None = None,
+                  l0: dict[str, int] | None = None) -> Estimate:
     """``group_tokens``: tokens in one accumulation group; unknown before the corpus is
-    tokenized, so by default the token sums are counted for the whole vocabulary."""
+    tokenized, so by default the token sums are counted for the whole vocabulary. ``l0``: the
+    latents an SAE fires a token at most, where known (:func:`latents_per_token`)."""
     shard_tokens = spec.shard_size * spec.context_length
     sparse_group = group_tokens or shards_per_group(spec, widths, vocab_size, 1 << 40) * shard_tokens
     group_tokens = group_tokens or vocab_size
@@ -83,21 +88,57 @@ def worker_memory(spec: JobSpec, widths: dict[str, int], vocab_size: int, weight
             add("dense buffers", 2 * shard_tokens * w)
     hooks = spec.coactivation_hooks()
     if hooks:
-        sizes = [widths[hooks[i]] * widths[hooks[j]] for i, j in site_pairs(hooks, spec.coactivation.pairs)]
-        add("co-activation", 16 * sum(sizes) + 16 * max(sizes))
+        sizes = dense_pair_sizes(spec, widths)
+        if sizes:
+            add("co-activation", 16 * sum(sizes) + 16 * max(sizes))
+        met = latent_pair_entries(spec, widths, sparse_group, l0)
+        if met:
+            add("co-activation of latents", 68 * met)
     add("shard tokens", 64 * shard_tokens + 5 * max(group_tokens, shard_tokens))
     return Estimate(parts)
 
 
 #: The latents an SAE fires per token that the plan assumes (SAEs in use fire 20 to 150; one that
-#: fires more holds proportionally more).
+#: fires more holds proportionally more), unless its architecture says (top-k: k).
 ASSUMED_L0 = 128
+
+
+def latents_per_token(model: dict) -> dict[str, int]:
+    """Each SAE's latents firing per token at most, where its architecture fixes it (``topk``
+    and ``abstopk`` fire k), from the plan's model record; the others are assumed
+    ``ASSUMED_L0``."""
+    return {
+        name: int(info["k"]) for name, info in (model.get("saes") or {}).items()
+        if info.get("architecture") in ("topk", "abstopk") and info.get("k")
+    }
 
 
 def sparse_token_bytes(w: int, vocab_size: int, tokens: int) -> int:
     """Bytes of an SAE's sparse token sums over ``tokens`` tokens, at most: 16 per distinct
     (token id, latent) pair that fired."""
     return 16 * min(vocab_size * w, tokens * min(ASSUMED_L0, w))
+
+
+def dense_pair_sizes(spec: JobSpec, widths: dict[str, int]) -> list[int]:
+    """Entries of each co-activation site pair kept dense (every pair but two sparse sites')."""
+    hooks, sparse = spec.coactivation_hooks(), sparse_sites(spec)
+    return [widths[hooks[i]] * widths[hooks[j]] for i, j in site_pairs(hooks, spec.coactivation.pairs) if not (i in sparse and j in sparse)]
+
+
+def latent_pair_entries(spec: JobSpec, widths: dict[str, int], tokens: int, l0: dict[str, int] | None = None) -> int:
+    """Distinct (latent, latent) pairs of the sparse site pairs over ``tokens`` corpus tokens, at
+    most: every pair of latents firing together at a co-activation token is new, up to all of
+    them (a site with itself keeps one triangle). ``l0``: latents a token where known."""
+    hooks, sparse = spec.coactivation_hooks(), sparse_sites(spec)
+    fires = lambda site: min((l0 or {}).get(site, ASSUMED_L0), widths[site])
+    chosen = -(-tokens // spec.coactivation.stride)
+    total = 0
+    for i, j in site_pairs(hooks, spec.coactivation.pairs):
+        if i in sparse and j in sparse:
+            wi, wj = widths[hooks[i]], widths[hooks[j]]
+            pairs = min(wi * wj, chosen * fires(hooks[i]) * fires(hooks[j]))
+            total += (pairs + wi) // 2 if i == j else pairs
+    return total
 
 
 #: The partial state a group of shards may write per corpus token (the plan's target).
@@ -108,12 +149,10 @@ def partial_bytes(spec: JobSpec, widths: dict[str, int], vocab_size: int) -> int
     """Bytes one group's partial statistics take in the store, at most: the same terms as the
     worker's, without its buffers (token sums counted for the whole vocabulary). An SAE's sparse
     token sums are not counted: they grow with the group's tokens (16 L bytes a token at most)
-    rather than being written once per group, so the group's size cannot amortise them."""
+    rather than being written once per group, so the group's size cannot amortise them; nor are
+    the pairs of latents that met (20 bytes each), for the same reason."""
     total = sum(hook_partial_bytes(spec, w, vocab_size, sparse=bool(spec.sae(site))) for site, w in widths.items())
-    hooks = spec.coactivation_hooks()
-    if hooks:
-        total += 8 * sum(widths[hooks[i]] * widths[hooks[j]] for i, j in site_pairs(hooks, spec.coactivation.pairs))
-    return total
+    return total + 8 * sum(dense_pair_sizes(spec, widths))
 
 
 def hook_partial_bytes(spec: JobSpec, w: int, vocab_size: int, *, sparse: bool = False) -> int:
@@ -153,7 +192,8 @@ def shards_per_group(spec: JobSpec, widths: dict[str, int], vocab_size: int, n_s
     return max(1, min(size, (1 << 31) // shard_tokens))  # token indices within a group stay 32-bit
 
 
-def store_bytes(spec: JobSpec, widths: dict[str, int], vocab_size: int, n_tokens: int, group_shards: int) -> Estimate:
+def store_bytes(spec: JobSpec, widths: dict[str, int], vocab_size: int, n_tokens: int, group_shards: int,
+                l0: dict[str, int] | None = None) -> Estimate:
     """Bytes the store will hold for ``n_tokens`` corpus tokens, by part, at most (uncompressed:
     zstd makes the tables and token arrays smaller). ``partial state`` is its peak, during the
     reduce: every group's partials, the merged co-moments (4 + 4 bytes per pair) and the parts'
@@ -165,10 +205,10 @@ def store_bytes(spec: JobSpec, widths: dict[str, int], vocab_size: int, n_tokens
     dense = sum((8 + 6 * min(ASSUMED_L0, widths[h])) * n_tokens if spec.sae(h) else 2 * widths[h] * n_tokens for h in spec.dense)
     if dense:
         parts["dense activations"] = dense
-    pairs = 0
     hooks = spec.coactivation_hooks()
-    if hooks:
-        pairs = sum(widths[hooks[i]] * widths[hooks[j]] for i, j in site_pairs(hooks, spec.coactivation.pairs))
+    pairs = sum(dense_pair_sizes(spec, widths))
+    # pairs of latents: each group's (20 bytes a pair), and the merged rows of both orientations (48)
+    met = groups * 20 * latent_pair_entries(spec, widths, group_shards * shard_tokens, l0) + 48 * latent_pair_entries(spec, widths, n_tokens, l0)
     per_unit = 2 * spec.top_k * 22 + N_BINS * 30 + N_BANDS * spec.samples_per_band * 30 + spec.random_samples * 22
     per_unit += spec.top_tokens * 22 + 2 * spec.top_logits * 20 + (2 * spec.coactivation.partners * 40 if hooks else 0) + 100
     parts["tables"] = 25 * n_tokens + per_unit * units
@@ -176,7 +216,7 @@ def store_bytes(spec: JobSpec, widths: dict[str, int], vocab_size: int, n_tokens
     sparse = sum(  # every group's sparse token sums
         groups * sparse_token_bytes(w, vocab_size, group_tokens) for s, w in widths.items() if spec.sae(s)
     ) if spec.computes("tokens") else 0
-    parts["partial state (peak)"] = groups * partial_bytes(spec, widths, vocab_size) + sparse + 8 * pairs + per_unit * units
+    parts["partial state (peak)"] = groups * partial_bytes(spec, widths, vocab_size) + sparse + 8 * pairs + met + per_unit * units
     return Estimate(parts)
 
 

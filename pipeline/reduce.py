@@ -7,7 +7,7 @@ independent *parts* that run in parallel (Ray tasks in a job, or one after anoth
   two groups' partials of the hook.
 - The **co-activation** merge runs ``prepare`` first (one part), then one part per block of 512
   rows of each site (``pipeline.coactivation``): ``~100 * 512 * w_j`` bytes for the widest
-  partner site.
+  partner site; ``prepare`` also folds the pairs of latents that met (``96`` bytes a pair).
 
 Each part writes its rows to ``index/parts/<part>/`` and then a ``DONE`` file; a part that has one
 is not run again, so a stopped reduce resumes where it was (a part is its unit of work). The
@@ -75,8 +75,9 @@ def _all_parts(store: Store) -> tuple[list[Part], list[Part]]:
     if hooks:
         total = sum(widths[h] for h in hooks)
         widest = max(widths[h] for h in hooks)
-        first.insert(0, Part("coactivation", "prepare", memory=32 * total * groups + 8 * coactivation.BLOCK**2 + (64 << 20)))
-        memory = 100 * coactivation.BLOCK * widest + 16 * total * groups + (64 << 20)
+        met = 96 * coactivation.latent_pairs_stored(store)  # pairs of latents, folded and turned into rows
+        first.insert(0, Part("coactivation", "prepare", memory=32 * total * groups + 8 * coactivation.BLOCK**2 + met + (64 << 20)))
+        memory = 100 * coactivation.BLOCK * widest + 16 * total * groups + 160 * coactivation.SPARSE_CELLS + (64 << 20)
         for site, start in coactivation.blocks(spec, widths):
             later.append(Part(f"coactivation-{site:04d}-{start:08d}", "block", site=site, start=start, memory=memory))
     return first, later

@@ -241,8 +241,9 @@ class JobSpec(_Frozen):
 
     def coactivation_hooks(self) -> list[str]:
         """The sites taking part in co-activation, in job order (none when it is off): every hook
-        by default, SAEs' latents when ``coactivation.hooks`` names them (their N x N state is
-        dense, so they are chosen, not implied)."""
+        by default, SAEs' latents when ``coactivation.hooks`` names them (their pairs with each
+        other are kept sparse, but with a hook's neurons they are dense, N x w: chosen, not
+        implied)."""
         if not self.computes("coactivation"):
             return []
         chosen = self.coactivation.hooks

@@ -529,6 +529,10 @@ def _leftovers_ignored():
         yield
 
 
+#: Co-activation arrays read by the merge in parts, never whole as vectors.
+PAIR_STATE = ("m2.", "both.", "pairs.", "csr.")
+
+
 class PartialArrays:
     """Named arrays of one partial (a group's co-activation, or the merged one), read whole or
     by blocks of rows and columns; Zarr stays behind this class."""
@@ -541,14 +545,23 @@ class PartialArrays:
             return sorted(self._group.array_keys())
 
     def vectors(self) -> dict[str, np.ndarray]:
-        """Every array but the matrices (``m2.*`` and ``both.*``), whole."""
-        return {name: self._group[name][...] for name in self.names() if not name.startswith(("m2.", "both."))}
+        """Every array but the pair state (the matrices ``m2.*`` and ``both.*``, and sparse
+        sites' meetings ``pairs.*`` and merged rows ``csr.*``), whole."""
+        return {name: self._group[name][...] for name in self.names() if not name.startswith(PAIR_STATE)}
 
     def shape(self, name: str) -> tuple[int, ...]:
         return self._group[name].shape
 
     def read(self, name: str, rows: slice = slice(None), cols: slice = slice(None)) -> np.ndarray:
         return self._group[name][rows, cols]
+
+    def read_vector(self, name: str, span: slice = slice(None)) -> np.ndarray:
+        return self._group[name][span]
+
+    def read_many(self, names: list[str]) -> dict[str, np.ndarray]:
+        """The named arrays, whole, read concurrently (each read is mostly waiting on storage)."""
+        with ThreadPoolExecutor(max_workers=8, thread_name_prefix="partial-reader") as pool:
+            return dict(zip(names, pool.map(lambda name: self._group[name][...], names)))
 
 
 def _write_committed(group: zarr.Group, arrays: Mapping[str, Mapping[str, np.ndarray]], record: Mapping[str, Any]) -> None:

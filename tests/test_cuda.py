@@ -124,3 +124,40 @@ def test_sae_encoders_on_cuda_equal_the_cpu(tmp_path):
         info = read_config(SAESpec(name="s", path=str(folder), hook="blocks.1.hook_resid_post"))
         cpu, gpu = Encoder(info, torch.device("cpu")), Encoder(info, torch.device("cuda"))
         np.testing.assert_allclose(gpu.encode(x.cuda()).cpu().numpy(), cpu.encode(x).numpy(), atol=1e-5, err_msg=architecture)
+
+
+def _latent_coactivation(device: str) -> dict:
+    """One shard's co-activation of a hook and an SAE site (latent x neuron products, sparse
+    latent pairs) over four batches on ``device``."""
+    from actscope.pipeline import sampling
+    from actscope.pipeline.coactivation import RunningCoactivation
+    from actscope.pipeline.worker import Batch
+    from actscope.storage.spec import JobSpec
+
+    rng = np.random.default_rng(6)
+    hook = torch.from_numpy(rng.normal(size=(512, 24)).astype(np.float32))
+    latents = torch.from_numpy(((rng.random((512, 300)) < 0.03) * rng.normal(1.0, 1.0, (512, 300))).astype(np.float32))
+    counted = torch.from_numpy(rng.random(512) < 0.95)
+    spec = JobSpec.from_dict({"model": "m", "dataset": {"path": "text"}, "hooks": ["h"], "store": "s", "statistics": ["coactivation"],
+                              "saes": [{"name": "lat", "path": "sae", "hook": "h"}], "coactivation": {"stride": 2, "hooks": ["h", "lat"]}})
+    dev = torch.device(device)
+    running = RunningCoactivation(spec, {"h": 24, "lat": 300}, dev)
+    for b0 in range(0, 512, 128):
+        span = slice(b0, b0 + 128)
+        index = torch.arange(b0, b0 + 128, device=dev)
+        running.update({"h": hook[span].to(dev), "lat": latents[span].to(dev)}, Batch(
+            first=b0, counted=counted[span].to(dev), global_index=index, token_ids=index, docs=index, priority=sampling.priority(index, spec.seed)))
+    return running.result()
+
+
+def test_latent_coactivation_on_cuda_equals_the_cpu_and_itself():
+    """The same co-activation state on both devices (counts and meetings identical, float32
+    co-moments to 1e-4), and bit for bit the same on a second GPU run (no atomics in its sums)."""
+    cpu, gpu, again = _latent_coactivation("cpu"), _latent_coactivation("cuda"), _latent_coactivation("cuda")
+    assert set(cpu) == set(gpu) and "pairs.1.1.key" in cpu
+    for name, expected in cpu.items():
+        np.testing.assert_array_equal(again[name], gpu[name], err_msg=name)
+        if np.issubdtype(expected.dtype, np.floating):
+            np.testing.assert_allclose(gpu[name], expected, rtol=1e-4, atol=1e-4, err_msg=name)
+        else:
+            np.testing.assert_array_equal(gpu[name], expected, err_msg=name)

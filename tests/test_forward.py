@@ -205,3 +205,5 @@ def test_the_sae_benchmark_runs_and_its_plan_is_the_planners(tiny_model):
     assert result["hook + topk SAE"]["measured_l0"] == 8.0
     assert 4 <= result["hook + jumprelu SAE"]["measured_l0"] <= 16
     assert set(result["hook + topk SAE"]["statistics_ms_per_batch"]) >= {"top", "moments", "histogram", "token sums"}
+    for run in result["hook + topk SAE"]["coactivation"]:  # the latents' pairs stay within the plan's bound
+        assert 0 < run["latent_pairs_met"] <= run["plan_bound_pairs"] and run["merge_rows"] > 0
