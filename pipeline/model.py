@@ -427,17 +427,24 @@ def job_forward(spec: JobSpec, model_record: dict, device: torch.device, hooks: 
 
 class WithSAEs:
     """A forward whose result also holds SAE latents: each SAE encodes its hook's activations
-    (on the same device), and the result holds exactly the sites asked for."""
+    (on the same device), and the result holds exactly the sites asked for. ``nonzeros``: the
+    last call's non-zero latents of the SAEs whose encoder chose them (top-k), over the call's
+    tokens flattened, for the worker's statistics (``pipeline.nonzero``)."""
 
     def __init__(self, forward, encoders: dict, sites: list[str]):
         self.forward, self.encoders, self.sites = forward, encoders, sites
         self.bridge = getattr(forward, "bridge", None)
+        self.nonzeros: dict = {}
 
     def __call__(self, tokens: torch.Tensor, attention: torch.Tensor) -> dict[str, torch.Tensor]:
         acts = self.forward(tokens, attention)
+        self.nonzeros = {}
         for name, encoder in self.encoders.items():
             x = acts[encoder.info.hook]
-            acts[name] = encoder.encode(x.reshape(-1, x.shape[-1])).reshape(*x.shape[:-1], -1)
+            latents, nonzeros = encoder.encode_with_nonzeros(x.reshape(-1, x.shape[-1]))
+            acts[name] = latents.reshape(*x.shape[:-1], -1)
+            if nonzeros is not None and name in self.sites:
+                self.nonzeros[name] = nonzeros
         return {site: acts[site] for site in self.sites}
 
     def close(self) -> None:

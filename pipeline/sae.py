@@ -45,6 +45,7 @@ from pathlib import Path
 
 import torch
 
+from actscope.pipeline.nonzero import NonZeros
 from actscope.storage.errors import JobSpecError
 
 ARCHITECTURES = (
@@ -272,6 +273,13 @@ class Encoder:
 
     @torch.no_grad()
     def encode(self, x: torch.Tensor) -> torch.Tensor:
+        return self._encode(self._normalized(x.float())[0])[0]
+
+    @torch.no_grad()
+    def encode_with_nonzeros(self, x: torch.Tensor) -> tuple[torch.Tensor, NonZeros | None]:
+        """The latents, and, where the architecture chose them (top-k: k a token), their
+        non-zero entries as ``NonZeros.of`` would find them (row-major, every token), from the
+        chosen indices: no scan of the ``[tokens, d_sae]`` zeros. None for the others."""
         return self._encode(self._normalized(x.float())[0])
 
     @torch.no_grad()
@@ -325,10 +333,14 @@ class Encoder:
                     latents = torch.zeros_like(pre).scatter_(-1, index, pre.gather(-1, index))
                 else:
                     top = torch.topk(pre, info.k, dim=-1)
-                    latents = torch.zeros_like(pre).scatter_(-1, top.indices, torch.relu(top.values))
+                    index = top.indices
+                    latents = torch.zeros_like(pre).scatter_(-1, index, torch.relu(top.values))
+                if info.fold_w_dec_norm:
+                    latents = latents * self.norms
+                return latents, _chosen(latents, index)
         if info.fold_w_dec_norm:
             latents = latents * self.norms
-        return latents
+        return latents, None
 
     def directions(self) -> torch.Tensor:
         """[d_sae, d_out]: what each latent writes, in the hook's space (a transcoder's: its output
@@ -336,6 +348,16 @@ class Encoder:
         latents carry the norms."""
         w_dec = self.w["W_dec"]
         return w_dec / self.norms[:, None].clamp_min(1e-30) if self.info.fold_w_dec_norm else w_dec
+
+
+def _chosen(latents: torch.Tensor, index: torch.Tensor) -> NonZeros:
+    """The non-zero entries among each token's chosen latents ``index`` [tokens, k], in the
+    order ``torch.nonzero`` gives (token, then latent)."""
+    index = index.sort(dim=-1).values
+    values = latents.gather(-1, index)
+    keep = values != 0
+    rows = torch.arange(len(latents), device=latents.device)[:, None].expand_as(index)
+    return NonZeros(rows[keep], index[keep], values[keep], len(latents), latents.shape[1])
 
 
 __all__ = ["ARCHITECTURES", "TRANSCODERS", "Encoder", "SAEInfo", "read_config"]

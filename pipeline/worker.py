@@ -174,8 +174,10 @@ class ShardWorker:
             flat = {hook: act.reshape(-1, act.shape[-1]).float() for hook, act in acts.items()}  # float32 once
             if not quality and spec.saes:
                 quality.update(self._measure_saes(flat, batch.counted))
-            # A stored SAE's non-zeros over every token: written below, and its statistics' input.
-            nonzeros = {name: NonZeros.of(flat[name], None) for name in stored}
+            # An SAE's non-zeros over every token, found once: a top-k encoder's from the indices it
+            # chose, a stored SAE's by a scan; written below, and its statistics' input.
+            nonzeros = dict(getattr(self.forward, "nonzeros", {}))
+            nonzeros |= {name: NonZeros.of(flat[name], None) for name in stored if name not in nonzeros}
             with one_thread(self.device):
                 if self._reducers is None:
                     for hook, x in flat.items():

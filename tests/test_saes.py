@@ -17,6 +17,7 @@ import actscope
 from actscope.jobs.cli import app
 from actscope.jobs.jobfile import load_job
 from actscope.jobs.runner import run_job
+from actscope.pipeline.nonzero import NonZeros
 from actscope.pipeline.sae import Encoder, read_config
 from actscope.storage.errors import JobSpecError
 from actscope.storage.spec import SAESpec
@@ -62,6 +63,14 @@ def test_encoders_follow_the_formulas(tmp_path, layout, architecture, extra):
     assert 0.02 < (ref != 0).mean() < 0.9  # the SAE is neither dead nor dense on this input
     if architecture == "abstopk":
         assert (ref < 0).any() and ((ref != 0).sum(-1) == extra["k"]).all()  # signed, k a token
+    latents, handed = Encoder(info, torch.device("cpu")).encode_with_nonzeros(torch.from_numpy(x))
+    if info.encoder in ("topk", "abstopk"):  # the entries it chose, handed over, are those a scan finds
+        scanned = NonZeros.of(latents, None)
+        for field in ("rows", "units", "values"):
+            torch.testing.assert_close(getattr(handed, field), getattr(scanned, field), rtol=0, atol=0)
+        assert (handed.n, handed.width) == (scanned.n, scanned.width)
+    else:
+        assert handed is None
     if info.encoder in ("standard", "jumprelu", "gated"):
         folded = Encoder(read_config(entry.model_copy(update={"fold_w_dec_norm": True})), torch.device("cpu"))
         np.testing.assert_allclose(folded.encode(torch.from_numpy(x)).numpy(), encode(folder, x, fold=True, scaling_factor=scaling), atol=1e-4)
