@@ -11,7 +11,8 @@ latents a token, it measures, side by side in one run:
    l0 / d_sae of the tokens, as trained SAEs do); each run twice, the second reported;
 3. for each SAE: the encode alone over the same batches, and, on one batch of its latents, the
    non-zeros pass and each statistic's update as the worker runs them (from the non-zeros where
-   the statistic can), in ``statistics_ms_per_batch``;
+   the statistic can), in ``statistics_ms_per_batch`` (a top-k SAE's non-zeros: its chosen
+   entries handed over, as the worker takes them; the others': a scan);
 4. for each SAE, co-activation of the hook's neurons and the latents at each of
    ``--coactivation-strides``: the update per batch (against the dense N x N update on one batch),
    the latent pairs met and their bytes against the plan's bound, and the merge's time.
@@ -48,7 +49,7 @@ from bench_device import build_model, random_store, synchronize, time_forward
 from actscope.pipeline import sampling
 from actscope.pipeline.nonzero import NonZeros
 from actscope.pipeline.reducers import Group, HookStatistics, job_statistics
-from actscope.pipeline.sae import Encoder, SAEInfo
+from actscope.pipeline.sae import Encoder, SAEInfo, chosen_nonzeros
 from actscope.pipeline.worker import Batch, ShardWorker, one_thread
 from actscope.storage.spec import JobSpec
 
@@ -154,6 +155,15 @@ def latent_costs(sae: dict, residual_batches: list[torch.Tensor], tokens: torch.
         nz = NonZeros.of(latents, None)
         synchronize(device)
         ms = {"non-zeros": round(1000 * (time.perf_counter() - start), 2)}
+        # A top-k encoder hands its chosen entries over instead (the worker then skips the scan):
+        # what that costs the encode, from the same indices.
+        handed = sae.get("k") is not None
+        if handed:
+            index = torch.topk(latents.abs(), sae["k"], dim=-1).indices
+            start = time.perf_counter()
+            chosen_nonzeros(latents, index)
+            synchronize(device)
+            ms["non-zeros"] = round(1000 * (time.perf_counter() - start), 2)
         for statistic, reducer in zip(job_statistics(spec, "sae"), stats.reducers):
             update = (lambda r=reducer: r.update_nonzero(latents, nz, batch)) if hasattr(reducer, "update_nonzero") else (lambda r=reducer: r.update(latents, batch))
             update()  # the first batch of a group ranks differently; time a later one
@@ -163,6 +173,7 @@ def latent_costs(sae: dict, residual_batches: list[torch.Tensor], tokens: torch.
             synchronize(device)
             ms[statistic.name] = round(1000 * (time.perf_counter() - start), 2)
     return {"encode_s": round(encode_s, 3), "statistics_ms_per_batch": ms, "statistics_ms_total": round(sum(ms.values()), 1),
+            "non_zeros_from": "the encoder's choice" if handed else "a scan",
             "batch_tokens": n, "density": round(float((latents != 0).float().mean()), 5)}
 
 

@@ -312,8 +312,8 @@ def _too_big(memory: Estimate, limit: int, local_workers: int | None) -> str:
     share = f" (this machine's memory shared by {local_workers} workers)" if local_workers and local_workers > 1 else ""
     return (
         f"the job needs about {gib(memory.total)} per worker and {gib(limit)} is available{share}; largest parts: {parts}. "
-        "Ways out: a larger coactivation.stride does not help memory, but coactivation.pairs: within or adjacent, "
-        "fewer coactivation.hooks, or statistics without coactivation do; fewer or narrower hooks; a smaller "
+        "Ways out: coactivation.pairs: within or adjacent, fewer coactivation.hooks, or statistics without "
+        "coactivation (a larger coactivation.stride shrinks only the pairs of SAE latents); fewer or narrower hooks; a smaller "
         "shard_size, batch_size or top_k; fewer workers on one machine; or a device with more memory."
     )
 

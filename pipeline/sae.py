@@ -273,14 +273,14 @@ class Encoder:
 
     @torch.no_grad()
     def encode(self, x: torch.Tensor) -> torch.Tensor:
-        return self._encode(self._normalized(x.float())[0])[0]
+        return self._encode(self._normalized(x.float())[0], nonzeros=False)[0]
 
     @torch.no_grad()
     def encode_with_nonzeros(self, x: torch.Tensor) -> tuple[torch.Tensor, NonZeros | None]:
         """The latents, and, where the architecture chose them (top-k: k a token), their
         non-zero entries as ``NonZeros.of`` would find them (row-major, every token), from the
         chosen indices: no scan of the ``[tokens, d_sae]`` zeros. None for the others."""
-        return self._encode(self._normalized(x.float())[0])
+        return self._encode(self._normalized(x.float())[0], nonzeros=True)
 
     @torch.no_grad()
     def reconstruct(self, x: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
@@ -309,7 +309,7 @@ class Encoder:
             out["sst"] = float(((target - target.mean(0)) ** 2).sum())
         return out
 
-    def _encode(self, x: torch.Tensor) -> torch.Tensor:
+    def _encode(self, x: torch.Tensor, *, nonzeros: bool) -> tuple[torch.Tensor, NonZeros | None]:
         info, w = self.info, self.w
         if info.apply_b_dec_to_input:  # never for a transcoder (its b_dec is the output's)
             x = x - w["b_dec"]
@@ -337,7 +337,7 @@ class Encoder:
                     latents = torch.zeros_like(pre).scatter_(-1, index, torch.relu(top.values))
                 if info.fold_w_dec_norm:
                     latents = latents * self.norms
-                return latents, _chosen(latents, index)
+                return latents, chosen_nonzeros(latents, index) if nonzeros else None
         if info.fold_w_dec_norm:
             latents = latents * self.norms
         return latents, None
@@ -350,7 +350,7 @@ class Encoder:
         return w_dec / self.norms[:, None].clamp_min(1e-30) if self.info.fold_w_dec_norm else w_dec
 
 
-def _chosen(latents: torch.Tensor, index: torch.Tensor) -> NonZeros:
+def chosen_nonzeros(latents: torch.Tensor, index: torch.Tensor) -> NonZeros:
     """The non-zero entries among each token's chosen latents ``index`` [tokens, k], in the
     order ``torch.nonzero`` gives (token, then latent)."""
     index = index.sort(dim=-1).values
@@ -360,4 +360,4 @@ def _chosen(latents: torch.Tensor, index: torch.Tensor) -> NonZeros:
     return NonZeros(rows[keep], index[keep], values[keep], len(latents), latents.shape[1])
 
 
-__all__ = ["ARCHITECTURES", "TRANSCODERS", "Encoder", "SAEInfo", "read_config"]
+__all__ = ["ARCHITECTURES", "TRANSCODERS", "Encoder", "SAEInfo", "chosen_nonzeros", "read_config"]
