@@ -10,8 +10,8 @@ V: vocabulary size):
   random samples ``4 w * random_samples``;
 - token sums ``8 w * min(V, G)`` (float64 rows of the ids present in the group of G tokens);
   an SAE's are sparse: ``16`` bytes per (token id, latent) pair at which the latent fired, twice
-  while pieces are folded, so ``32 * min(V w, G L)`` for L latents firing per token (the plan
-  assumes ``L <= ASSUMED_L0``);
+  while pieces are folded, so ``32 * min(V w, G L)`` for L latents firing per token (a top-k
+  SAE's k; for the others the plan assumes ``L <= ASSUMED_L0``);
 - a batch's activations ``4 B w`` (float32), and ``2 T w`` of host buffer per dense hook (an
   SAE's stored latents: ``14 T L`` of (token, latent, value) entries; ``8 + 6 L`` bytes a token
   in the store);
@@ -64,6 +64,7 @@ def worker_memory(spec: JobSpec, widths: dict[str, int], vocab_size: int, weight
     group_tokens = group_tokens or vocab_size
     batch_tokens = min(spec.batch_size, spec.shard_size) * spec.context_length
     parts: dict[str, int] = {"model weights": weight_bytes}
+    fires = lambda site: (l0 or {}).get(site, ASSUMED_L0)
 
     def add(name: str, size: int) -> None:
         parts[name] = parts.get(name, 0) + int(size)
@@ -78,12 +79,12 @@ def worker_memory(spec: JobSpec, widths: dict[str, int], vocab_size: int, weight
         if spec.computes("samples"):
             add("samples", 20 * w * N_BANDS * spec.samples_per_band + 4 * w * spec.random_samples)
         if spec.computes("tokens") and spec.sae(hook):
-            add("token sums", 2 * sparse_token_bytes(w, vocab_size, sparse_group))
+            add("token sums", 2 * sparse_token_bytes(w, vocab_size, sparse_group, fires(hook)))
         elif spec.computes("tokens"):
             add("token sums", 8 * w * min(vocab_size, group_tokens))
         add("activations", 4 * batch_tokens * w)
         if hook in spec.dense and spec.sae(hook):
-            add("dense buffers", 14 * shard_tokens * min(ASSUMED_L0, w))  # (token, latent, value) entries
+            add("dense buffers", 14 * shard_tokens * min(fires(hook), w))  # (token, latent, value) entries
         elif hook in spec.dense:
             add("dense buffers", 2 * shard_tokens * w)
     hooks = spec.coactivation_hooks()
@@ -113,10 +114,10 @@ def latents_per_token(model: dict) -> dict[str, int]:
     }
 
 
-def sparse_token_bytes(w: int, vocab_size: int, tokens: int) -> int:
+def sparse_token_bytes(w: int, vocab_size: int, tokens: int, l0: int = ASSUMED_L0) -> int:
     """Bytes of an SAE's sparse token sums over ``tokens`` tokens, at most: 16 per distinct
-    (token id, latent) pair that fired."""
-    return 16 * min(vocab_size * w, tokens * min(ASSUMED_L0, w))
+    (token id, latent) pair that fired (``l0`` latents a token)."""
+    return 16 * min(vocab_size * w, tokens * min(l0, w))
 
 
 def dense_pair_sizes(spec: JobSpec, widths: dict[str, int]) -> list[int]:
@@ -202,7 +203,8 @@ def store_bytes(spec: JobSpec, widths: dict[str, int], vocab_size: int, n_tokens
     groups = -(-n_tokens // (group_shards * shard_tokens))
     units = sum(widths.values())
     parts: dict[str, int] = {"token arrays": 17 * n_tokens}
-    dense = sum((8 + 6 * min(ASSUMED_L0, widths[h])) * n_tokens if spec.sae(h) else 2 * widths[h] * n_tokens for h in spec.dense)
+    fires = lambda site: min((l0 or {}).get(site, ASSUMED_L0), widths[site])
+    dense = sum((8 + 6 * fires(h)) * n_tokens if spec.sae(h) else 2 * widths[h] * n_tokens for h in spec.dense)
     if dense:
         parts["dense activations"] = dense
     hooks = spec.coactivation_hooks()
@@ -214,7 +216,7 @@ def store_bytes(spec: JobSpec, widths: dict[str, int], vocab_size: int, n_tokens
     parts["tables"] = 25 * n_tokens + per_unit * units
     group_tokens = min(group_shards * shard_tokens, n_tokens)
     sparse = sum(  # every group's sparse token sums
-        groups * sparse_token_bytes(w, vocab_size, group_tokens) for s, w in widths.items() if spec.sae(s)
+        groups * sparse_token_bytes(w, vocab_size, group_tokens, fires(s)) for s, w in widths.items() if spec.sae(s)
     ) if spec.computes("tokens") else 0
     parts["partial state (peak)"] = groups * partial_bytes(spec, widths, vocab_size) + sparse + 8 * pairs + met + per_unit * units
     return Estimate(parts)

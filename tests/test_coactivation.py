@@ -206,5 +206,7 @@ def test_the_plan_sizes_latent_pairs_by_the_pairs_that_can_meet():
     assert l0 == {"sae": 32}
     topk = worker_memory(spec, widths, 50_257, 0, group_tokens=tokens, l0=l0).parts
     assert topk["co-activation of latents"] == 68 * (((tokens // 32) * 32 * 32 + n) // 2)
+    hook_sums = 8 * w * 50_257  # the hook's dense rows; the SAE's sparse pairs count its k, not ASSUMED_L0
+    assert (topk["token sums"] - hook_sums, parts["token sums"] - hook_sums) == (2 * 16 * tokens * 32, 2 * 16 * tokens * ASSUMED_L0)
     dense = worker_memory(JobSpec.from_dict({**fields, "thresholds": {"sae": -1.0}}), widths, 50_257, 0, group_tokens=tokens).parts
     assert "co-activation of latents" not in dense and dense["co-activation"] == 16 * (w * w + w * n + n * n) + 16 * n * n
