@@ -430,7 +430,9 @@ SPARSE_CELLS = 1 << 20
 
 def latent_pairs_stored(store) -> int:
     """Pairs of latents the store's co-activation partials hold (every group's meetings, or the
-    merged rows)."""
+    merged rows); 0 without sparse sites (nothing listed)."""
+    if not sparse_sites(store.spec):
+        return 0
     return sum(
         part.shape(name)[0] for part in store.coactivation_partials() for name in part.names()
         if name.startswith("pairs.") and name.endswith(".key") or name.startswith("csr.") and name.endswith(".col")

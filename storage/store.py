@@ -529,10 +529,6 @@ def _leftovers_ignored():
         yield
 
 
-#: Co-activation arrays read by the merge in parts, never whole as vectors.
-PAIR_STATE = ("m2.", "both.", "pairs.", "csr.")
-
-
 class PartialArrays:
     """Named arrays of one partial (a group's co-activation, or the merged one), read whole or
     by blocks of rows and columns; Zarr stays behind this class."""
@@ -543,11 +539,6 @@ class PartialArrays:
     def names(self) -> list[str]:
         with _leftovers_ignored():
             return sorted(self._group.array_keys())
-
-    def vectors(self) -> dict[str, np.ndarray]:
-        """Every array but the pair state (the matrices ``m2.*`` and ``both.*``, and sparse
-        sites' meetings ``pairs.*`` and merged rows ``csr.*``), whole."""
-        return {name: self._group[name][...] for name in self.names() if not name.startswith(PAIR_STATE)}
 
     def shape(self, name: str) -> tuple[int, ...]:
         return self._group[name].shape

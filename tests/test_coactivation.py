@@ -81,7 +81,7 @@ def splits(draw):
     return values, len(widths), thresholds, counted, cuts, draw(st.integers(1, 7)), pairs, draw(st.sampled_from([1, 2]))
 
 
-@settings(max_examples=25, deadline=None)  # each example writes and merges a real store (about 1.3 s)
+@settings(max_examples=15, deadline=None)  # each example writes and merges a real store (1-2 s)
 @given(splits())
 def test_merge_over_any_split_equals_brute_force(tmp_path_factory, problem):
     """Shard partials written to a real store and merged blockwise equal one brute-force pass,

@@ -141,7 +141,7 @@ def test_killed_run_resumes_to_identical_tables(make_job, tmp_path):
     cmd = [sys.executable, "-m", "actscope", "run", str(job), "--local"]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
-        deadline = time.monotonic() + 15
+        deadline = time.monotonic() + 90  # a wait, not a timing: a loaded machine plans and tokenizes slowly
         while time.monotonic() < deadline:
             if _committed(spec.store) >= 5:
                 break
