@@ -64,7 +64,7 @@ def worker_memory(spec: JobSpec, widths: dict[str, int], vocab_size: int, weight
     group_tokens = group_tokens or vocab_size
     batch_tokens = min(spec.batch_size, spec.shard_size) * spec.context_length
     parts: dict[str, int] = {"model weights": weight_bytes}
-    fires = lambda site: (l0 or {}).get(site, ASSUMED_L0)
+    fires = lambda site: fires_per_token(l0, site, widths[site])
 
     def add(name: str, size: int) -> None:
         parts[name] = parts.get(name, 0) + int(size)
@@ -84,7 +84,7 @@ def worker_memory(spec: JobSpec, widths: dict[str, int], vocab_size: int, weight
             add("token sums", 8 * w * min(vocab_size, group_tokens))
         add("activations", 4 * batch_tokens * w)
         if hook in spec.dense and spec.sae(hook):
-            add("dense buffers", 14 * shard_tokens * min(fires(hook), w))  # (token, latent, value) entries
+            add("dense buffers", 14 * shard_tokens * fires(hook))  # (token, latent, value) entries
         elif hook in spec.dense:
             add("dense buffers", 2 * shard_tokens * w)
     hooks = spec.coactivation_hooks()
@@ -114,6 +114,12 @@ def latents_per_token(model: dict) -> dict[str, int]:
     }
 
 
+def fires_per_token(l0: dict[str, int] | None, site: str, width: int) -> int:
+    """The latents of ``site`` the plan counts a token: its known L0 (``l0``), else
+    ``ASSUMED_L0``, at most its width."""
+    return min((l0 or {}).get(site, ASSUMED_L0), width)
+
+
 def sparse_token_bytes(w: int, vocab_size: int, tokens: int, l0: int = ASSUMED_L0) -> int:
     """Bytes of an SAE's sparse token sums over ``tokens`` tokens, at most: 16 per distinct
     (token id, latent) pair that fired (``l0`` latents a token)."""
@@ -131,13 +137,12 @@ def latent_pair_entries(spec: JobSpec, widths: dict[str, int], tokens: int, l0: 
     most: every pair of latents firing together at a co-activation token is new, up to all of
     them (a site with itself keeps one triangle). ``l0``: latents a token where known."""
     hooks, sparse = spec.coactivation_hooks(), sparse_sites(spec)
-    fires = lambda site: min((l0 or {}).get(site, ASSUMED_L0), widths[site])
     chosen = -(-tokens // spec.coactivation.stride)
     total = 0
     for i, j in site_pairs(hooks, spec.coactivation.pairs):
         if i in sparse and j in sparse:
             wi, wj = widths[hooks[i]], widths[hooks[j]]
-            pairs = min(wi * wj, chosen * fires(hooks[i]) * fires(hooks[j]))
+            pairs = min(wi * wj, chosen * fires_per_token(l0, hooks[i], wi) * fires_per_token(l0, hooks[j], wj))
             total += (pairs + wi) // 2 if i == j else pairs
     return total
 
@@ -203,7 +208,7 @@ def store_bytes(spec: JobSpec, widths: dict[str, int], vocab_size: int, n_tokens
     groups = -(-n_tokens // (group_shards * shard_tokens))
     units = sum(widths.values())
     parts: dict[str, int] = {"token arrays": 17 * n_tokens}
-    fires = lambda site: min((l0 or {}).get(site, ASSUMED_L0), widths[site])
+    fires = lambda site: fires_per_token(l0, site, widths[site])
     dense = sum((8 + 6 * fires(h)) * n_tokens if spec.sae(h) else 2 * widths[h] * n_tokens for h in spec.dense)
     if dense:
         parts["dense activations"] = dense

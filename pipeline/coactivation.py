@@ -36,7 +36,7 @@ import pyarrow as pa
 import torch
 
 from actscope.pipeline.nonzero import NonZeros
-from actscope.pipeline.tokenstats import _compact, _Pending, top_rows
+from actscope.pipeline.tokenstats import PendingSums, compact_sums, top_rows
 from actscope.storage.spec import JobSpec
 from actscope.storage.tables import SCHEMAS
 
@@ -90,7 +90,7 @@ class RunningCoactivation:
     the same dense state, kept latents-first (``[N_i, w_j]``) and transposed into the pair's order
     at the end. Between two sparse sites the state is sparse too: every (latent a, latent b) that
     are non-zero at one token, keyed ``a * N_j + b``, with the float64 sum of ``x_a x_b`` and the
-    count of tokens where both fired, folded by sort and sum (``tokenstats._Pending``); a pair
+    count of tokens where both fired, folded by sort and sum (``tokenstats.PendingSums``); a pair
     that never meets has neither, and its co-moment follows from the means alone.
     """
 
@@ -109,7 +109,7 @@ class RunningCoactivation:
         for i, j in self.pairs:
             if i in self.sparse and j in self.sparse:
                 empty = (torch.zeros(0, dtype=torch.int64, device=device), torch.zeros((0, 2), dtype=torch.float64, device=device))
-                self.met[i, j] = _Pending(torch, *empty)
+                self.met[i, j] = PendingSums(torch, *empty)
                 continue
             # dense state, the sparse site's rows first when there is one
             shape = (self.widths[j], self.widths[i]) if j in self.sparse else (self.widths[i], self.widths[j])
@@ -322,7 +322,7 @@ def _merged_meetings(groups, i: int, j: int, widths: list[int]) -> dict[str, np.
     """The sparse pair (i, j) folded over the groups (float64 sums in group order, counts), as
     CSR rows of i over j and of j over i (one set when i == j, its triangle mirrored)."""
     pieces = [{part: g.read_vector(f"pairs.{i}.{j}.{part}") for part in ("key", "sum", "both")} for g in groups]
-    keys, sums = _compact(
+    keys, sums = compact_sums(
         [p["key"] for p in pieces], [np.stack([p["sum"], p["both"].astype(np.float64)], 1) for p in pieces], np
     ) if pieces else (np.zeros(0, np.int64), np.zeros((0, 2)))
     a, b = np.divmod(keys, widths[j])

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from actscope.pipeline import coactivation
-from actscope.pipeline.capacity import ASSUMED_L0, hook_partial_bytes, latents_per_token, sparse_token_bytes
+from actscope.pipeline.capacity import fires_per_token, hook_partial_bytes, latents_per_token, sparse_token_bytes
 from actscope.pipeline.index import hook_tables, vocab_table, write_tokens_table
 from actscope.pipeline.reducers import HookMerge
 from actscope.storage.errors import StoreError
@@ -65,7 +65,7 @@ def _all_parts(store: Store) -> tuple[list[Part], list[Part]]:
         if not spec.computes("tokens"):
             tokens = 0
         elif spec.sae(hook):
-            tokens = 2 * sparse_token_bytes(w, vocab, store.n_seq * spec.context_length, latents_per_token(store.model).get(hook, ASSUMED_L0))
+            tokens = 2 * sparse_token_bytes(w, vocab, store.n_seq * spec.context_length, fires_per_token(latents_per_token(store.model), hook, w))
         else:
             tokens = 16 * vocab * w
         memory = tokens + 2 * hook_partial_bytes(spec, w, vocab, sparse=bool(spec.sae(hook))) + (64 << 20)

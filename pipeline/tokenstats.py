@@ -110,7 +110,7 @@ def top_rows(scores: np.ndarray, m: int) -> np.ndarray:
 # mean 0 and fill the ranking by id, which says nothing).
 
 
-def _compact(keys: list, sums: list, xp):
+def compact_sums(keys: list, sums: list, xp):
     """Sum equal keys of the concatenated pieces, keeping the pieces' order within a key (stable
     sort, then a sum per run): the same sums for the same pieces, on a CPU and on a GPU."""
     if xp is np:
@@ -127,7 +127,7 @@ def _compact(keys: list, sums: list, xp):
     return unique, torch.segment_reduce(sums[order], "sum", lengths=lengths, axis=0)
 
 
-class _Pending:
+class PendingSums:
     """Key/sum pieces folded into one sorted, summed run once they outgrow it (each value is
     then re-sorted O(log n) times in all)."""
 
@@ -145,7 +145,7 @@ class _Pending:
     def compact(self):
         if self.pending:
             pieces = [(self.keys, self.sums), *self.pending]
-            self.keys, self.sums = _compact([k for k, _ in pieces], [s for _, s in pieces], self.xp)
+            self.keys, self.sums = compact_sums([k for k, _ in pieces], [s for _, s in pieces], self.xp)
             self.pending, self.n_pending = [], 0
         return self.keys, self.sums
 
@@ -159,7 +159,7 @@ class RunningSparseTokenSums:
         self.width = width
         self.present = torch.unique(shard_tokens[counted])
         self.counts = torch.zeros(len(self.present), dtype=torch.int64, device=device)
-        self.sums = _Pending(torch, torch.zeros(0, dtype=torch.int64, device=device), torch.zeros(0, dtype=torch.float64, device=device))
+        self.sums = PendingSums(torch, torch.zeros(0, dtype=torch.int64, device=device), torch.zeros(0, dtype=torch.float64, device=device))
 
     def update(self, x: torch.Tensor, batch) -> None:
         self.update_nonzero(NonZeros.of(x, batch.counted), batch)
@@ -189,7 +189,7 @@ class SparseTokenSumMerge:
     def __init__(self, vocab_size: int, width: int):
         self.width = width
         self.counts = np.zeros(vocab_size, dtype=np.int64)
-        self.sums = _Pending(np, np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.float64))
+        self.sums = PendingSums(np, np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.float64))
 
     def add(self, part: dict[str, np.ndarray]) -> None:
         self.counts[part["token_ids"]] += part["token_counts"]

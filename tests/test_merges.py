@@ -121,7 +121,7 @@ def test_sparse_token_sums_fold_the_same_whenever_they_compact(monkeypatch):
                               "saes": [{"name": "lat", "path": "sae", "hook": "h"}]})
     args = (spec, acts, np.ones(300, dtype=bool), token_ids, np.zeros(300, dtype=np.int64), [50, 170], 16, "lat")
     once = _merged(*args)
-    monkeypatch.setattr(tokenstats._Pending, "MIN_PENDING", 1)
+    monkeypatch.setattr(tokenstats.PendingSums, "MIN_PENDING", 1)
     every = _merged(*args)
     for name in ("token_top_ids", "token_top_mean", "token_top_count"):
         np.testing.assert_array_equal(once[name], every[name])
