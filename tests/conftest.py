@@ -3,10 +3,13 @@ real-text corpus, a job-file factory, and one local Ray for the whole session.""
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import tempfile
 
 _HOME = tempfile.mkdtemp(prefix="actscope-tests-home-")
+atexit.register(shutil.rmtree, _HOME, ignore_errors=True)
 os.environ.setdefault("HF_HOME", os.path.join(_HOME, "hf"))  # datasets writes lock files there
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
