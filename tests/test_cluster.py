@@ -154,10 +154,16 @@ def clean_s3(tmp_path_factory, tiny_model, corpus_dir):
     return tables(spec.store)
 
 
-def test_a_store_on_object_storage_equals_a_local_one(s3, clean_s3, tmp_path, tiny_model, corpus_dir):
+@pytest.fixture(scope="module")
+def s3_run(s3, tmp_path_factory, tiny_model, corpus_dir):
+    """The job run by the CLI with two Ray workers into the object store: (url, job file, output)."""
     url = "s3://actscope-test/runs/job.zarr"
-    job = write_job(tmp_path, "s3job", tiny_model, corpus_dir, store=url, workers=2, **S3_JOB)
-    output = _finish(_actscope("run", str(job), env=s3))
+    job = write_job(tmp_path_factory.mktemp("s3-run"), "s3job", tiny_model, corpus_dir, store=url, workers=2, **S3_JOB)
+    return url, job, _finish(_actscope("run", str(job), env=s3))
+
+
+def test_a_store_on_object_storage_equals_a_local_one(s3_run, clean_s3, tmp_path):
+    url, job, output = s3_run
     assert "2 worker(s)" in output
     assert tables(url) == clean_s3
     # Queries and reports read it where it is.
@@ -284,13 +290,13 @@ def test_a_truncated_chunk_from_a_crashed_writer_is_rewritten_on_resume(clean, t
         assert tree_digest(root / part) == tree_digest(Path(reference.store) / part), part
 
 
-def test_queries_read_an_object_store_index_without_network_access(s3, clean_s3, tmp_path, tiny_model, corpus_dir, monkeypatch):
+def test_queries_read_an_object_store_index_without_network_access(s3_run, clean_s3, tmp_path, monkeypatch):
     """The catalog caches the index locally (downloaded once, checked on every connect, never
     stale); the locked-down connection still refuses the rest."""
     monkeypatch.setenv("ACTSCOPE_CACHE", str(tmp_path / "cache"))
-    url = "s3://actscope-test/runs/local-run.zarr"
-    spec = load_job(write_job(tmp_path, "s3local", tiny_model, corpus_dir, store=url, **S3_JOB))
-    run_job(spec, use_ray=False)
+    url = "s3://actscope-test/runs/copied.zarr"  # a copy of the CLI's store, changed below
+    fs = fsspec.filesystem("s3")
+    fs.copy(s3_run[0].removeprefix("s3://"), url.removeprefix("s3://"), recursive=True)
     assert tables(url) == clean_s3
     with actscope.connect(url) as c:
         assert c.sql("SELECT count(*) FROM neuron_stats").rows[0][0] == 256 + 64
@@ -302,7 +308,6 @@ def test_queries_read_an_object_store_index_without_network_access(s3, clean_s3,
     with actscope.connect(url) as c:  # unchanged: served from the cache, nothing downloaded
         assert {t: os.stat(p).st_mtime_ns for t, p in c.files.items()} == stamps
     # The store changes (a table rewritten in place): the next connect reads the new bytes.
-    fs = fsspec.filesystem("s3")
     store = Store.open(url)
     fs.pipe(store.table_url("vocab"), fs.cat(store.table_url("token_stats")))
     with actscope.connect(url) as c:
