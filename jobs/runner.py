@@ -43,6 +43,7 @@ from actscope.pipeline.model import (
 from actscope.pipeline.reduce import Part, PartDone, assemble, plan_parts, run_part
 from actscope.pipeline.worker import ShardResult, ShardWorker
 from actscope.storage.errors import ActscopeError, JobSpecError, StoreDamaged, StoreError
+from actscope.storage.lease import Fence, Lease
 from actscope.storage.spec import JobSpec
 from actscope.storage.store import DamagedPartial, Store, inspect_target, local_path
 
@@ -198,12 +199,25 @@ def plan(spec: JobSpec, *, overwrite: bool = False, job_path: str | None = None,
         raise StoreError(_mismatch(existing, spec, staging))
     if staging is None:
         return decided("replace", spec.store)
-    if inspect_target(staging) == "store":
+    if _leftover(staging) == "store":
         partial = Store.open(staging)
         if partial.fingerprint == model["fingerprint"]:
             _check_stored_spec(partial, spec)
             return decided("replace", staging, partial)  # an earlier --overwrite of this job, unfinished
     return decided("replace", staging)
+
+
+def _leftover(staging: str) -> str:
+    """What is at the staging folder of ``--overwrite``: as ``inspect_target``, but a folder that
+    is not a store (a replacement cut short while it was created, or files put there) is named
+    with the command that removes it: it is never deleted by actscope."""
+    try:
+        return inspect_target(staging)
+    except StoreError:
+        raise StoreError(
+            f"{staging} holds an unfinished replacement of the store that is not a store actscope can resume "
+            f"(an --overwrite stopped while it created it). Look inside, then remove it (rm -r '{staging}') and run again."
+        ) from None
 
 
 def check_saes(spec: JobSpec, widths: dict[str, int], bridge) -> dict[str, dict]:
@@ -373,8 +387,20 @@ def _mismatch(existing: Store, spec: JobSpec, staging: str | None = None) -> str
     )
 
 
-def run_job(
+def run_job(spec: JobSpec, *, job_path: str | None = None, **options) -> RunSummary:
+    """Run (or resume) ``spec`` to completion and return what was done, as the store's one writer:
+    the store's lease is taken first (``storage.lease``; another run holding it is refused at
+    once with ``StoreBusy``) and held to the end. ``options``: those of ``_run_leased``;
+    ``job_path``: the job file, which the store may not be."""
+    protect_paths(spec, job_path)
+    inspect_target(spec.store)  # a folder of the user's files is refused before a lock is made beside it
+    with Lease.acquire(spec.store) as lease:
+        return _run_leased(spec, lease.fence, job_path=job_path, **options)
+
+
+def _run_leased(
     spec: JobSpec,
+    fence: Fence,
     *,
     address: str | None = None,
     workers: int | None = None,
@@ -384,9 +410,8 @@ def run_job(
     reporter: Reporter | None = None,
     job_path: str | None = None,
 ) -> RunSummary:
-    """Run (or resume) ``spec`` to completion and return what was done. ``threads``: torch threads
-    per CPU worker (default: the cores split between the workers); ``job_path``: the job file,
-    which the store may not be."""
+    """``run_job`` under the lease whose ``fence`` every commit checks. ``threads``: torch
+    threads per CPU worker (default: the cores split between the workers)."""
     reporter = reporter or _Silent()
     # Inside a Ray job (actscope submit, a KubeRay RayJob) Ray names the cluster in RAY_ADDRESS.
     address = address or os.environ.get("RAY_ADDRESS") or None
@@ -417,11 +442,11 @@ def run_job(
         model, tokenizer, url = planned.model, planned.tokenizer, planned.build_url
         resumed = planned.action == "resume"
         if planned.existing is not None:
-            store = Store.open(url, writable=True)
+            store = Store.open(url, writable=True, fence=fence)
         else:
             if planned.action == "replace" and inspect_target(url) == "store":
                 Store.remove(url)  # an actscope store: the old job's on an object store, or a stale replacement
-            store = created = Store.create(url, spec=spec, fingerprint=model["fingerprint"], model=model)
+            store = created = Store.create(url, spec=spec, fingerprint=model["fingerprint"], model=model, fence=fence)
         tokenize_tasks = 0
         n_workers = _worker_count(spec, workers, use_ray, address, ray_session)
         results = []
@@ -455,7 +480,7 @@ def run_job(
             tokenizer_thread = threading.Thread(target=tokenize, name="tokenize", daemon=True)
             tokenizer_thread.start()
             try:
-                for result in _execute_on_ray(url, feed, n_workers, logits, threads, ready, prestarted):
+                for result in _execute_on_ray(url, fence, feed, n_workers, logits, threads, ready, prestarted):
                     results.append(result)
                     progress.advance(result.n_tokens)
             finally:
@@ -485,9 +510,9 @@ def run_job(
             if pending or logits:
                 if use_ray:
                     ray_session.ensure()
-                    execute = _execute_on_ray(url, GroupFeed.of(store, pending), n_workers, logits, threads, ready, prestarted)
+                    execute = _execute_on_ray(url, fence, GroupFeed.of(store, pending), n_workers, logits, threads, ready, prestarted)
                 else:
-                    execute = _execute_here(url, pending, logits, threads, ready)
+                    execute = _execute_here(url, fence, pending, logits, threads, ready)
                 for result in execute:
                     results.append(result)
                     reporter.advance(result.n_tokens)
@@ -520,9 +545,9 @@ def run_job(
                 small = store.n_groups * partial_bytes(spec, model["hook_widths"], model["vocab_size"]) < RAY_REDUCE_BYTES
                 if use_ray and (first or later) and not small:
                     ray_session.ensure()
-                    reduced = list(_reduce_on_ray(url, first, later))
+                    reduced = list(_reduce_on_ray(url, fence, first, later))
                 else:
-                    reduced = [run_part(url, part) for part in first + later]
+                    reduced = [run_part(url, part, fence) for part in first + later]
                 assemble(store, tokenizer)
             except DamagedPartial as damaged:
                 if damaged.first_shard is not None:
@@ -729,7 +754,7 @@ def _worker_count(spec: JobSpec, override: int | None, use_ray: bool, address: s
     return int(resources.get("GPU", 0)) or max(1, int(resources.get("CPU", 1)))
 
 
-def _reduce_on_ray(store_url: str, first: list[Part], later: list[Part]) -> Iterator[PartDone]:
+def _reduce_on_ray(store_url: str, fence: Fence, first: list[Part], later: list[Part]) -> Iterator[PartDone]:
     """The reduce's parts as Ray tasks, one CPU each, each asking for the memory it will hold
     (Ray then runs as many at once as the nodes' memory allows); the co-activation blocks start
     once ``prepare`` is done. A task whose worker died is retried by Ray (a part is idempotent:
@@ -743,7 +768,7 @@ def _reduce_on_ray(store_url: str, first: list[Part], later: list[Part]) -> Iter
 
     def submit(part: Part):
         memory = min(part.memory, int(largest * 0.9)) if largest else part.memory
-        return task.options(memory=max(memory, 1)).remote(store_url, part)
+        return task.options(memory=max(memory, 1)).remote(store_url, part, fence)
 
     running = {submit(part): part for part in first}
     if not any(part.kind == "prepare" for part in first):
@@ -763,8 +788,8 @@ def _reduce_on_ray(store_url: str, first: list[Part], later: list[Part]) -> Iter
         yield done
 
 
-def _execute_here(store_url: str, shards: list[int], logits: bool, threads: int | None, ready: list[float]):
-    worker = ShardWorker(store_url, threads=threads)
+def _execute_here(store_url: str, fence: Fence, shards: list[int], logits: bool, threads: int | None, ready: list[float]):
+    worker = ShardWorker(store_url, threads=threads, fence=fence)
     ready.append(time.perf_counter())
     for shard in shards:
         yield worker(shard)
@@ -887,7 +912,7 @@ def _kill(actors: list) -> None:
         actors.clear()
 
 
-def _execute_on_ray(store_url: str, feed: GroupFeed, n_workers: int, logits: bool, threads: int | None, ready: list[float],
+def _execute_on_ray(store_url: str, fence: Fence, feed: GroupFeed, n_workers: int, logits: bool, threads: int | None, ready: list[float],
                     prestarted: list | None = None):
     """Groups to a pool of actors, one model each; only group ids and small results travel.
     Then one actor computes the logit effects from its copy of the weights (on its device).
@@ -905,7 +930,7 @@ def _execute_on_ray(store_url: str, feed: GroupFeed, n_workers: int, logits: boo
 
     def start() -> tuple:
         actor = actor_class.remote(threads=threads)
-        return actor.open.remote(store_url), actor
+        return actor.open.remote(store_url, fence), actor
 
     queue: deque = deque(feed.take())  # (group, span), in group order
     attempts: dict[int, int] = {}
@@ -913,7 +938,7 @@ def _execute_on_ray(store_url: str, feed: GroupFeed, n_workers: int, logits: boo
     # Every worker is given the store by ``open`` (which loads its model): those started during
     # the plan (``prestarted``, taken over from the caller) first, then new ones as needed.
     prestarted = prestarted if prestarted is not None else []
-    starting = {actor.open.remote(store_url): actor for actor in prestarted[:wanted]}
+    starting = {actor.open.remote(store_url, fence): actor for actor in prestarted[:wanted]}
     _kill(prestarted[wanted:])
     prestarted.clear()
     starting.update(start() for _ in range(wanted - len(starting)))

@@ -31,6 +31,7 @@ from actscope.pipeline.capacity import fires_per_token, hook_partial_bytes, late
 from actscope.pipeline.index import hook_tables, vocab_table, write_tokens_table
 from actscope.pipeline.reducers import HookMerge
 from actscope.storage.errors import StoreError
+from actscope.storage.lease import Fence
 from actscope.storage.store import Store
 from actscope.storage.tables import HOOK_TABLES, TableWriter, read_table, write_table
 
@@ -93,10 +94,11 @@ def plan_parts(store: Store) -> tuple[list[Part], list[Part]]:
     return [p for p in first if not store.part_done(p.key)], [p for p in later if not store.part_done(p.key)]
 
 
-def run_part(store_url: str, part: Part) -> PartDone:
-    """Run one part against the store at ``store_url`` (in any process) and mark it done."""
+def run_part(store_url: str, part: Part, fence: Fence | None = None) -> PartDone:
+    """Run one part against the store at ``store_url`` (in any process) and mark it done
+    (``fence``: the run's lease, checked before)."""
     t = time.perf_counter()
-    store = Store.open(store_url, writable=True)
+    store = Store.open(store_url, writable=True, fence=fence)
     spec = store.spec
     if part.kind == "hook":
         merged = {part.hook: merge_hook(store, part.hook)}

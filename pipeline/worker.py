@@ -24,6 +24,7 @@ from actscope.pipeline.logits import logit_effects
 from actscope.pipeline.model import job_forward, load_job_model, resolve_device
 from actscope.pipeline.nonzero import NonZeros
 from actscope.pipeline.reducers import Group, HookStatistics
+from actscope.storage.lease import Fence
 from actscope.storage.store import COACTIVATION, PAD, TEXT, Store
 
 
@@ -50,7 +51,7 @@ def _node() -> str:
 
 
 class ShardWorker:
-    def __init__(self, store_url: str | None = None, *, threads: int | None = None):
+    def __init__(self, store_url: str | None = None, *, threads: int | None = None, fence: Fence | None = None):
         """``store_url``: the store to work on, opened (and the model loaded) now. None: a worker
         started while the job is still being planned, before its store exists (the process
         start and imports, seconds, overlap the plan); ``open`` then gives it the store."""
@@ -58,12 +59,12 @@ class ShardWorker:
             torch.set_num_threads(threads)
         self.store: Store | None = None
         if store_url is not None:
-            self.open(store_url)
+            self.open(store_url, fence)
 
-    def open(self, store_url: str) -> bool:
+    def open(self, store_url: str, fence: Fence | None = None) -> bool:
         """Open the store and load the model; True once done (the scheduler's signal that the
-        actor can take work)."""
-        self.store = Store.open(store_url, writable=True)
+        actor can take work). ``fence``: the run's lease, checked before every commit."""
+        self.store = Store.open(store_url, writable=True, fence=fence)
         self.spec = self.store.spec
         self.device = resolve_device(self.spec.device)
         self.forward = job_forward(self.spec, self.store.model, self.device)

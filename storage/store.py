@@ -43,6 +43,7 @@ import zarr
 import zarr.errors
 
 from actscope.storage.errors import StoreDamaged, StoreError, first_line, short
+from actscope.storage.lease import Fence
 from actscope.storage.spec import JobSpec
 
 SCHEMA_VERSION = 2  # 2: commit records carry checksums of what they commit
@@ -157,17 +158,26 @@ def shard_key(shard: int) -> str:
 
 
 class Store:
-    """A job's Zarr group, with the few operations the pipeline and the queries need."""
+    """A job's Zarr group, with the few operations the pipeline and the queries need.
 
-    def __init__(self, url: str, group: zarr.Group):
+    ``fence``: the lease of the run that writes it (``storage.lease``); every commit checks it
+    first, so a writer that lost the store to another run commits nothing more."""
+
+    def __init__(self, url: str, group: zarr.Group, fence: Fence | None = None):
         self.url = url
         self.group = group
+        self.fence = fence
+
+    def _fenced(self) -> None:
+        if self.fence is not None:
+            self.fence.check()
 
     # -- opening and creating -------------------------------------------------------------
 
     @classmethod
-    def open(cls, url: str, *, writable: bool = False) -> Store:
-        """Open an existing actscope store, or explain why ``url`` is not one."""
+    def open(cls, url: str, *, writable: bool = False, fence: Fence | None = None) -> Store:
+        """Open an existing actscope store, or explain why ``url`` is not one; a writer passes
+        its lease's ``fence``."""
         group = _open_group(url, "r+" if writable else "r")
         if group is None:
             raise StoreError(f"No actscope store at {url}. Run a job first: actscope run JOB.yaml")
@@ -183,7 +193,7 @@ class Store:
         if missing or not all(isinstance(attrs[k], dict) for k in ("spec", "model", "status")):
             what = f"lacks {', '.join(missing)}" if missing else "has attributes of the wrong types"
             raise StoreDamaged(f"{url} is damaged: its zarr.json {what}. Run the job again into a new store.")
-        return cls(url, group)
+        return cls(url, group, fence)
 
     @classmethod
     def exists(cls, url: str) -> bool:
@@ -191,7 +201,7 @@ class Store:
         return _open_group(url, "r") is not None
 
     @classmethod
-    def create(cls, url: str, *, spec: JobSpec, fingerprint: str, model: Mapping[str, Any]) -> Store:
+    def create(cls, url: str, *, spec: JobSpec, fingerprint: str, model: Mapping[str, Any], fence: Fence | None = None) -> Store:
         """Create a fresh store where nothing is (no path, or an empty folder). Never deletes:
         replacing a store is ``remove`` first, by a caller that has checked it may."""
         if inspect_target(url) != "absent":
@@ -211,7 +221,7 @@ class Store:
             raise StoreError(f"{url} is not empty: a new store is created only where nothing is.") from None
         group.require_group("shards")
         group.require_group("acts")
-        return cls(url, group)
+        return cls(url, group, fence)
 
     @classmethod
     def remove(cls, url: str) -> None:
@@ -245,6 +255,7 @@ class Store:
         return dict(self.group.attrs["status"])
 
     def update_status(self, **changes: Any) -> None:
+        self._fenced()
         self.group.attrs["status"] = {**self.status, **changes}
 
     @property
@@ -352,7 +363,7 @@ class Store:
 
     def write_partial(self, group: int, arrays: Mapping[str, Mapping[str, np.ndarray]], record: Mapping[str, Any]) -> None:
         """Write one group's partial statistics, then its commit record (last, atomically)."""
-        _write_committed(self.group.require_group(self._group_path(group)), arrays, record)
+        _write_committed(self.group.require_group(self._group_path(group)), arrays, record, self._fenced)
 
     def is_committed(self, group: int) -> bool:
         try:
@@ -413,7 +424,7 @@ class Store:
     # -- logit effects (from the weights, once per job) -----------------------------------
 
     def write_logits(self, arrays: Mapping[str, Mapping[str, np.ndarray]]) -> None:
-        _write_committed(self.group.require_group("logits"), arrays, {"hooks": sorted(arrays)})
+        _write_committed(self.group.require_group("logits"), arrays, {"hooks": sorted(arrays)}, self._fenced)
 
     def has_logits(self) -> bool:
         return "logits" in self.group and bool(self.group["logits"].attrs.get("committed"))
@@ -468,6 +479,7 @@ class Store:
     def commit_merged_coactivation(self) -> None:
         """Mark the merged co-activation complete, then drop the groups' copies (N x N each): the
         store keeps one, not one per group."""
+        self._fenced()
         self.group[COACTIVATION].attrs["committed"] = True
         for g in range(self.n_groups):
             where = self._group_path(g)
@@ -498,6 +510,7 @@ class Store:
 
     def mark_part_done(self, part: str) -> None:
         """Written after every table of the part: a part with this file is not run again."""
+        self._fenced()
         fs, path = filesystem(_join(self.index_url, "parts", part, "DONE"))
         fs.makedirs(fs._parent(path), exist_ok=True)
         with fs.open(path, "wb") as f:
@@ -555,9 +568,9 @@ class PartialArrays:
             return dict(zip(names, pool.map(lambda name: self._group[name][...], names)))
 
 
-def _write_committed(group: zarr.Group, arrays: Mapping[str, Mapping[str, np.ndarray]], record: Mapping[str, Any]) -> None:
-    """Write ``{hook: {name: array}}`` under ``group``, then its commit record (last,
-    atomically); a committed group is left as it is."""
+def _write_committed(group: zarr.Group, arrays: Mapping[str, Mapping[str, np.ndarray]], record: Mapping[str, Any], fenced) -> None:
+    """Write ``{hook: {name: array}}`` under ``group``, then, once ``fenced()`` has passed, its
+    commit record (last, atomically); a committed group is left as it is."""
     if group.attrs.get("committed"):
         return
 
@@ -578,6 +591,7 @@ def _write_committed(group: zarr.Group, arrays: Mapping[str, Mapping[str, np.nda
     with ThreadPoolExecutor(max_workers=8, thread_name_prefix="partial-writer") as pool:
         for done in [pool.submit(write, hook, name, value) for hook, stats in arrays.items() for name, value in stats.items()]:
             done.result()
+    fenced()
     group.attrs.update({**record, "checksums": {hook: checksum(stats) for hook, stats in arrays.items()}, "committed": True})
 
 

@@ -184,6 +184,35 @@ def test_a_store_on_object_storage_equals_a_local_one(s3_run, clean_s3, tmp_path
     assert tables(url) == clean_s3
 
 
+def test_an_object_store_lease_is_exclusive_fenced_and_taken_over_once_expired(s3_run, monkeypatch):
+    """On S3 the lease is an object created only where none is: the CLI's run left none behind;
+    a second writer is refused by name; a lease whose owner stopped renewing it is taken over
+    once expired (by one run of two), and the old owner's fence then refuses its commits."""
+    from actscope.storage import lease as leases
+
+    url, _, _ = s3_run
+    fs = fsspec.filesystem("s3", skip_instance_cache=True)
+    assert not fs.exists(leases.lease_url(url).removeprefix("s3://"))
+    held = leases.Lease.acquire(url)
+    with pytest.raises(leases.StoreBusy, match=f"process {os.getpid()}"):
+        leases.Lease.acquire(url)
+    held.fence.check()
+    # Its owner stops renewing (a driver killed with SIGKILL): the lease expires.
+    held._stop.set()
+    stale = leases.Owner(**{**held.owner.__dict__, "expires": time.time() - 1})
+    fs.pipe(leases.lease_url(url).removeprefix("s3://"), stale.encode())
+    with pytest.raises(leases.LeaseLost, match="expired"):
+        held.fence.check()
+    taken = leases.Lease.acquire(url)
+    with pytest.raises(leases.StoreBusy):
+        leases.Lease.acquire(url)
+    with pytest.raises(leases.LeaseLost, match="taken over"):
+        held.fence.check()
+    taken.fence.check()
+    taken.release()
+    assert not fs.exists(leases.lease_url(url).removeprefix("s3://"))
+
+
 # -- a real multi-node cluster ---------------------------------------------------------------
 
 @pytest.fixture

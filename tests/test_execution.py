@@ -165,10 +165,10 @@ def test_a_reduce_stopped_midway_resumes_from_its_parts(make_job, monkeypatch):
     spec = load_job(make_job("reduce-stopped"))
     done: list[str] = []
 
-    def fails_after_three(store_url, part):
+    def fails_after_three(store_url, part, fence):
         if len(done) == 3:
             raise StoreError("stopped")
-        result = runner_part(store_url, part)
+        result = runner_part(store_url, part, fence)
         done.append(result.key)
         return result
 
@@ -243,7 +243,7 @@ def test_workers_started_during_the_plan_are_let_go_when_it_fails(make_job, ray_
     monkeypatch.setattr(runner, "_start_early", lambda spec, address: True)
     monkeypatch.setattr(runner, "_actor_class", lambda *args: started.append(args) or actor_class(*args))
     total = ray_session.cluster_resources()["CPU"]
-    spec = load_job(make_job("bad-corpus", workers=2, dataset={"data_files": [str(tmp_path / "missing-*.txt")]}))
+    spec = load_job(make_job("bad-corpus", workers=2, dataset={"data_files": [str(tmp_path / "corpus" / "missing-*.txt")]}))
     with pytest.raises(ActscopeError):
         run_job(spec)
     assert not Path(spec.store).exists() and started
