@@ -30,6 +30,7 @@ import threading
 import time
 import uuid
 from dataclasses import asdict, dataclass
+from typing import Self
 
 from actscope.storage.errors import StoreError, first_line
 
@@ -122,7 +123,7 @@ class Lease:
     def release(self) -> None:
         raise NotImplementedError
 
-    def __enter__(self) -> Lease:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc) -> None:
