@@ -357,13 +357,14 @@ def report(
     out_path: Annotated[str, typer.Option("--out", "-o", help="The report file: .html, .json or .md.")],
     format: Annotated[str | None, typer.Option("--format", help="html, json, md, neuronpedia or neuron-record (default: from --out).")] = None,
     k: Annotated[int, typer.Option("-k", min=1, help="Top and bottom examples shown.")] = 20,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing file that is not an earlier actscope report.")] = False,
 ):
     """A neuron's page: statistics, histogram, coloured examples, top tokens, logit effects, partners."""
     from actscope import queries
     from actscope.queries.report import write_report
 
     with queries.connect(store) as catalog:
-        fmt = write_report(catalog, hook, neuron, out_path, format, k=k)
+        fmt = write_report(catalog, hook, neuron, out_path, format, k=k, overwrite=overwrite)
     say(("wrote ", "green"), f"{out_path} ({fmt})")
 
 

@@ -443,6 +443,7 @@ def _run_leased(
         resumed = planned.action == "resume"
         if planned.existing is not None:
             store = Store.open(url, writable=True, fence=fence)
+            store.refuse_links()
         else:
             if planned.action == "replace" and inspect_target(url) == "store":
                 Store.remove(url)  # an actscope store: the old job's on an object store, or a stale replacement

@@ -130,7 +130,7 @@ def render_markdown(doc: dict, window: int = 12) -> str:
                           "| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |"])
             lines += [f"| {p['rank']} | {md_text(p['hook'])} | {p['neuron']} | {_num(p['pearson'])} | {_num(p['jaccard'])} | "
                       f"{_num(p['p_b_given_a'])} | {_num(p['lift'])} | {p['n_both']} |" for p in partners]
-    lines.extend(["", "## Reproduce", "", "```python", doc["snippet"].rstrip(), "```", ""])
+    lines.extend(["", "## Reproduce", "", "```python", doc["snippet"].rstrip(), "```", "", MARKDOWN_SIGNATURE])
     return "\n".join(lines)
 
 
@@ -183,14 +183,17 @@ def render(doc: dict, fmt: str, n_layers: int = 0) -> str:
     return render_json(doc)
 
 
-def write_report(catalog: Catalog, hook: str, neuron: int, out: str, fmt: str | None = None, *, k: int = 20) -> str:
-    check_output_file(out)
+def write_report(catalog: Catalog, hook: str, neuron: int, out: str, fmt: str | None = None, *, k: int = 20,
+                 overwrite: bool = False) -> str:
+    """Write a neuron's report to the file ``out``: a new file, an earlier actscope report (an
+    HTML or Markdown one, which says so), or with ``overwrite`` any file."""
+    check_output_file(out, overwrite=overwrite)
     fmt = report_format(out, fmt)
     doc = HookPages(catalog, hook, [neuron], k=k).document(neuron)
     if fmt == "neuronpedia":  # a batch of one feature, as the export writes 128
-        _write_text(Path(out), render_json(neuronpedia.batch([doc], neuronpedia.batch_meta(catalog, hook))))
+        _write_file(Path(out), render_json(neuronpedia.batch([doc], neuronpedia.batch_meta(catalog, hook))))
     else:
-        _write_text(Path(out), render(doc, fmt, int(catalog.model["n_layers"])))
+        _write_file(Path(out), render(doc, fmt, int(catalog.model["n_layers"])))
     return fmt
 
 
@@ -198,8 +201,14 @@ def write_report(catalog: Catalog, hook: str, neuron: int, out: str, fmt: str | 
 EXPORT_MARKER = ".actscope-export"
 
 
-def check_output_file(out: str) -> None:
-    """Refuse a report path that is a folder, lies under a file, or lies inside a store."""
+#: The last line of a Markdown report (an HTML one names actscope in its generator meta tag):
+#: what lets a report be written again over its earlier self without --overwrite.
+MARKDOWN_SIGNATURE = "<!-- written by actscope -->"
+
+
+def check_output_file(out: str, *, overwrite: bool = False) -> None:
+    """Refuse a report path that is a folder, lies under a file, or lies inside a store; and an
+    existing file unless it is an earlier actscope report, or ``overwrite`` says so."""
     path = Path(out)
     if path.is_dir():
         raise OutputError(f"--out {out} is a folder; give a file name (e.g. {path / 'neuron.html'}).")
@@ -207,6 +216,19 @@ def check_output_file(out: str) -> None:
     parent = _existing_parent(path)
     if parent is not None and not parent.is_dir():
         raise OutputError(f"--out {out}: {parent} is a file, not a folder.")
+    earlier = path.is_file() and not path.is_symlink() and _earlier_report(path)
+    if (path.exists() or path.is_symlink()) and not overwrite and not earlier:
+        raise OutputError(f"--out {out} exists and is not an earlier actscope report; pass --overwrite to replace it, or give a new file name.")
+
+
+def _earlier_report(path: Path) -> bool:
+    """Whether ``path`` is a report actscope wrote (HTML or Markdown: JSON formats are other
+    tools' schemas, with no room to say so)."""
+    with path.open("rb") as f:
+        head = f.read(4096)
+        f.seek(max(path.stat().st_size - 64, 0))
+        tail = f.read()
+    return b'<meta name="generator" content="actscope">' in head or tail.rstrip().endswith(MARKDOWN_SIGNATURE.encode())
 
 
 def check_output_folder(out: str, *, overwrite: bool) -> None:
@@ -221,10 +243,40 @@ def check_output_folder(out: str, *, overwrite: bool) -> None:
         raise OutputError(f"--out {out}: {parent} is a file, not a folder.")
     if not root.is_dir() or not any(root.iterdir()):
         return
-    if not (root / EXPORT_MARKER).is_file():
+    marker = root / EXPORT_MARKER
+    if not marker.is_file() or marker.is_symlink():
         raise OutputError(f"--out {out} is a folder that is not empty and holds no actscope export; give a new or empty folder.")
-    if not overwrite:
+    for folder, dirs, files in os.walk(root):
+        for name in dirs + files:
+            if os.path.islink(os.path.join(folder, name)):
+                link = os.path.join(folder, name)
+                raise OutputError(f"--out {out}: {link} is a symbolic link (to {os.readlink(link)}); an export never writes through one. Remove it, or give a new folder.")
+    if not overwrite and _marker(root).get("complete", True):
         raise OutputError(f"--out {out} holds an earlier export; pass --overwrite to replace its pages, or give a new folder.")
+
+
+def _marker(root: Path) -> dict:
+    try:
+        found = json.loads((root / EXPORT_MARKER).read_text())
+    except (OSError, ValueError):
+        return {}
+    return found if isinstance(found, dict) else {}
+
+
+def _remove_stale_pages(root: Path, written: set[Path]) -> int:
+    """Remove the pages and batches of an earlier export that this one did not write (another
+    store's neurons, another format's files): only ``.html`` and ``.json`` files, never through a
+    link (``check_output_folder`` refused any), then the folders left empty. How many removed."""
+    removed = 0
+    for folder, _, files in os.walk(root, topdown=False):
+        for name in files:
+            path = Path(folder) / name
+            if path.suffix in (".html", ".json") and path not in written and not path.is_symlink():
+                path.unlink()
+                removed += 1
+        if Path(folder) != root and not any(Path(folder).iterdir()):
+            Path(folder).rmdir()
+    return removed
 
 
 def _existing_parent(path: Path) -> Path | None:
@@ -261,9 +313,16 @@ def export(catalog: Catalog, out: str, hooks: list[str] | None = None, *, fmt: s
     check_output_folder(out, overwrite=overwrite)
     root = Path(out)
     root.mkdir(parents=True, exist_ok=True)
-    _write_text(root / EXPORT_MARKER, json.dumps({"store": catalog.store.url, "format": fmt}) + "\n")
+    marker = {"store": catalog.store.url, "format": fmt, "hooks": hooks}
+    # Marked unfinished first (so the folder is known as an export's), finished last.
+    _write_file(root / EXPORT_MARKER, json.dumps({**marker, "complete": False}) + "\n")
     site = {"hooks": hooks}
     summary = {"hooks": {}, "files": 0, "bytes": 0}
+    paths: set[Path] = set()  # what this export wrote
+
+    def write(path: Path, text: str) -> int:
+        paths.add(path)
+        return _write_file(path, text)
     for hook in hooks:
         started = time.perf_counter()
         pages = HookPages(catalog, hook, k=k)
@@ -275,7 +334,7 @@ def export(catalog: Catalog, out: str, hooks: list[str] | None = None, *, fmt: s
         written = 0
         if fmt == "neuronpedia":
             for name, batch in neuronpedia.batches(catalog, hook, pages):
-                written += _write_text(folder / name, render_json(batch, indent=False))
+                written += write(folder / name, render_json(batch, indent=False))
                 summary["files"] += 1
         else:
             for n in range(pages.width):
@@ -286,12 +345,12 @@ def export(catalog: Catalog, out: str, hooks: list[str] | None = None, *, fmt: s
                     text = render_json(neuron_record(doc, int(catalog.model["n_layers"])), indent=False)
                 else:
                     text = render_json(doc, indent=False)
-                written += _write_text(folder / f"{n}.{'html' if fmt == 'html' else 'json'}", text)
+                written += write(folder / f"{n}.{'html' if fmt == 'html' else 'json'}", text)
                 if progress:
                     progress(hook, n + 1, pages.width)
             summary["files"] += pages.width
             if fmt == "html":
-                written += _write_text(folder / "index.html", _hook_index(pages))
+                written += write(folder / "index.html", _hook_index(pages))
                 summary["files"] += 1
         summary["bytes"] += written
         summary["hooks"][hook] = {
@@ -299,8 +358,10 @@ def export(catalog: Catalog, out: str, hooks: list[str] | None = None, *, fmt: s
             "load_s": round(loaded - started, 3), "render_s": round(time.perf_counter() - loaded, 3),
         }
     if fmt == "html":
-        summary["bytes"] += _write_text(root / "index.html", _site_index(catalog, hooks))
+        summary["bytes"] += write(root / "index.html", _site_index(catalog, hooks))
         summary["files"] += 1
+    summary["removed"] = _remove_stale_pages(root, paths)
+    _write_file(root / EXPORT_MARKER, json.dumps({**marker, "complete": True}) + "\n")
     return summary
 
 
@@ -330,7 +391,7 @@ def _site_index(catalog: Catalog, hooks: list[str]) -> str:
     )
 
 
-def _write_text(path: Path, text: str) -> int:
+def _write_file(path: Path, text: str) -> int:
     """Write a file whole: to a temporary name, then renamed, so a reader never sees half of it."""
     path.parent.mkdir(parents=True, exist_ok=True)
     data = text.encode()

@@ -236,6 +236,26 @@ class Store:
         fs, root = filesystem(url)
         fs.rm(root, recursive=True)
 
+    def refuse_links(self) -> None:
+        """Refuse a local store that holds a symbolic link anywhere inside it: actscope never
+        makes one, and writing or deleting through it would reach files that are not the store's
+        (a link planted at ``index/`` once had the tables written into a user's folder)."""
+        root = local_path(self.url)
+        if root is None:  # object stores have no links
+            return
+        folders = [root]
+        while folders:
+            with os.scandir(folders.pop()) as entries:
+                for entry in entries:
+                    if entry.is_symlink():
+                        raise StoreDamaged(
+                            f"{self.url}: {os.path.relpath(entry.path, root)} is a symbolic link (to {os.readlink(entry.path)}); "
+                            f"actscope never writes or deletes through a link in a store. Remove the link (rm '{entry.path}'), "
+                            "or run the job into a new store."
+                        )
+                    if entry.is_dir(follow_symlinks=False):
+                        folders.append(entry.path)
+
     # -- attributes -----------------------------------------------------------------------
 
     @property

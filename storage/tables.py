@@ -11,12 +11,14 @@ time), and no table is ever whole in memory.
 
 from __future__ import annotations
 
+import contextlib
+import os
 from typing import Self
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from actscope.storage.store import filesystem
+from actscope.storage.store import filesystem, local_path
 
 ROW_GROUP = 32768
 
@@ -62,13 +64,20 @@ assert set(SCHEMAS) == set(TABLES)
 
 
 class TableWriter:
-    """Writes one table to ``url`` from blocks of rows, in the row groups of one whole write."""
+    """Writes one table to ``url`` from blocks of rows, in the row groups of one whole write. A
+    local table is written to a temporary name and renamed into place when closed: a reader never
+    sees half of it, and a link at ``url`` is replaced, never written through."""
 
     def __init__(self, url: str, name: str):
         self.schema = SCHEMAS[name]
         fs, path = filesystem(url)
         fs.makedirs(fs._parent(path), exist_ok=True)
-        self._file = fs.open(path, "wb")
+        self._local = local_path(url)
+        if self._local is not None:
+            self._tmp = os.path.join(os.path.dirname(self._local), f".{os.path.basename(self._local)}.tmp-{os.getpid()}")
+            self._file = open(self._tmp, "wb")  # noqa: SIM115 - closed in close() or __exit__
+        else:
+            self._file = fs.open(path, "wb")
         self._writer = pq.ParquetWriter(self._file, self.schema, compression="zstd")
         self._held: pa.Table | None = None
 
@@ -88,6 +97,8 @@ class TableWriter:
             self._writer.close()
         finally:
             self._file.close()
+        if self._local is not None:
+            os.replace(self._tmp, self._local)
 
     def __enter__(self) -> Self:
         return self
@@ -95,8 +106,11 @@ class TableWriter:
     def __exit__(self, kind, value, tb) -> None:
         if kind is None:
             self.close()
-        else:  # a failed write leaves a file the next run replaces; close what is open
-            self._file.close()
+            return
+        self._file.close()  # a failed write leaves nothing at the table's name
+        if self._local is not None:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self._tmp)
 
 
 def write_table(url: str, name: str, table: pa.Table) -> None:

@@ -461,3 +461,85 @@ def test_a_store_of_another_schema_is_replaced_only_with_overwrite(scratch):
     assert folder_digest(root) == before
     invoke(["run", job(), "--local", "--overwrite"], 0, "done")
     invoke(["status", "out.zarr"], 0, "complete")
+
+
+# -- links and files that are not actscope's -----------------------------------------------------
+
+
+def test_a_resumed_store_never_writes_or_deletes_through_a_link(scratch):
+    """A store whose ``index/`` is a link to a user's folder (with a ``parts/`` of its own), or
+    whose table file is a link to a user's file, is refused as damage when resumed: the folder
+    and the file stay byte-identical. A table written at a link's path replaces the link."""
+    from actscope.storage.store import Store
+    from actscope.storage.tables import SCHEMAS, write_table
+
+    root, job = scratch
+    invoke(["run", job(), "--local"])
+    store = root / "out.zarr"
+    (root / "data" / "parts").mkdir()
+    (root / "data" / "parts" / "mine.txt").write_text("keep\n")
+    before = tree_digest(root / "data"), (root / "notes.txt").read_bytes()
+
+    Store.open(str(store), writable=True).update_status(complete=False)  # the reduce is run again
+    (store / "index").rename(root / "index-aside")
+    (store / "index").symlink_to(root / "data")
+    fails(["run", job(), "--local"], "index is a symbolic link", code=1)
+    (store / "index").unlink()
+    (root / "index-aside").rename(store / "index")
+    table = store / "index" / "tokens.parquet"
+    table.unlink()
+    table.symlink_to(root / "notes.txt")
+    fails(["run", job(), "--local"], "index/tokens.parquet is a symbolic link", code=1)
+    assert (tree_digest(root / "data"), (root / "notes.txt").read_bytes()) == before
+
+    write_table(str(table), "vocab", SCHEMAS["vocab"].empty_table())
+    assert not table.is_symlink() and (root / "notes.txt").read_bytes() == before[1]
+
+
+def test_reports_never_replace_a_users_file_and_exports_never_follow_a_link(hostile, tmp_path):
+    """``report --out`` over a user's file exits 2 and leaves it; over an earlier report it
+    writes; ``--overwrite`` replaces the file (a link itself, never its target). An export whose
+    hook folder is a link is refused, the linked folder untouched; ``--overwrite`` removes the
+    pages it did not write again; an interrupted export is marked unfinished, and re-run."""
+    from actscope import queries
+    from actscope.queries.report import EXPORT_MARKER, export
+
+    _, store = hostile
+    notes = tmp_path / "notes.html"
+    notes.write_text("my notes")
+    fails(["report", str(store), HOOK, "3", "--out", str(notes)], "not an earlier actscope report", "--overwrite")
+    assert notes.read_text() == "my notes"
+    for name in ("page.html", "page.md"):
+        invoke(["report", str(store), HOOK, "3", "--out", str(tmp_path / name)])
+        invoke(["report", str(store), HOOK, "4", "--out", str(tmp_path / name)])  # over its earlier self
+    invoke(["report", str(store), HOOK, "3", "--out", str(tmp_path / "page.json")])
+    fails(["report", str(store), HOOK, "3", "--out", str(tmp_path / "page.json")], "not an earlier")  # JSON cannot say it is one
+    link = tmp_path / "link.html"
+    link.symlink_to(notes)
+    fails(["report", str(store), HOOK, "3", "--out", str(link)], "--overwrite")
+    invoke(["report", str(store), HOOK, "3", "--out", str(link), "--overwrite"])
+    assert notes.read_text() == "my notes" and not link.is_symlink()
+
+    site, mine = tmp_path / "site", tmp_path / "mine"
+    mine.mkdir()
+    (mine / "0.json").write_text("mine")
+    invoke(["export", str(store), "--out", str(site), "--format", "json"])
+    (site / "stale.json").write_text("{}")  # as another store's export would have left
+    (site / HOOK / "9999.json").write_text("{}")
+    invoke(["export", str(store), "--out", str(site), "--format", "json", "--overwrite"])
+    assert not (site / "stale.json").exists() and not (site / HOOK / "9999.json").exists() and (site / HOOK / "3.json").exists()
+    shutil.rmtree(site / HOOK)
+    (site / HOOK).symlink_to(mine)
+    fails(["export", str(store), "--out", str(site), "--format", "json", "--overwrite"], "symbolic link")
+    assert [p.name for p in mine.iterdir()] == ["0.json"] and (mine / "0.json").read_text() == "mine"
+    (site / HOOK).unlink()
+
+    def interrupt(hook, done, total):
+        if done == 5:
+            raise KeyboardInterrupt
+
+    with queries.connect(str(store)) as catalog, pytest.raises(KeyboardInterrupt):
+        export(catalog, str(site), fmt="json", progress=interrupt, overwrite=True)
+    assert json.loads((site / EXPORT_MARKER).read_text())["complete"] is False
+    invoke(["export", str(store), "--out", str(site), "--format", "json"])  # an unfinished export is redone
+    assert json.loads((site / EXPORT_MARKER).read_text())["complete"] is True
