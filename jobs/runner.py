@@ -30,7 +30,7 @@ from actscope.pipeline.capacity import (
     worker_memory,
 )
 from actscope.pipeline.corpus import Encoded, check_corpus, encode_here, encode_task, tokenize_corpus
-from actscope.pipeline.fingerprint import data_files, fingerprint
+from actscope.pipeline.fingerprint import changed_sources, data_files, fingerprint, sources
 from actscope.pipeline.model import (
     Framing,
     describe_forward,
@@ -178,7 +178,8 @@ def plan(spec: JobSpec, *, overwrite: bool = False, job_path: str | None = None,
     if limit is not None and memory.total > limit:
         raise JobSpecError(_too_big(memory, limit, local_workers))
     check_corpus(spec.dataset, tokenizer)
-    model["fingerprint"] = fingerprint(spec)
+    model["sources"] = sources(spec)
+    model["fingerprint"] = fingerprint(spec, model["sources"])
 
     def decided(action: str, build_url: str, existing: Store | None = None) -> Plan:
         return Plan(action, build_url, model, tokenizer, memory, limit, existing)
@@ -196,7 +197,7 @@ def plan(spec: JobSpec, *, overwrite: bool = False, job_path: str | None = None,
         return decided("resume", spec.store, existing)
     staging = staging_url(spec.store)
     if not overwrite:
-        raise StoreError(_mismatch(existing, spec, staging))
+        raise StoreError(_mismatch(existing, spec, model["sources"], staging))
     if staging is None:
         return decided("replace", spec.store)
     if _leftover(staging) == "store":
@@ -370,14 +371,20 @@ def _planning_device():
     return torch.device("cpu")
 
 
-def _mismatch(existing: Store, spec: JobSpec, staging: str | None = None) -> str:
+def _mismatch(existing: Store | None, spec: JobSpec, files: dict[str, str], staging: str | None = None) -> str:
     try:
-        old = existing.spec.result_fields()
-    except Exception:  # noqa: BLE001 - an unreadable old spec is still a mismatch
-        old = {}
+        old, old_files = existing.spec.result_fields(), existing.model.get("sources")
+    except Exception:  # noqa: BLE001 - an unreadable old record is still a mismatch
+        old, old_files = {}, None
     new = spec.result_fields()
     changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
-    what = f"fields that differ: {', '.join(changed)}" if changed else "the model or corpus files differ"
+    if changed:
+        what = f"fields that differ: {', '.join(changed)}"
+    elif files_changed := changed_sources(old_files, files):
+        shown = ", ".join(files_changed[:5]) + (f" and {len(files_changed) - 5} more" if len(files_changed) > 5 else "")
+        what = f"files changed since it ran: {shown}"
+    else:
+        what = "the model or corpus files differ"
     unfinished = ""
     if staging is not None and os.path.isdir(staging):
         unfinished = f" An unfinished replacement is at {staging}: --overwrite resumes it."

@@ -12,6 +12,7 @@ _HOME = tempfile.mkdtemp(prefix="actscope-tests-home-")
 atexit.register(shutil.rmtree, _HOME, ignore_errors=True)
 os.environ.setdefault("HF_HOME", os.path.join(_HOME, "hf"))  # datasets writes lock files there
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("XDG_CACHE_HOME", os.path.join(_HOME, "cache"))  # file digests (pipeline.fingerprint)
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")

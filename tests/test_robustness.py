@@ -543,3 +543,25 @@ def test_reports_never_replace_a_users_file_and_exports_never_follow_a_link(host
     assert json.loads((site / EXPORT_MARKER).read_text())["complete"] is False
     invoke(["export", str(store), "--out", str(site), "--format", "json"])  # an unfinished export is redone
     assert json.loads((site / EXPORT_MARKER).read_text())["complete"] is True
+
+
+def test_a_model_changed_in_place_at_the_same_size_is_seen(scratch):
+    """Every byte of the model is in the fingerprint: a file of the model's folder over the old
+    16 MB sampling limit, changed in its middle at the same size and with its modification time
+    put back, makes a finished store and an interrupted one refuse to resume (exit 2, naming the
+    file), in the dry run too."""
+    from actscope.storage.store import Store
+
+    root, job = scratch
+    big = root / "model" / "extra-weights.bin"
+    big.write_bytes(bytes(17 << 20))
+    invoke(["run", job(), "--local"])
+    Store.open(str(root / "out.zarr"), writable=True).uncommit(0)  # as a run killed mid-way leaves it
+    times = os.stat(big).st_atime_ns, os.stat(big).st_mtime_ns
+    with big.open("r+b") as f:
+        f.seek(9 << 20)
+        f.write(b"\x01")
+    os.utime(big, ns=times)
+    for extra in (["--dry-run"], []):
+        fails(["run", job(), "--local", *extra], "holds a different job", "files changed since it ran: model/extra-weights.bin")
+    assert not Store.open(str(root / "out.zarr")).is_committed(0)
