@@ -460,17 +460,28 @@ def hooks(
         for name in names:
             out.print(name if name in on_modules else f"{name}  (bridge)")
         return
+    refused = 0
     for folder in sae:
-        for line in _check_sae(bridge, model, names, folder, text):
+        lines, fits = _check_sae(bridge, model, names, folder, text)
+        refused += not fits
+        for line in lines:
             out.print(line)
+    if refused:
+        raise typer.Exit(2)  # each problem was said above, per folder
 
 
-def _check_sae(bridge, model: str, names: list[str], folder: str, text: str | None) -> list[str]:
+#: Tokens ``hooks --sae`` encodes to measure L0 and FVU.
+_SAE_CHECK_TOKENS = 8 * 128
+
+
+def _check_sae(bridge, model: str, names: list[str], folder: str, text: str | None) -> tuple[list[str], bool]:
     """What ``hooks --sae`` says of one SAE folder: a line each for its record, its fit to the
-    model, and its L0 and FVU on ``text`` (problems said, not raised: the next folder is checked)."""
+    model, and its L0 and FVU on ``text`` (problems said, not raised: the next folder is
+    checked), and whether it fits."""
     import torch
 
     from actscope.jobs.demo import stdlib_docstrings
+    from actscope.pipeline.capacity import gib, machine_memory
     from actscope.pipeline.model import HookedForward, hook_widths, load_tokenizer
     from actscope.pipeline.sae import Encoder, read_config
     from actscope.storage.errors import JobSpecError
@@ -479,21 +490,26 @@ def _check_sae(bridge, model: str, names: list[str], folder: str, text: str | No
     try:
         info = read_config(SAESpec(name="sae", path=folder))
     except JobSpecError as error:
-        return [f"{folder}: {first_line(str(error)).removeprefix('saes: sae (' + folder + '): ')}"]
+        return [f"{folder}: {first_line(str(error)).removeprefix('saes: sae (' + folder + '): ')}"], False
     writes = f", writes {info.hook_out or 'an unnamed hook'}" if info.transcoder else ""
     lines = [f"{folder}: {info.architecture} ({info.layout}), d_in {info.d_in}, d_sae {info.d_sae}{f', k {info.k}' if info.k else ''}, reads {info.hook}{writes}"]
     hooks = [h for h in (info.hook, info.hook_out) if h]
     unknown = [h for h in hooks if h not in names]
     if unknown:
-        return [*lines, f"  {', '.join(unknown)}: not a hook of {model}; see `actscope hooks {model}`"]
+        return [*lines, f"  {', '.join(unknown)}: not a hook of {model}; see `actscope hooks {model}`"], False
     widths = hook_widths(bridge, hooks)
     wrong = [f"{h} is {widths[h]} wide, the SAE's {side} is {want}" for h, side, want in ((info.hook, "d_in", info.d_in), (info.hook_out, "d_out", info.d_out)) if h and widths[h] != want]
     if wrong:
-        return [*lines, "  does not fit this model: " + "; ".join(wrong)]
+        return [*lines, "  does not fit this model: " + "; ".join(wrong)], False
+    # float32 weights (encoder, decoder, a skip) and a few [tokens, d_sae] latents, before loading.
+    need = 4 * (info.d_sae * (info.d_in + info.d_out) + info.d_out * info.d_in * info.skip + 3 * _SAE_CHECK_TOKENS * info.d_sae)
+    available = int(machine_memory() * 0.8)
+    if need > available:
+        return [*lines, f"  too big to check here: about {gib(need)} to load and encode, {gib(available)} available"], False
     tokenizer = load_tokenizer(model)
     ids = tokenizer(text or " ".join(stdlib_docstrings(limit=200)), add_special_tokens=False)["input_ids"]
     n_ctx = min(getattr(bridge.cfg, "n_ctx", None) or 128, 128)
-    ids = ids[: max(n_ctx, len(ids) // n_ctx * n_ctx)][: 8 * n_ctx]
+    ids = ids[: max(n_ctx, len(ids) // n_ctx * n_ctx)][: _SAE_CHECK_TOKENS // 128 * n_ctx]
     tokens = torch.tensor(ids).reshape(-1, min(n_ctx, len(ids)))
     forward = HookedForward(bridge, hooks)
     try:
@@ -505,7 +521,7 @@ def _check_sae(bridge, model: str, names: list[str], folder: str, text: str | No
     target = acts.get(info.hook_out) if info.transcoder else x
     measured = encoder.quality(x, encoder.encode(x), target)
     fvu = f", FVU {measured['sse'] / measured['sst']:.4f}" if "sst" in measured else ", FVU not measured (a transcoder without hook_out)"
-    return [*lines, f"  fits this model; on {len(x):,} tokens of {'--text' if text else 'sample text'}: L0 {measured['active'] / len(x):.2f}{fvu}"]
+    return [*lines, f"  fits this model; on {len(x):,} tokens of {'--text' if text else 'sample text'}: L0 {measured['active'] / len(x):.2f}{fvu}"], True
 
 
 @app.command()

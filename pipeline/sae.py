@@ -113,6 +113,8 @@ def read_config(entry, source: str = "saes") -> SAEInfo:
         cfg = json.loads(cfg_path.read_text())
     except (ValueError, UnicodeDecodeError) as err:
         raise JobSpecError(f"{where}: cfg.json is not JSON ({err}).") from None
+    except RecursionError:
+        raise JobSpecError(f"{where}: cfg.json is nested too deeply to be an SAE config.") from None
     if not isinstance(cfg, dict):
         raise JobSpecError(f"{where}: cfg.json is not a JSON object.")
     if (folder / "sae.safetensors").is_file() and not (folder / "sae_weights.safetensors").is_file():
@@ -176,13 +178,15 @@ def _saelens(entry, cfg: dict, folder: Path, where: str) -> SAEInfo:
         missing.append("threshold (or log_threshold)")
     if missing:
         raise JobSpecError(f"{where}: sae_weights.safetensors lacks {', '.join(missing)} for a {architecture} SAE.")
-    d_in, d_sae = shapes["W_enc"][0][0], shapes["W_enc"][0][1]
+    _matrix(shapes, "W_enc", where)
+    _matrix(shapes, "W_dec", where)
+    d_in, d_sae = shapes["W_enc"][0]
     if "d_in" in cfg and "d_sae" in cfg and (cfg["d_in"], cfg["d_sae"]) != (d_in, d_sae):
         raise JobSpecError(f"{where}: cfg.json says d_in {cfg['d_in']}, d_sae {cfg['d_sae']}; W_enc is {d_in} x {d_sae}.")
     if entry.hook_out and not transcoder:
         raise JobSpecError(f"{where}: hook_out names a transcoder's output hook; this is a {architecture} SAE, which writes back to its own hook.")
     top_k = architecture in ("topk", "abstopk")
-    if top_k and not (isinstance(k, int) and 0 < k <= d_sae):
+    if top_k and not (_whole(k) and 0 < k <= d_sae):
         raise JobSpecError(f"{where}: a {architecture} SAE needs k, a whole number from 1 to d_sae ({d_sae}); got {k!r}.")
     rescale = bool(cfg.get("rescale_acts_by_decoder_norm", False))
     if entry.fold_w_dec_norm and top_k:
@@ -190,6 +194,8 @@ def _saelens(entry, cfg: dict, folder: Path, where: str) -> SAEInfo:
     d_out = shapes["W_dec"][0][-1]
     if shapes["W_dec"][0] != (d_sae, d_out) or shapes["b_dec"][0] != (d_out,) or (not transcoder and d_out != d_in):
         raise JobSpecError(f"{where}: W_dec is {shapes['W_dec'][0]} and b_dec {shapes['b_dec'][0]}; expected ({d_sae}, {d_in if not transcoder else 'd_out'}) and the same d_out.")
+    vectors = {name: (d_sae,) for name in ("b_enc", "b_gate", "r_mag", "b_mag", "threshold", "log_threshold")}
+    _check_tensors(folder / "sae_weights.safetensors", shapes, {**vectors, "W_skip": (d_out, d_in)}, where)
     return SAEInfo(
         name=entry.name, hook=_hook(entry, hook_in_cfg, where), path=str(folder.resolve()), layout="saelens",
         architecture=architecture, d_in=d_in, d_sae=d_sae, dtype=shapes["W_enc"][1].lower(), k=k if top_k else None,
@@ -210,9 +216,11 @@ def _sparsify(entry, cfg: dict, folder: Path, where: str) -> SAEInfo:
     missing = [name for name in ("encoder.weight", "encoder.bias", "W_dec", "b_dec") + ("W_skip",) * skip if name not in shapes]
     if missing:
         raise JobSpecError(f"{where}: sae.safetensors lacks {', '.join(missing)}.")
+    _matrix(shapes, "encoder.weight", where)
+    _matrix(shapes, "W_dec", where)
     d_sae, d_in = shapes["encoder.weight"][0]
     k = cfg.get("k")
-    if not (isinstance(k, int) and 0 < k <= d_sae):
+    if not (_whole(k) and 0 < k <= d_sae):
         raise JobSpecError(f"{where}: cfg.json needs k, a whole number from 1 to {d_sae}; got {k!r}.")
     if entry.hook is None:
         raise JobSpecError(f"{where}: Sparsify names its hook point by module path; give the TransformerLens hook as hook:.")
@@ -221,11 +229,50 @@ def _sparsify(entry, cfg: dict, folder: Path, where: str) -> SAEInfo:
     d_out = shapes["W_dec"][0][-1]
     if not transcoder and d_out != d_in:
         raise JobSpecError(f"{where}: W_dec is {shapes['W_dec'][0]}; an autoencoder's rows are d_in ({d_in}) wide.")
+    expected = {"encoder.bias": (d_sae,), "W_dec": (d_sae, d_out), "b_dec": (d_out,), "W_skip": (d_out, d_in)}
+    _check_tensors(folder / "sae.safetensors", shapes, expected, where)
     return SAEInfo(
         name=entry.name, hook=entry.hook, path=str(folder.resolve()), layout="sparsify", architecture="topk",
         d_in=d_in, d_sae=d_sae, dtype=shapes["encoder.weight"][1].lower(), k=k, apply_b_dec_to_input=not transcoder,
         transcoder=transcoder, hook_out=entry.hook_out if transcoder else None, d_out=d_out, skip=skip,
     )
+
+
+def _whole(value) -> bool:
+    """A whole number, not a bool (``k: true`` is 1 to Python and a mistake to a user)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _matrix(shapes: dict, name: str, where: str) -> None:
+    """``name`` is a matrix with no empty side (a latent count or a width of 0 is no SAE)."""
+    shape = shapes[name][0]
+    if len(shape) != 2 or 0 in shape:
+        raise JobSpecError(f"{where}: {name} has shape {shape}; expected a matrix with both sides at least 1.")
+
+
+#: Elements read at a time when the weights are checked for NaN and infinity.
+_CHECK_BLOCK = 1 << 24
+
+
+def _check_tensors(path: Path, shapes: dict, expected: dict[str, tuple[int, ...]], where: str) -> None:
+    """Every tensor named in ``expected`` that the file has is of that shape, and every tensor in
+    the file is finite: a NaN or an infinity in a weight or a threshold makes latents that are
+    NaN or never fire, silently. Read a block of rows at a time (bounded memory)."""
+    from safetensors import safe_open
+
+    for name, shape in expected.items():
+        if name in shapes and shapes[name][0] != shape:
+            raise JobSpecError(f"{where}: {name} has shape {shapes[name][0]}; expected {shape}.")
+    with safe_open(str(path), framework="pt") as f:
+        for name in shapes:
+            tensor = f.get_slice(name)
+            shape = tuple(tensor.get_shape())
+            if not shape or not tensor.get_dtype().startswith(("F", "BF")):
+                continue  # scalars and integer tensors cannot hold NaN
+            rows = max(1, _CHECK_BLOCK // max(1, math.prod(shape[1:])))
+            for start in range(0, shape[0], rows):
+                if not torch.isfinite(tensor[start : start + rows]).all():
+                    raise JobSpecError(f"{where}: {name} holds NaN or infinite values; this SAE's latents would be NaN or never fire.")
 
 
 def _hook(entry, hook_in_cfg, where: str) -> str:

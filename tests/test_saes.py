@@ -103,6 +103,29 @@ def test_sae_entries_that_cannot_work_are_refused_by_name(tmp_path):
     (tmp_path / "junk" / "cfg.json").write_text("{not json")
     (tmp_path / "junk" / "sae_weights.safetensors").write_bytes(b"\x00" * 64)
     cases.append((SAESpec(name="a", path=str(tmp_path / "junk")), "cfg.json is not JSON"))
+    deep = write_sae(tmp_path / "deep", d_in=16, d_sae=32)
+    (deep / "cfg.json").write_text("[" * 200_000 + "]" * 200_000)
+    cases.append((SAESpec(name="a", path=str(deep)), "nested too deeply"))
+    boolean = write_sae(tmp_path / "bool-k", d_in=16, d_sae=32, architecture="topk", k=4)
+    (boolean / "cfg.json").write_text((boolean / "cfg.json").read_text().replace('"k": 4', '"k": true'))
+    cases.append((SAESpec(name="a", path=str(boolean)), "needs k, a whole number"))
+    rng = np.random.default_rng(0)
+    w = {"W_enc": rng.normal(size=(16, 32)).astype(np.float32), "b_enc": np.zeros(32, np.float32),
+         "W_dec": rng.normal(size=(32, 16)).astype(np.float32), "b_dec": np.zeros(16, np.float32)}
+    damaged = {
+        "nan": ({"W_enc": np.where(np.eye(16, 32) > 0, np.nan, w["W_enc"]).astype(np.float32)}, "W_enc holds NaN or infinite"),
+        "inf-threshold": ({"threshold": np.full(32, np.inf, np.float32)}, "threshold holds NaN or infinite"),
+        "flat": ({"W_enc": w["W_enc"].ravel()}, "W_enc has shape (512,); expected a matrix"),
+        "cube": ({"W_enc": w["W_enc"][None]}, "W_enc has shape (1, 16, 32); expected a matrix"),
+        "no-latents": ({"W_enc": np.zeros((16, 0), np.float32)}, "expected a matrix with both sides at least 1"),
+        "short-bias": ({"b_enc": np.zeros(31, np.float32)}, "b_enc has shape (31,); expected (32,)"),
+        "threshold-2d": ({"threshold": np.zeros((32, 1), np.float32)}, "threshold has shape (32, 1); expected (32,)"),
+    }
+    for name, (changes, message) in damaged.items():
+        architecture = "jumprelu" if "threshold" in name else "standard"
+        extra = {"threshold": np.zeros(32, np.float32)} if architecture == "jumprelu" else {}
+        folder = write_sae(tmp_path / name, d_in=16, d_sae=32, architecture=architecture, weights={**w, **extra, **changes})
+        cases.append((SAESpec(name="a", path=str(folder)), message))
     for entry, message in cases:
         with pytest.raises(JobSpecError, match=message.replace("(", r"\(").replace(")", r"\)")):
             read_config(entry)
@@ -233,7 +256,7 @@ def test_job_files_with_bad_saes_say_which_and_why(make_job, tmp_path):
         assert "Traceback" not in result.output
 
 
-def test_hooks_checks_sae_folders_against_the_model(tiny_model, tmp_path):
+def test_hooks_checks_sae_folders_against_the_model(tiny_model, tmp_path, monkeypatch):
     """``actscope hooks MODEL --sae DIR`` reads each folder, checks its hooks and widths against
     the model, and measures L0 and FVU on sample text; a folder that does not fit says why."""
     eye = np.eye(64, dtype=np.float32)
@@ -247,7 +270,7 @@ def test_hooks_checks_sae_folders_against_the_model(tiny_model, tmp_path):
     for folder in (halves, narrow, elsewhere, transcoder, tmp_path / "missing"):
         args += ["--sae", str(folder)]
     result = CliRunner().invoke(app, args, env={"COLUMNS": "300"})
-    assert result.exit_code == 0, result.output
+    assert result.exit_code == 2, result.output  # every folder is said, then the refusals' exit
     lines = result.output.splitlines()
     assert "standard (saelens), d_in 64, d_sae 128, reads blocks.1.hook_resid_post" in lines[0]
     assert "fits this model" in lines[1] and "L0 64.00, FVU 0.0000" in lines[1]  # [relu(x), relu(-x)] decodes to x
@@ -255,3 +278,10 @@ def test_hooks_checks_sae_folders_against_the_model(tiny_model, tmp_path):
     assert "blocks.7.hook_resid_post: not a hook of" in result.output
     assert "writes blocks.1.hook_mlp_out" in result.output and "FVU not measured" not in result.output
     assert "not a folder" in result.output and "Traceback" not in result.output
+    result = CliRunner().invoke(app, ["hooks", str(tiny_model), "--sae", str(halves)])
+    assert result.exit_code == 0, result.output
+    from actscope.pipeline import capacity
+
+    monkeypatch.setattr(capacity, "machine_memory", lambda: 1 << 20)  # 1 MiB: a 64 x 128 SAE is too big, said before loading
+    result = CliRunner().invoke(app, ["hooks", str(tiny_model), "--sae", str(halves)], env={"COLUMNS": "300"})
+    assert result.exit_code == 2 and "too big to check here" in result.output, result.output
