@@ -29,7 +29,7 @@ from actscope.pipeline.capacity import (
     store_bytes,
     worker_memory,
 )
-from actscope.pipeline.corpus import Encoded, check_corpus, encode_here, encode_task, tokenize_corpus
+from actscope.pipeline.corpus import Encoded, check_corpus, document_chars, encode_here, encode_task, tokenize_corpus
 from actscope.pipeline.fingerprint import changed_sources, data_files, fingerprint, sources
 from actscope.pipeline.model import (
     Framing,
@@ -477,7 +477,8 @@ def _run_leased(
 
             def tokenize() -> None:
                 try:
-                    n_seq = tokenize_corpus(store, spec, Framing.from_tokenizer(tokenizer), encoder, progress=reporter.advance, written=feed.written)
+                    n_seq = tokenize_corpus(store, spec, Framing.from_tokenizer(tokenizer), encoder, progress=reporter.advance, written=feed.written,
+                                            max_chars=document_chars(tokenizer, spec.dataset.max_tokens))
                     mark_tokenized(store, spec, n_seq)
                     phases["tokenize"] = time.perf_counter() - t
                     progress.tokenized(n_seq)
@@ -503,7 +504,8 @@ def _run_leased(
                 reporter.phase("tokenize", None)
                 # Workers already started hold the CPUs: tasks then ask for none (see TaskEncoder).
                 encoder = TaskEncoder(spec, tokenizer, ray_session, cpus=0 if prestarted else 1) if use_ray else LocalEncoder(tokenizer)
-                n_seq = tokenize_corpus(store, spec, Framing.from_tokenizer(tokenizer), encoder, progress=reporter.advance)
+                n_seq = tokenize_corpus(store, spec, Framing.from_tokenizer(tokenizer), encoder, progress=reporter.advance,
+                                        max_chars=document_chars(tokenizer, spec.dataset.max_tokens))
                 tokenize_tasks = encoder.tasks
                 for hook in spec.dense:
                     if hook in spec.hooks:  # an SAE's latents are written sparse, per shard

@@ -33,8 +33,36 @@ Encoder = Callable[[Iterator[list[str]]], Iterator[Encoded]]
 COLUMNS = tuple(Store.TOKEN_ARRAYS)  # the packed columns, in the order _positions and _frame give them
 
 
-def read_batches(dataset: DatasetSpec, size: int | None = None) -> Iterator[list[str]]:
-    """The corpus's documents, in order, in lists of ``size``, streamed with ``datasets``."""
+def document_chars(tokenizer, max_tokens: int | None) -> int | None:
+    """The characters of a document that ``max_tokens`` tokens can come from: no token stands for
+    more characters than its vocabulary entry has (byte-level pieces are bytes, ``##``/``▁``
+    pieces carry their marks), so a document cut there encodes to the same first ``max_tokens``
+    tokens, and a 50 MB document costs the encoder what ``max_tokens`` can use. (A WordPiece
+    ``[UNK]`` for a word longer than the longest entry is the exception.) None: no limit."""
+    if not max_tokens:
+        return None
+    longest = max((len(piece) for piece in tokenizer.get_vocab()), default=1)
+    return max_tokens * max(longest, 1) + 1
+
+
+def _text(value, column: str) -> str:
+    """A document's text: strings as they are, bytes decoded as UTF-8, None as empty; anything
+    else is not text (a list's or a struct's repr would be indexed as if it were)."""
+    if isinstance(value, str):
+        return value
+    if value is None:
+        return ""
+    if isinstance(value, bytes | bytearray):
+        try:
+            return bytes(value).decode("utf-8")
+        except UnicodeDecodeError as err:
+            raise CorpusError(f"dataset.text_column: column {column!r} holds bytes that are not UTF-8 text ({err.reason} at byte {err.start}).") from None
+    raise CorpusError(f"dataset.text_column: column {column!r} holds {type(value).__name__} values, not text; give a column of strings.")
+
+
+def read_batches(dataset: DatasetSpec, size: int | None = None, max_chars: int | None = None) -> Iterator[list[str]]:
+    """The corpus's documents, in order, in lists of ``size``, streamed with ``datasets``; each
+    cut to ``max_chars`` (``document_chars``)."""
     import datasets
 
     datasets.logging.set_verbosity_error()
@@ -63,7 +91,7 @@ def read_batches(dataset: DatasetSpec, size: int | None = None) -> Iterator[list
         )
     batch = first
     while batch is not None:
-        yield ["" if text is None else str(text) for text in batch[dataset.text_column]]
+        yield [_text(text, dataset.text_column)[:max_chars] for text in batch[dataset.text_column]]
         try:
             batch = next(batches, None)
         except Exception as err:  # noqa: BLE001 - a later file can be malformed too
@@ -183,20 +211,22 @@ def _blocks(rows: list[tuple[np.ndarray, ...]], block: int, n: int) -> Iterator[
 
 def check_corpus(dataset: DatasetSpec, tokenizer) -> None:
     """Fail early, before any store is touched, if the corpus is unreadable or has no tokens."""
-    for texts in read_batches(dataset):
+    for texts in read_batches(dataset, max_chars=document_chars(tokenizer, dataset.max_tokens)):
         if len(encode(tokenizer, texts)[0]):
             return
     raise CorpusError(f"dataset: the corpus {dataset.path} {dataset.data_files or ''} yields no tokens (every document is empty).")
 
 
-def tokenize_corpus(store: Store, spec: JobSpec, framing: Framing, encoder: Encoder, progress=None, written=None) -> int:
+def tokenize_corpus(store: Store, spec: JobSpec, framing: Framing, encoder: Encoder, progress=None, written=None,
+                    max_chars: int | None = None) -> int:
     """Write the packed corpus into the store and return the number of sequences. ``encoder``
     turns batches of documents into encoded batches, in order (``encode_here``, or tasks); ``progress``
     is called with the tokens each block adds, ``written`` with the number of sequences in the
-    store once a block's write is complete (workers may read those while the rest is written)."""
+    store once a block's write is complete (workers may read those while the rest is written);
+    ``max_chars``: where each document is cut (``document_chars``)."""
     store.reset_token_arrays()
     n_seq = 0
-    encoded = encoder(read_batches(spec.dataset))
+    encoded = encoder(read_batches(spec.dataset, max_chars=max_chars))
 
     # Appends run in order on one writer thread, overlapped with reading, packing and waiting for
     # encoded batches here; at most two blocks wait to be written.

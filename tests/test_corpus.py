@@ -57,3 +57,44 @@ def test_encoder_framing(minilm):
     assert framing.prefix == (tokenizer.cls_token_id,) and framing.suffix == (tokenizer.sep_token_id,)
     full = packed["kinds"][:-1]
     assert (packed["tokens"][:-1, -1] == tokenizer.sep_token_id).all() and (full[:, -1] == SPECIAL).all()
+
+
+def test_text_columns_must_be_text(tmp_path):
+    """A Parquet column of bytes is decoded as UTF-8 (bytes that are not UTF-8 are refused by
+    name); a column of lists or structs is refused, never indexed as its Python repr."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import pytest
+
+    from actscope.pipeline.corpus import read_batches
+    from actscope.storage.errors import CorpusError
+    from actscope.storage.spec import DatasetSpec
+
+    def batches(name: str, column: pa.Array) -> list[list[str]]:
+        path = tmp_path / f"{name}.parquet"
+        pq.write_table(pa.table({"text": column}), path)
+        return list(read_batches(DatasetSpec(path="parquet", data_files=[str(path)])))
+
+    assert batches("binary", pa.array([b"1. Intro caf\xc3\xa9", None], pa.binary())) == [["1. Intro café", ""]]
+    for name, column, needle in [
+        ("latin1", pa.array([b"caf\xe9"], pa.binary()), "holds bytes that are not UTF-8"),
+        ("list", pa.array([["1.", "Intro"]]), "holds list values, not text"),
+        ("struct", pa.array([{"title": "Intro"}]), "holds dict values, not text"),
+    ]:
+        with pytest.raises(CorpusError, match=needle):
+            batches(name, column)
+
+
+def test_a_long_document_is_cut_to_what_max_tokens_can_use(tiny_model):
+    """A document far longer than ``max_tokens`` needs is cut before it is encoded, and the cut
+    changes none of the tokens kept: the first ``max_tokens`` tokens are those of the whole
+    document."""
+    from actscope.pipeline.corpus import document_chars
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    document = " ".join(corpus_documents()) * 20
+    limit = document_chars(tokenizer, 300)
+    assert limit < len(document) // 10
+    whole = tokenizer(document, add_special_tokens=False)["input_ids"]
+    cut = tokenizer(document[:limit], add_special_tokens=False)["input_ids"]
+    assert len(cut) >= 300 and cut[:300] == whole[:300]
