@@ -644,16 +644,18 @@ def _swap_in(staging: str, url: str) -> None:
 
 
 def _local_worker_count(spec: JobSpec, override: int | None, use_ray: bool) -> int:
-    """Workers on this machine for an embedded run (the memory check shares it between them)."""
-    if override is not None:
-        return override
-    if not use_ray:
-        return 1
-    if spec.workers != "auto":
-        return spec.workers
+    """Workers on this machine for an embedded run (the memory check shares it between them).
+    CPU workers are capped at the cores: more would only share them, each holding a model (the
+    tables are the same whatever the count)."""
     import torch
 
-    return max(torch.cuda.device_count(), 1) if torch.cuda.is_available() else os.cpu_count() or 1
+    if not use_ray:
+        return 1
+    on_gpu = spec.device == "cuda" or (spec.device == "auto" and torch.cuda.is_available())
+    wanted = override if override is not None else spec.workers
+    if wanted == "auto":
+        return max(torch.cuda.device_count(), 1) if on_gpu else os.cpu_count() or 1
+    return wanted if on_gpu else min(wanted, os.cpu_count() or 1)
 
 
 class RaySession:
@@ -746,16 +748,12 @@ class TaskEncoder:
 
 
 def _worker_count(spec: JobSpec, override: int | None, use_ray: bool, address: str | None, ray_session: RaySession) -> int:
+    if address is None:
+        return _local_worker_count(spec, override, use_ray)
     if override is not None:
         return override
     if spec.workers != "auto":
         return spec.workers
-    if not use_ray:
-        return 1
-    import torch
-
-    if address is None:
-        return max(torch.cuda.device_count(), 1) if torch.cuda.is_available() else os.cpu_count() or 1
     import ray
 
     ray_session.ensure()

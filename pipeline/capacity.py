@@ -63,7 +63,7 @@ def worker_memory(spec: JobSpec, widths: dict[str, int], vocab_size: int, weight
     sparse_group = group_tokens or shards_per_group(spec, widths, vocab_size, 1 << 40) * shard_tokens
     group_tokens = group_tokens or vocab_size
     batch_tokens = min(spec.batch_size, spec.shard_size) * spec.context_length
-    parts: dict[str, int] = {"model weights": weight_bytes}
+    parts: dict[str, int] = {"model weights": weight_bytes, "process": PROCESS_BASELINE}
     fires = lambda site: fires_per_token(l0, site, widths[site])
 
     def add(name: str, size: int) -> None:
@@ -97,6 +97,11 @@ def worker_memory(spec: JobSpec, widths: dict[str, int], vocab_size: int, weight
             add("co-activation of latents", 68 * met)
     add("shard tokens", 64 * shard_tokens + 5 * max(group_tokens, shard_tokens))
     return Estimate(parts)
+
+
+#: A worker process before its model and state: Python with torch, transformers, TransformerLens,
+#: zarr and Ray imported (RESULTS.md, "Worker memory": 0.36-0.40 GiB measured).
+PROCESS_BASELINE = 512 << 20
 
 
 #: The latents an SAE fires per token that the plan assumes (SAEs in use fire 20 to 150; one that

@@ -195,9 +195,24 @@ def test_dry_run_prints_the_plan_and_writes_nothing(scratch):
 
 def test_a_job_too_big_for_the_machine_is_refused_with_its_numbers(scratch):
     root, job = scratch
-    big = job(statistics=["coactivation"], hooks=[HOOK], top_k=10_000, shard_size=4096, context_length=64, batch_size=16384, workers=64)
+    mlps = [f"blocks.{layer}.mlp.hook_{point}" for layer in (0, 1) for point in ("pre", "post")]
+    big = job(statistics=["coactivation"], hooks=mlps, top_k=10_000, shard_size=1 << 16, context_length=64, batch_size=1 << 14, workers=64)
     fails(["run", big, "--dry-run"], "per worker and", "largest parts", "Ways out")
     assert not (root / "out.zarr").exists()
+
+
+def test_cpu_workers_are_capped_at_the_cores_and_each_counts_its_process(scratch):
+    """``workers: 1000`` on a CPU machine plans (and runs) one worker a core, each with the
+    memory its process takes before any model is loaded."""
+    from actscope.jobs.jobfile import load_job
+    from actscope.jobs.runner import _local_worker_count
+    from actscope.pipeline.capacity import PROCESS_BASELINE
+
+    _, job = scratch
+    spec = load_job(job(workers=1000, device="cpu"))
+    assert _local_worker_count(spec, None, use_ray=True) == os.cpu_count()
+    assert _local_worker_count(spec, 64, use_ray=True) == os.cpu_count()
+    invoke(["run", job(workers=1000, device="cpu"), "--dry-run"], 0, "worker memory", f"process {PROCESS_BASELINE / 2**30:.2f} GiB")
 
 
 # -- job files -------------------------------------------------------------------------------
