@@ -54,6 +54,16 @@ class Format(str, Enum):
     json = "json"
 
 
+#: What Ctrl-C leaves, by command (the others write nothing).
+_INTERRUPTED = {
+    "run": "Committed groups are kept: run the same command again to resume.",
+    "demo": "Committed groups are kept: run the same command again to resume.",
+    "export": "The export is marked unfinished: run the same command again to redo it.",
+    "report": "No report was written (a report file is written whole or not at all).",
+    "submit": "The job may already be on the cluster: see actscope logs.",
+}
+
+
 def friendly(command):
     """A user's mistake: its message, exit 2. Ctrl-C: a resume hint, exit 130. Anything else:
     one line, exit 1 (the traceback with --debug or ACTSCOPE_DEBUG=1)."""
@@ -70,7 +80,7 @@ def friendly(command):
             say(("error: ", "bold red"), str(error))
             raise typer.Exit(error.exit_code) from None
         except KeyboardInterrupt:
-            say(("interrupted. ", "yellow"), "Committed shards are kept: run the same command again to resume.")
+            say(("interrupted. ", "yellow"), _INTERRUPTED.get(command.__name__, "Nothing was written."))
             raise typer.Exit(130) from None
         except (typer.Exit, typer.Abort, SystemExit):
             raise
@@ -627,7 +637,15 @@ def main() -> None:
     for stream in (sys.stdout, sys.stderr):  # a terminal that cannot show a character gets an escape, not a crash
         if hasattr(stream, "reconfigure"):
             stream.reconfigure(errors="backslashreplace")
-    app()
+    try:
+        app()
+    except SystemExit as done:
+        if done.code not in (0, None):
+            # The failure was said in one line; the process now exits. An object store's client
+            # left coroutines mid-request (an unreachable endpoint fails each of a batch of
+            # reads), and their finalizers would print a hundred lines of "Exception ignored".
+            sys.unraisablehook = lambda unraisable: None
+        raise
 
 
 if __name__ == "__main__":

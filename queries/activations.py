@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 
 from actscope.storage.errors import StoreError
-from actscope.storage.store import PAD, Store
+from actscope.storage.store import PAD, Store, read_checked
 
 # How far a per-token value may stray from the cached one, relative to the neuron's scale:
 # float16 storage keeps 11 significant bits; a re-run differs from the job's forward only by
@@ -62,7 +62,7 @@ class TokenActivations:
         if self.spec.sae(self.hook):
             return self._latent_block(group, n_lo, n_hi)
         first = int(group[0])
-        span = self.store.dense(self.hook)[first : int(group[-1]) + 1, :, n_lo:n_hi]
+        span = read_checked(self.store.dense(self.hook), (slice(first, int(group[-1]) + 1), slice(None), slice(n_lo, n_hi)))
         return span[group - first].astype(np.float32)
 
     def _latent_block(self, group: np.ndarray, n_lo: int, n_hi: int) -> np.ndarray:

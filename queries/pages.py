@@ -125,8 +125,8 @@ class HookPages:
             self.pair_values[rows, pos] = cached  # the marked tokens carry the cached values themselves
         unique = np.unique(seqs)
         self.seq_ids = unique
-        tokens = self.store.group["tokens"].oindex[unique, :] if len(unique) else np.zeros((0, 0), np.int32)
-        kinds = self.store.group["kinds"].oindex[unique, :] if len(unique) else np.zeros((0, 0), np.uint8)
+        rows = self.store.read_rows(unique.tolist()) if len(unique) else {"tokens": np.zeros((0, 0), np.int32), "kinds": np.zeros((0, 0), np.uint8)}
+        tokens, kinds = rows["tokens"], rows["kinds"]
         self.seq_tokens = tokens
         self.seq_length = (kinds != PAD).sum(axis=1)  # padding only ever ends a sequence
 

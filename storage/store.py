@@ -26,6 +26,7 @@ A shard is trusted only once its commit record exists; the job is complete only 
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import posixpath
@@ -342,11 +343,12 @@ class Store:
             self.group[name].append(block[name], axis=0)
 
     def read_tokens(self, start: int, stop: int, names: tuple[str, ...] = ("tokens", "kinds")) -> dict[str, np.ndarray]:
-        return {name: self.group[name][start:stop] for name in names}
+        return {name: read_checked(self.group[name], (slice(start, stop),)) for name in names}
 
     def read_rows(self, seqs: list[int], names: tuple[str, ...] = ("tokens", "kinds")) -> dict[str, np.ndarray]:
         """Whole sequences ``seqs`` (sorted), each array read once for all of them."""
-        return {name: self.group[name].get_orthogonal_selection((np.asarray(seqs, dtype=np.int64), slice(None))) for name in names}
+        rows = np.asarray(seqs, dtype=np.int64)
+        return {name: read_checked(self.group[name], (rows, slice(None)), orthogonal=True) for name in names}
 
     # -- dense activations ----------------------------------------------------------------
 
@@ -560,6 +562,36 @@ def _leftovers_ignored():
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", "Object at .* is not recognized", zarr.errors.ZarrUserWarning)
         yield
+
+
+def read_checked(array: zarr.Array, selection: tuple, *, orthogonal: bool = False) -> np.ndarray:
+    """``array[selection]`` (``orthogonal``: an index array on the first axis); a chunk whose bytes
+    cannot be decoded (damaged on disk, a write cut short by a crash) is ``StoreDamaged`` naming
+    the array and the chunk, not a codec's error with neither."""
+    try:
+        return array.get_orthogonal_selection(selection) if orthogonal else array[selection]
+    except (RuntimeError, ValueError, TypeError) as err:
+        raise StoreDamaged(f"{array.store_path}: {_damaged_chunk(array, selection) or 'a chunk'} cannot be decoded ({first_line(err)}); "
+                           "the store is damaged: run the job again into a new store.") from None
+
+
+def _damaged_chunk(array: zarr.Array, selection: tuple) -> str | None:
+    """The first chunk of ``selection``'s rows that does not decode, as ``chunk (i, j, ...)``."""
+    rows = selection[0]
+    per = array.chunks[0]
+    if isinstance(rows, slice):
+        first = (rows.start or 0) // per
+        chunk_rows = range(first, -(-(rows.stop if rows.stop is not None else array.shape[0]) // per))
+    else:
+        chunk_rows = sorted({int(r) // per for r in np.asarray(rows).ravel()})
+    grid = [range(-(-size // chunk)) for size, chunk in zip(array.shape[1:], array.chunks[1:])]
+    for row in chunk_rows:
+        for rest in itertools.product(*grid):
+            try:
+                array.get_block_selection((row, *rest))
+            except Exception:  # noqa: BLE001 - the one that fails is the answer
+                return f"chunk {(row, *rest)}"
+    return None
 
 
 class PartialArrays:

@@ -580,3 +580,37 @@ def test_a_model_changed_in_place_at_the_same_size_is_seen(scratch):
     for extra in (["--dry-run"], []):
         fails(["run", job(), "--local", *extra], "holds a different job", "files changed since it ran: model/extra-weights.bin")
     assert not Store.open(str(root / "out.zarr")).is_committed(0)
+
+
+def test_a_damaged_chunk_is_named_and_ctrl_c_says_what_was_kept(hostile, tmp_path, monkeypatch):
+    """A chunk whose bytes do not decode is named with its array and chunk (exit 1, as every
+    damaged store); Ctrl-C in each command says what it left."""
+    from actscope.queries import report
+
+    _, store = hostile
+    damaged = tmp_path / "damaged.zarr"
+    shutil.copytree(store, damaged)
+    (damaged / "acts" / HOOK / "c" / "0" / "0" / "0").write_bytes(b"\x28\xb5\x2f\xfd not zstd")
+    fails(["report", str(damaged), HOOK, "3", "--out", str(tmp_path / "r.html")], f"acts/{HOOK}: chunk (0, 0, 0) cannot be decoded", code=1)
+    shutil.copy(store / "acts" / HOOK / "c" / "0" / "0" / "0", damaged / "acts" / HOOK / "c" / "0" / "0" / "0")
+    (damaged / "tokens" / "c" / "0" / "0").write_bytes(b"junk")
+    fails(["report", str(damaged), HOOK, "3", "--out", str(tmp_path / "r.html")], "tokens: chunk (0, 0) cannot be decoded", code=1)
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(report, "export", interrupted)
+    fails(["export", str(store), "--out", str(tmp_path / "site")], "marked unfinished: run the same command again", code=130)
+    monkeypatch.setattr(report, "write_report", interrupted)
+    fails(["report", str(store), HOOK, "3", "--out", str(tmp_path / "r.html")], "No report was written", code=130)
+
+
+def test_an_unreachable_object_store_says_one_line_and_nothing_at_exit():
+    """The process exits after its one-line error without the object-store client's abandoned
+    requests printing "Exception ignored" (a hundred lines before)."""
+    env = {**os.environ, "AWS_ACCESS_KEY_ID": "x", "AWS_SECRET_ACCESS_KEY": "x", "AWS_ENDPOINT_URL": "http://127.0.0.1:9", "COLUMNS": "300"}
+    done = subprocess.run([sys.executable, "-m", "actscope", "query", "s3://bucket/none.zarr", "SELECT 1"],
+                          check=False, capture_output=True, text=True, env=env, timeout=120)
+    output = done.stdout + done.stderr
+    assert done.returncode == 1 and "cannot reach the store" in output and "Exception ignored" not in output, output
+    assert len(output.strip().splitlines()) <= 2, output
