@@ -387,9 +387,13 @@ def block_table(store, spec: JobSpec, site: int, start: int) -> pa.Table:
             offset += len(variance[j])
             continue
         m2, both = _fold_rows(sources, folded, i, j, rows)
+        # The statistics come from the co-moments as stored (float32): a block run again from the
+        # merged group (a group redone after the merge) then gives the same bits.
+        m2 = m2.astype(np.float32)
         if keep and i <= j:
-            store.write_merged_coactivation(f"m2.{i}.{j}", rows, m2.astype(np.float32))
+            store.write_merged_coactivation(f"m2.{i}.{j}", rows, m2)
             store.write_merged_coactivation(f"both.{i}.{j}", rows, both)
+        m2 = m2.astype(np.float64)
         stats = _block_stats(m2, both, variance[i][rows][:, None], variance[j][None, :],
                              folded.active[i][rows][:, None], folded.active[j][None, :], n)
         for ranking, score in (("pearson", np.abs(stats["pearson"])), ("jaccard", stats["jaccard"])):
