@@ -201,8 +201,8 @@ def test_workers_start_on_groups_while_the_corpus_is_tokenized(make_job, ray_ses
     read = corpus.read_batches
     committed_while_reading = []
 
-    def slowly(dataset):
-        for batch in read(dataset):
+    def slowly(dataset, **options):
+        for batch in read(dataset, **options):
             if not committed_while_reading and _group_written(spec.store):
                 # A group's sequences are in the store: read on once a worker has committed it.
                 deadline = time.monotonic() + 60
