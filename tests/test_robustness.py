@@ -181,6 +181,12 @@ def test_overwrite_builds_beside_and_swaps_in_only_when_complete(scratch, monkey
     assert {k: v for k, v in folder_digest(root).items() if not k.startswith("out.zarr")} == {
         k: v for k, v in old.items() if not k.startswith("out.zarr")
     }
+    # A staging folder that is not a store (a replacement cut short while created, or files put
+    # there) is named with the command that removes it, and kept.
+    staging.mkdir()
+    (staging / "stray.txt").write_text("?")
+    fails(["run", job(top_k=4), "--local", "--overwrite"], "not a store actscope can resume", "remove it (rm -r")
+    assert (staging / "stray.txt").read_text() == "?"
 
 
 def test_dry_run_prints_the_plan_and_writes_nothing(scratch):
