@@ -5,10 +5,10 @@ The public API, for notebooks and scripts::
 
     import actscope
 
-    spec = actscope.load_job("jobs/demo.yaml")          # a validated JobSpec (or JobSpecError)
+    spec = actscope.load_job("runs/demo/job.yaml")      # a validated JobSpec (or JobSpecError)
     summary = actscope.run(spec)                         # runs or resumes the job; a RunSummary
     with actscope.connect(spec.store) as catalog:        # read-only, locked-down SQL
-        catalog.top("blocks.1.mlp.hook_post", 7, k=10)
+        catalog.top("blocks.5.mlp.hook_post", 17, k=10)
 
 The subpackages keep the layers apart: ``actscope.storage`` (the store, the spec, the errors;
 imports nothing else of actscope), ``actscope.pipeline`` (tokenize, forward, reduce),

@@ -213,7 +213,8 @@ class Catalog:
         kind = statements[0].type.name
         if statements[0].type != duckdb.StatementType.SELECT:
             raise QueryError(f"Only SELECT queries are allowed (the store is read-only); this is {_article(kind)} {kind} statement.")
-        tree = json.loads(self._trusted(lambda: self.con.execute("SELECT json_serialize_sql(?)", [query]).fetchone()[0]))
+        # Read whole (fetchall): DuckDB 2 refuses the connection's next call while a result is open.
+        tree = json.loads(self._trusted(lambda: self.con.execute("SELECT json_serialize_sql(?)", [query]).fetchall()[0][0]))
         if tree.get("error"):
             raise QueryError(f"Only SELECT queries are allowed: {tree.get('error_message', 'this statement cannot be checked')}")
         others = sorted(set(_node_types(tree)) - _QUERY_NODES)

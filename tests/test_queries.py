@@ -160,3 +160,22 @@ def test_connect_takes_paths_and_file_urls(finished, tmp_path):
     for target in (Path(finished.store), Path(finished.store).resolve().as_uri()):
         with actscope.connect(target) as catalog:
             assert catalog.sql("SELECT count(*) FROM neuron_stats").rows[0][0] == 256
+
+
+def test_every_catalog_call_after_every_other_on_one_connection(finished):
+    """DuckDB 2 refuses a connection's next call while a result is open: every call of the
+    catalog leaves none, so any order works on one catalog (the README's Python block calls
+    ``sql`` then ``neuron``)."""
+    import itertools
+
+    hook = "blocks.1.mlp.hook_post"
+    calls = {
+        "sql": lambda c: c.sql("SELECT count(*) FROM neuron_stats").rows,
+        "neuron": lambda c: c.neuron(hook, 3).document["neuron"],
+        "top": lambda c: c.top(hook, 3, k=2).rows,
+        "coact": lambda c: c.coact(hook, 3, k=2).rows,
+    }
+    with actscope.connect(finished.store) as catalog:
+        first = {name: call(catalog) for name, call in calls.items()}
+        for order in itertools.permutations(calls, 2):
+            assert [calls[name](catalog) for name in order] == [first[name] for name in order]
