@@ -8,9 +8,12 @@ to be valid and to belong to it (same fingerprint), unless the user asks to over
 from __future__ import annotations
 
 import gc
+import glob
 import itertools
+import json
 import logging
 import os
+import re
 import threading
 import time
 from collections import deque
@@ -42,7 +45,7 @@ from actscope.pipeline.model import (
 )
 from actscope.pipeline.reduce import Part, PartDone, assemble, plan_parts, run_part
 from actscope.pipeline.worker import ShardResult, ShardWorker
-from actscope.storage.errors import ActscopeError, JobSpecError, StoreDamaged, StoreError
+from actscope.storage.errors import ActscopeError, CorpusError, JobSpecError, ModelError, StoreDamaged, StoreError
 from actscope.storage.lease import Fence, Lease
 from actscope.storage.spec import JobSpec
 from actscope.storage.store import DamagedPartial, Store, inspect_target, local_path
@@ -299,6 +302,41 @@ def protect_paths(spec: JobSpec, job_path: str | None = None) -> None:
             raise StoreError(f"store: {spec.store} is inside {what} ({os.path.realpath(folder)}); give the store a path outside it.")
 
 
+#: ``datasets``' loaders that read the job's own files.
+_FILE_LOADERS = frozenset({"text", "json", "csv", "parquet", "arrow", "pandas"})
+
+
+def check_before_loading(spec: JobSpec, job_path: str | None = None) -> None:
+    """The checks that need no model (milliseconds, where loading one takes seconds): the store's
+    path (``protect_paths``, and not a folder of the user's files), the corpus's local files,
+    and the hooks' layers against the model's ``config.json`` where it has one."""
+    protect_paths(spec, job_path)
+    inspect_target(spec.store)
+    local = spec.dataset.path in _FILE_LOADERS  # a hub dataset's data_files are paths in its repository
+    for pattern in spec.dataset.data_files or [] if local else []:
+        if "://" not in pattern and not glob.glob(pattern, recursive=True):
+            raise CorpusError(f"dataset.data_files: {pattern} matches no file (paths are relative to the working folder, {os.getcwd()}).")
+    layers = _config_layers(spec.model)
+    for hook in spec.hooks:
+        found = re.match(r"blocks\.(\d+)\.", hook)
+        if layers is not None and found and int(found.group(1)) >= layers:
+            raise ModelError(f"hooks: {hook} is not a hook of {spec.model}: the model has {layers} blocks (0..{layers - 1}).")
+
+
+def _config_layers(model: str) -> int | None:
+    """The number of blocks a local model's ``config.json`` gives, where it gives one."""
+    try:
+        with open(os.path.join(model, "config.json")) as f:
+            config = json.load(f)
+    except (OSError, ValueError):
+        return None
+    config = config.get("text_config", config) if isinstance(config, dict) else {}
+    for key in ("num_hidden_layers", "n_layer", "num_layers", "n_layers"):
+        if isinstance(config.get(key), int):
+            return config[key]
+    return None
+
+
 def glob_root(pattern: str) -> str:
     """The folder a glob pattern starts from (its part before the first wildcard)."""
     parts = []
@@ -399,8 +437,7 @@ def run_job(spec: JobSpec, *, job_path: str | None = None, **options) -> RunSumm
     the store's lease is taken first (``storage.lease``; another run holding it is refused at
     once with ``StoreBusy``) and held to the end. ``options``: those of ``_run_leased``;
     ``job_path``: the job file, which the store may not be."""
-    protect_paths(spec, job_path)
-    inspect_target(spec.store)  # a folder of the user's files is refused before a lock is made beside it
+    check_before_loading(spec, job_path)  # before a lock is made beside the store
     with Lease.acquire(spec.store) as lease:
         return _run_leased(spec, lease.fence, job_path=job_path, **options)
 
@@ -596,6 +633,7 @@ def dry_run(spec: JobSpec, *, address: str | None = None, workers: int | None = 
     """What ``run_job`` would do, as lines of text; nothing is written and Ray is not started."""
     address = address or os.environ.get("RAY_ADDRESS") or None
     local_workers = _local_worker_count(spec, workers, use_ray) if address is None else None
+    check_before_loading(spec, job_path)
     planned = plan(spec, overwrite=overwrite, job_path=job_path, local_workers=local_workers)
     return planned.describe(spec)
 

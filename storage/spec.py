@@ -7,6 +7,7 @@ documentation (the README's job-file table is generated from it).
 
 from __future__ import annotations
 
+import difflib
 import re
 from typing import Annotated, Any, Literal
 
@@ -280,7 +281,8 @@ def _describe(err: ValidationError, source: str) -> str:
         where = ".".join(str(part)[:60] for part in problem["loc"]) or "(top level)"
         message = problem["msg"]
         if problem["type"] == "extra_forbidden":
-            message = f"unknown key; valid keys here: {_valid_keys(problem['loc'])}"
+            guess = difflib.get_close_matches(str(problem["loc"][-1]), _fields(problem["loc"]), n=1, cutoff=0.6)
+            message = (f"unknown key; did you mean {guess[0]}?" if guess else "unknown key;") + f" valid keys here: {_valid_keys(problem['loc'])}"
         elif problem["type"] == "missing":
             message = "required field is missing"
         elif problem["type"] == "less_than_equal" and _why(problem["loc"]):
@@ -304,7 +306,11 @@ def _why(loc: tuple[Any, ...]) -> str | None:
     return extra.get("why") if isinstance(extra, dict) else None
 
 
-def _valid_keys(loc: tuple[Any, ...]) -> str:
+def _fields(loc: tuple[Any, ...]) -> list[str]:
     nested = {"dataset": DatasetSpec, "coactivation": CoactivationSpec, "saes": SAESpec}
     model: type[BaseModel] = nested.get(loc[0], JobSpec) if len(loc) > 1 else JobSpec
-    return ", ".join(model.model_fields)
+    return list(model.model_fields)
+
+
+def _valid_keys(loc: tuple[Any, ...]) -> str:
+    return ", ".join(_fields(loc))

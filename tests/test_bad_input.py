@@ -155,3 +155,28 @@ def test_hooks_lists_recordable_hook_names(tiny_model):
     assert "blocks.1.mlp.hook_post" in names and "blocks.0.hook_resid_post" in names
     assert not any(n.endswith("hook_pattern") for n in names)
     _fails(["hooks", "/nonexistent/model"], "does not exist")
+
+
+def test_cheap_mistakes_are_refused_before_the_model_loads(existing, tmp_path, monkeypatch):
+    """A misspelt key, a corpus that matches no file, a store that is a folder of the user's
+    files and a hook past the model's layers (from its config.json) are refused with exit 2
+    without loading the model (seconds; these take milliseconds), in the dry run too."""
+    from actscope.jobs import runner as runner_module
+
+    def never(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(runner_module, "load_tokenizer", never)
+    monkeypatch.setattr(runner_module, "load_job_model", never)
+    _, job = existing
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("mine")
+    for changes, needle in [
+        ({"topk": 3}, "topk: unknown key; did you mean top_k?"),
+        ({"dataset": {"path": "text", "data_files": [str(tmp_path / "nowhere" / "*.txt")]}}, "matches no file"),
+        ({"store": str(tmp_path / "mine")}, "not an actscope store and not empty"),
+        ({"hooks": ["blocks.7.mlp.hook_post"]}, "the model has 2 blocks (0..1)"),
+    ]:
+        for extra in ([], ["--dry-run"]):
+            _fails(["run", job("cheap", **changes), "--local", *extra], needle)
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "mine"
