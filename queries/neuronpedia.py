@@ -29,11 +29,11 @@ our tables map onto the fields, and what each means on the consumer's side, is i
 from __future__ import annotations
 
 import re
-from pathlib import Path
 
 import numpy as np
 
 from actscope.pipeline.histogram import E_MIN
+from actscope.storage.spec import model_title
 
 WINDOW = 12
 FREQ_BINS = 50  # SAEDashboard's ActsHistogramConfig default, which Neuronpedia draws
@@ -61,7 +61,7 @@ def batch_meta(catalog, hook: str, sae_set: str | None = None) -> dict:
     """The batch-level fields and the per-feature constants of one hook's export."""
     spec, model = catalog.store.spec, catalog.model
     return {
-        "model_id": Path(model["name"]).name,  # "gpt2", "pythia-70m": a local folder or hub id's last part
+        "model_id": model_title(model["name"]).split("/")[-1],  # "gpt2", "pythia-70m": the name's last part
         # An SAE's latents sit at the layer of the hook it reads.
         "layer": layer_of((model.get("saes") or {}).get(hook, {}).get("hook", hook), int(model["n_layers"])),
         "sae_set": sae_set or set_name(hook),

@@ -20,6 +20,7 @@ import pyarrow as pa
 
 from actscope.queries.activations import TokenActivations, check_marked
 from actscope.queries.catalog import Catalog
+from actscope.storage.spec import model_title
 from actscope.storage.store import PAD
 
 FORMAT = "actscope.neuron/1"
@@ -144,7 +145,7 @@ class HookPages:
             "format": FORMAT,
             "store": self.store.url,
             "fingerprint": self.store.fingerprint,
-            "model": self.catalog.model["name"],
+            "model": model_title(self.catalog.model["name"]),
             "architecture": self.catalog.model["architecture"],
             "hook": self.hook,
             "sae": (self.catalog.model.get("saes") or {}).get(self.hook),  # the SAE whose latents these are, or None

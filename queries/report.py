@@ -28,6 +28,7 @@ from actscope.queries.neuron_record import neuron_record
 from actscope.queries.pages import HookPages, finite
 from actscope.queries.text import visible
 from actscope.storage.errors import OutputError, QueryError
+from actscope.storage.spec import model_title
 
 FORMATS = ("html", "json", "md", "neuronpedia", "neuron-record")
 EXPORT_FORMATS = ("html", "json", "neuronpedia", "neuron-record")
@@ -377,7 +378,7 @@ def _hook_index(pages: HookPages) -> str:
         columns[name] = [finite(x) for x in np.asarray(c[name], np.float64).tolist()]
     columns["top_tokens"] = [" | ".join(top.get(n, [])) for n in columns["neuron"]]
     return _env().get_template("hook.html").render(
-        hook=pages.hook, model=pages.catalog.model["name"], width=pages.width, css=_asset("actscope.css"),
+        hook=pages.hook, model=model_title(pages.catalog.model["name"]), width=pages.width, css=_asset("actscope.css"),
         data=script_json({"hook": pages.hook, "columns": columns}), js=_script("hook.js"),
     )
 
@@ -385,7 +386,7 @@ def _hook_index(pages: HookPages) -> str:
 def _site_index(catalog: Catalog, hooks: list[str]) -> str:
     spec = catalog.store.spec
     return _env().get_template("site.html").render(
-        model=catalog.model["name"], store=catalog.store.url, corpus=f"{spec.dataset.path} {spec.dataset.data_files or ''}",
+        model=model_title(catalog.model["name"]), store=catalog.store.url, corpus=f"{spec.dataset.path} {spec.dataset.data_files or ''}",
         n_tokens=f"{catalog.store.n_seq * spec.context_length:,}", css=_asset("actscope.css"),
         hooks=[{"name": h, "width": catalog.model["hook_widths"][h], "source": "dense" if h in spec.dense else "recomputed"} for h in hooks],
     )

