@@ -8,7 +8,7 @@ The public API, for notebooks and scripts::
     spec = actscope.load_job("runs/demo/job.yaml")      # a validated JobSpec (or JobSpecError)
     summary = actscope.run(spec)                         # runs or resumes the job; a RunSummary
     with actscope.connect(spec.store) as catalog:        # read-only, locked-down SQL
-        catalog.top("blocks.5.mlp.hook_post", 17, k=10)
+        catalog.top("blocks.5.mlp.hook_post", 1302, k=10)
 
 The subpackages keep the layers apart: ``actscope.storage`` (the store, the spec, the errors;
 imports nothing else of actscope), ``actscope.pipeline`` (tokenize, forward, reduce),

@@ -48,6 +48,38 @@ def say(*parts) -> None:
     err.print(Text.assemble(*parts))
 
 
+def hint(command: str) -> None:
+    """A command to copy: one line whatever the terminal's width (a wrapped command does not
+    paste)."""
+    err.print(Text(command), soft_wrap=True)
+
+
+def _prog() -> str:
+    """How the user can run actscope again from here: the script they ran (``.venv/bin/actscope``
+    works without activating the venv), or ``python -m actscope`` with the interpreter they used."""
+    argv0 = sys.argv[0] if sys.argv else "actscope"
+    if argv0.endswith("__main__.py"):
+        return f"{_shell(_relative(sys.executable))} -m actscope"
+    return _shell(_relative(argv0)) if os.sep in argv0 else argv0
+
+
+def _relative(path: str) -> str:
+    relative = os.path.relpath(path)
+    return path if relative.startswith(os.pardir) else relative
+
+
+def _shell(word: str) -> str:
+    import shlex
+
+    return shlex.quote(word)
+
+
+def _interesting(catalog, hook: str) -> int:
+    """A neuron worth a first look: the one with the highest top activation in ``hook``."""
+    rows = catalog.internal("SELECT neuron FROM top_examples WHERE hook = ? AND rank = 1 ORDER BY activation DESC, neuron LIMIT 1", [hook]).rows
+    return int(rows[0][0]) if rows else 0
+
+
 class Format(str, Enum):
     table = "table"
     csv = "csv"
@@ -177,7 +209,9 @@ def run(
         f"{summary.shards_run} shard(s) run, {summary.shards_skipped} already done, {summary.workers} worker(s) on {summary.nodes} node(s); "
         f"{summary.tokens_per_second:,.0f} tokens/s; {summary.seconds_total:.1f} s in all.",
     )
-    say(f"next: actscope top {summary.store} {spec.hooks[0]} 0")
+    with __import__("actscope").connect(summary.store) as catalog:
+        hook = spec.hooks[0]
+        hint(f"next: {_prog()} top {_shell(summary.store)} {hook} {_interesting(catalog, hook)} -k 10")
 
 
 @app.command()
@@ -389,11 +423,21 @@ def export(
     overwrite: Annotated[bool, typer.Option(help="Replace the pages of an earlier export in --out.")] = False,
 ):
     """A static site: an index per hook (sortable by max, density, kurtosis) and a page per neuron."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
     from actscope import queries
     from actscope.queries.report import export as export_site
 
-    with queries.connect(store) as catalog:
-        summary = export_site(catalog, out_dir, hook, fmt=format, k=k, overwrite=overwrite)
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+    with queries.connect(store) as catalog, Progress(*columns, console=err, transient=True) as bar:
+        tasks: dict[str, int] = {}
+
+        def progress(name: str, done: int, total: int) -> None:
+            if name not in tasks:
+                tasks[name] = bar.add_task(name, total=total)
+            bar.update(tasks[name], completed=done)
+
+        summary = export_site(catalog, out_dir, hook, fmt=format, k=k, overwrite=overwrite, progress=progress)
     for name, info in summary["hooks"].items():
         say(f"{name}: {info['neurons']:,} neurons ({info['source']} activations), {info['load_s'] + info['render_s']:.1f} s")
     say(("wrote ", "green"), f"{summary['files']:,} files, {summary['bytes'] / 1e6:,.1f} MB under {out_dir}")
@@ -554,13 +598,12 @@ def demo(
     say(("done: ", "green"), f"{summary.store}: {summary.n_tokens:,} tokens, {summary.tokens_per_second:,.0f} tokens/s.")
     with __import__("actscope").connect(spec.store) as catalog:
         hook = spec.hooks[1]
-        best = catalog.internal(
-            "SELECT neuron FROM top_examples WHERE hook = ? AND rank = 1 ORDER BY activation DESC LIMIT 1", [hook]
-        ).rows[0][0]
-    say(f"try:  actscope top {spec.store} {hook} {best} -k 10")
-    say(f"      actscope query {spec.store} \"SELECT hook, count(*) FROM top_examples GROUP BY ALL\"")
-    say(f"      actscope report {spec.store} {hook} {best} --out neuron-{best}.html")
-    say(f"      actscope export {spec.store} --out {os.path.join(out_dir, 'site')}")
+        best = _interesting(catalog, hook)
+    prog, store = _prog(), _shell(spec.store)
+    hint(f"try:  {prog} top {store} {hook} {best} -k 10")
+    hint(f"      {prog} query {store} \"SELECT hook, count(*) FROM top_examples GROUP BY ALL\"")
+    hint(f"      {prog} report {store} {hook} {best} --out {_shell(os.path.join(out_dir, f'neuron-{best}.html'))}")
+    hint(f"      {prog} export {store} --hook {hook} --out {_shell(os.path.join(out_dir, 'site'))}")
 
 
 def _plain(text: str | None) -> str:

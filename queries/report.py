@@ -326,6 +326,8 @@ def export(catalog: Catalog, out: str, hooks: list[str] | None = None, *, fmt: s
         return _write_file(path, text)
     for hook in hooks:
         started = time.perf_counter()
+        if progress:
+            progress(hook, 0, widths[hook])  # the hook's activations are loaded (or recomputed) first
         pages = HookPages(catalog, hook, k=k)
         loaded = time.perf_counter()
         if os.sep in hook or hook.startswith("."):

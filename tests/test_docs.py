@@ -45,4 +45,4 @@ def test_the_readme_python_block_runs_as_written_after_the_demo(tmp_path, monkey
     block = README.split("## Python\n", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
     namespace: dict = {}
     exec(compile(block, "README.md (Python block)", "exec"), namespace)  # noqa: S102 - the README is ours: running it as written is the test
-    assert namespace["summary"].resumed and namespace["rows"] and namespace["doc"]["neuron"] == 17
+    assert namespace["summary"].resumed and namespace["rows"] and namespace["doc"]["neuron"] == 1302
