@@ -323,17 +323,38 @@ def query(
     sql: Annotated[str, typer.Argument(help="One SELECT statement over the tables (see README).")],
     format: Annotated[Format, typer.Option("--format", "-f")] = Format.table,
     timeout: Annotated[float, typer.Option(help="Seconds before the query is stopped (at most 3600); output stops then too.")] = 60.0,
-    max_rows: Annotated[int, typer.Option(help="Rows shown at most (up to 10,000,000); a larger result is cut.")] = 100_000,
+    max_rows: Annotated[int | None, typer.Option(help=f"Rows returned at most (up to 10,000,000); a larger result is cut. Default: {QUERY_ROWS:,}, of which a table shows {TABLE_ROWS}.")] = None,
 ):
     """Run one read-only SQL query over a store's tables."""
     from actscope import queries
 
     deadline = time.monotonic() + timeout if math.isfinite(timeout) and timeout > 0 else None
-    with queries.connect(store, timeout=timeout, max_rows=max_rows) as catalog:
+    with queries.connect(store, timeout=timeout, max_rows=QUERY_ROWS if max_rows is None else max_rows) as catalog:
+        for name in _unknown_hooks(sql, catalog.model["hook_widths"]):
+            say(("note: ", "yellow"), f"{name!r} is not a hook of this store (it holds {', '.join(catalog.model['hook_widths'])}); rows that need it match nothing.")
         result = catalog.sql(sql, truncate=True)
-    _print_result(result, format, deadline)
-    if result.truncated:
+    shown = result
+    if format is Format.table and max_rows is None and len(result.rows) > TABLE_ROWS:
+        shown = type(result)(result.columns, result.rows[:TABLE_ROWS])
+    _print_result(shown, format, deadline)
+    if len(shown.rows) < len(result.rows):
+        more = f"{len(result.rows) - len(shown.rows):,}{'+' if result.truncated else ''}"
+        say(("note: ", "yellow"), f"{more} more rows not shown: --max-rows N shows more, --format csv or json all of them.")
+    elif result.truncated:
         say(("note: ", "yellow"), f"only the first {len(result.rows):,} rows were returned (--max-rows, or 256 MiB of results); add a LIMIT or aggregate.")
+
+
+#: Rows ``query`` returns by default, and of them the rows a table shows (a terminal's worth).
+QUERY_ROWS, TABLE_ROWS = 100_000, 50
+
+
+def _unknown_hooks(sql: str, hooks) -> list[str]:
+    """String literals of ``sql`` that name a hook (``blocks.N...`` or ``...hook...``) the store
+    does not hold: a query over one returns no rows, silently."""
+    import re
+
+    literals = re.findall(r"'((?:[^']|'')*)'", sql)
+    return sorted({v for v in literals if re.fullmatch(r"blocks\.\d+\.[\w.]+|[\w.]*hook_[\w.]*", v) and v not in hooks})
 
 
 @app.command()
@@ -638,15 +659,18 @@ def _print_result(result, format: Format, deadline: float | None = None) -> None
         else:
             # In tables of at most 2,000 rows (Rich lays a table out whole: 100,000 rows took 14 s),
             # so the deadline is checked between them.
+            numeric = [bool(result.rows) and all(isinstance(row[c], int | float) and not isinstance(row[c], bool) for row in result.rows[:TABLE_ROWS] if row[c] is not None)
+                       for c in range(len(result.columns))]
+
             def table(first: bool) -> Table:
                 table = Table(show_header=first)
-                for column in result.columns:
-                    table.add_column(Text(_plain(str(column))))
+                for column, right in zip(result.columns, numeric):
+                    table.add_column(Text(_plain(str(column))), justify="right" if right else "left")
                 return table
 
             part = table(True)
             for i, row in enumerate(rows()):
-                part.add_row(*(Text(_plain(v) if isinstance(v, str) else repr(v) if isinstance(v, float) else str(v)) for v in row))
+                part.add_row(*(Text(_plain(v) if isinstance(v, str) else f"{v:.6g}" if isinstance(v, float) else str(v)) for v in row))
                 if part.row_count == 2000:
                     out.print(part)
                     part = table(False)

@@ -179,3 +179,22 @@ def test_every_catalog_call_after_every_other_on_one_connection(finished):
         first = {name: call(catalog) for name, call in calls.items()}
         for order in itertools.permutations(calls, 2):
             assert [calls[name](catalog) for name in order] == [first[name] for name in order]
+
+
+def test_query_output_is_for_people(finished):
+    """A table shows the first rows and says how many more there are (and how to get them); a
+    query naming a hook the store does not hold says so; floats are rounded, numbers right-aligned."""
+    from typer.testing import CliRunner
+
+    from actscope.jobs.cli import TABLE_ROWS, app
+
+    runner = CliRunner()
+    result = runner.invoke(app, ["query", finished.store, "SELECT * FROM tokens"], env={"COLUMNS": "200"})
+    assert result.exit_code == 0 and "more rows not shown: --max-rows N shows more" in result.output, result.output
+    assert result.output.count("\n") < TABLE_ROWS + 20
+    csv_rows = runner.invoke(app, ["query", finished.store, "SELECT * FROM tokens", "--format", "csv"]).output.count("\n")
+    assert csv_rows > TABLE_ROWS * 10
+    result = runner.invoke(app, ["query", finished.store, "SELECT count(*) FROM top_examples WHERE hook = 'blocks.0.mlp.hook_post'"], env={"COLUMNS": "200"})
+    assert result.exit_code == 0 and "'blocks.0.mlp.hook_post' is not a hook of this store" in result.output, result.output
+    result = runner.invoke(app, ["query", finished.store, "SELECT 1.0 / 3 AS third"], env={"COLUMNS": "200"})
+    assert "0.333333 │" in result.output and "0.3333333333" not in result.output, result.output
