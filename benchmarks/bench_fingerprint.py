@@ -28,8 +28,7 @@ def main() -> None:
         path = os.path.join(root, "weights.bin")
         block = os.urandom(64 << 20)
         with open(path, "wb") as f:
-            for _ in range(int(args.gib * 16)):
-                f.write(block)
+            f.writelines(block for _ in range(int(args.gib * 16)))
         size = os.path.getsize(path)
         start = time.perf_counter()
         with open(path, "rb") as f:

@@ -473,7 +473,7 @@ def probe(
     hook: HookArg,
     neuron: NeuronArg,
     text: Annotated[str, typer.Argument(help="Text to run through the job's model.")],
-    format: Annotated[Format, typer.Option("--format", "-f")] = Format.table,
+    format: Annotated[Format | None, typer.Option("--format", "-f", help="table, csv or json: one row a token (default: the text, coloured).")] = None,
 ):
     """A neuron's activation on every token of new text, coloured on the neuron's own scale."""
     from actscope import queries
@@ -482,13 +482,13 @@ def probe(
     with queries.connect(store) as catalog:
         result = run_probe(catalog, hook, neuron, text)
         lo, hi = catalog.internal("SELECT min, max FROM neuron_stats WHERE hook = ? AND neuron = ?", [hook, neuron]).rows[0]
-    if format is not Format.table:
+    if format is not None:
         records = result.records()
         _print_result(queries.Result(list(records[0]), [tuple(r.values()) for r in records]), format)
         return
     line = Text()
     for token, value in zip(result.tokens, result.activations):
-        line.append(_plain(token), style=f"on {_shade(float(value), lo, hi)}")
+        line.append(_plain(token), style=_shade(float(value), lo, hi))
     out.print(line)
     best = int(result.activations.argmax())
     share = f" ({result.activations[best] / hi:.0%} of its corpus max {hi:.4g})" if hi and hi > 0 and result.activations[best] > 0 else ""
@@ -499,13 +499,16 @@ def probe(
 
 
 def _shade(value: float, lo: float, hi: float) -> str:
-    """A value's background on a neuron's scale, as pages colour it: white at 0, full red (blue
-    below 0) at the larger of |min| and |max|."""
+    """A value's style on a neuron's scale, as pages colour it: a white background at 0, full
+    red (blue below 0) at the larger of |min| and |max|, with black or white text, whichever
+    reads on it: the text's colour is set too, so a dark terminal's light default text is never
+    left on a light background."""
     scale = max(abs(lo or 0.0), abs(hi or 0.0))
     t = min(1.0, abs(value) / scale) if scale else 0.0
     target = (217, 72, 38) if value > 0 else (48, 96, 214)
     r, g, b = (round(255 + (c - 255) * t) for c in target)
-    return f"rgb({r},{g},{b})"
+    text = "black" if 0.299 * r + 0.587 * g + 0.114 * b > 140 else "white"
+    return f"{text} on rgb({r},{g},{b})"
 
 
 def _number(value) -> str:

@@ -180,6 +180,13 @@ def test_probe_gives_the_models_activations_on_new_text(store, tiny_model):
     np.testing.assert_allclose([r["activation"] for r in rows], ref, atol=1e-5)
     shown = CliRunner().invoke(app, ["probe", spec.store, RERUN, "3", text])
     assert shown.exit_code == 0 and "number" in shown.output and "max" in shown.output
+    table = CliRunner().invoke(app, ["probe", spec.store, RERUN, "3", text, "--format", "table"], env={"COLUMNS": "200"})
+    assert table.exit_code == 0 and "activation" in table.output and len(table.output.splitlines()) >= len(ids)
+    from actscope.jobs.cli import (
+        _shade,  # the text's colour is set with the background: readable on dark and light terminals
+    )
+
+    assert _shade(0.0, -1, 1) == "black on rgb(255,255,255)" and _shade(1.0, -1, 1).startswith("white on")
 
 
 def test_export_writes_a_page_per_neuron(store, tmp_path):
