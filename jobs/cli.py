@@ -25,6 +25,7 @@ from rich.table import Table
 from rich.text import Text
 
 from actscope.storage.errors import ActscopeError, first_line
+from actscope.storage.spec import OPTIONAL_STATISTICS
 
 app = typer.Typer(
     no_args_is_help=True,
@@ -292,7 +293,8 @@ def _status_rows(s, spec, st, model) -> list[tuple[str, Text]]:
         ("store", s.url),
         ("model", f"{model['name']} ({model['architecture']}, {model['n_layers']} layers)"),
         ("corpus", f"{spec.dataset.path} {spec.dataset.data_files or ''}"),
-        ("sequences", f"{st['n_seq']:,} × {spec.context_length} tokens" if st["tokenized"] else "not tokenized yet"),
+        ("sequences", f"{st['n_seq']:,} × {spec.context_length} = {st['n_seq'] * spec.context_length:,} tokens" if st["tokenized"] else "not tokenized yet"),
+        ("statistics", ", ".join(["top", *(name for name in OPTIONAL_STATISTICS if spec.computes(name))]) + f" (top_k {spec.top_k})"),
         ("shards", f"{done} of {s.n_shards} committed, in groups of {s.shards_per_group}" if st["tokenized"] else "-"),
     ]
     saes = model.get("saes", {})
@@ -303,8 +305,21 @@ def _status_rows(s, spec, st, model) -> list[tuple[str, Text]]:
         for hook, width in model["hook_widths"].items()
     ]
     rows.append(("status", Text("complete", "green") if st["complete"] else Text("incomplete: run the job again to resume", "yellow")))
+    rows.append(("on disk", _disk_bytes(s.url)))
     rows.append(("fingerprint", s.fingerprint))
     return [(name, value if isinstance(value, Text) else Text(_plain(str(value)))) for name, value in rows]
+
+
+def _disk_bytes(url: str) -> str:
+    """The store's size: its files' bytes (fsspec's ``du``, on any file system)."""
+    from actscope.pipeline.capacity import gib
+    from actscope.storage.store import filesystem
+
+    try:
+        fs, path = filesystem(url)
+        return gib(fs.du(path, total=True))
+    except Exception as err:  # noqa: BLE001 - a size is a nicety: say why it is missing
+        return f"unknown ({type(err).__name__})"
 
 
 def _sae_line(name: str, sae: dict, measured: dict | None) -> str:

@@ -66,8 +66,9 @@ def test_query_formats(finished):
     assert as_csv.output.splitlines() == ["hook,n", "blocks.1.mlp.hook_post,1280"]
     top = runner.invoke(app, ["top", finished.store, "blocks.1.mlp.hook_post", "3", "-k", "2", "-f", "json"])
     assert [r["rank"] for r in json.loads(top.output)] == [1, 2]
-    status = runner.invoke(app, ["status", finished.store])
+    status = runner.invoke(app, ["status", finished.store], env={"COLUMNS": "200"})
     assert "complete" in status.output and "256 neurons" in status.output
+    assert "tokens" in status.output and "on disk" in status.output and "top, bottom, histogram" in status.output
 
 
 def test_tables_have_the_contract_columns(finished):
