@@ -536,22 +536,35 @@ def hooks(
     model: Annotated[str, typer.Argument(help="A Hugging Face model directory or hub id.")],
     sae: Annotated[list[str] | None, typer.Option("--sae", help="An SAE folder to check against the model (repeatable).")] = None,
     text: Annotated[str | None, typer.Option(help="Text to measure the SAEs' L0 and FVU on (default: Python's own docstrings).")] = None,
+    filter: Annotated[str | None, typer.Option("--filter", help="Only hooks whose name contains this, or matches it as a glob (*mlp*).")] = None,
+    every: Annotated[bool, typer.Option("--every", help="One line a hook, not one a kind of hook across its blocks.")] = False,
 ):
-    """List a model's hook names that can be recorded (one vector per token). Hooks marked
-    ``(bridge)`` exist only inside TransformerLens's reimplementation: a job recording one runs
-    the bridge's forward instead of the Hugging Face model's own (slower, eager attention). With
-    ``--sae``, check each SAE folder against the model instead: its format, the hook it reads
-    and its width, and its L0 and fraction of variance unexplained on some text."""
+    """List a model's hook names that can be recorded (one vector per token) with their widths,
+    the usual choices first, one line a kind of hook across its blocks (``blocks.{0..11}...``).
+    Hooks marked ``(bridge)`` exist only inside TransformerLens's reimplementation: a job
+    recording one runs the bridge's forward instead of the Hugging Face model's own (slower,
+    eager attention). With ``--sae``, check each SAE folder against the model instead: its
+    format, the hook it reads and its width, and its L0 and fraction of variance unexplained on
+    some text."""
+    import fnmatch
+
     import torch
 
-    from actscope.pipeline.model import load_model, module_sites, per_token_hooks
+    from actscope.pipeline.model import hook_widths, load_model, module_sites, per_token_hooks
 
     bridge = load_model(model, torch.device("cpu"))
     names = per_token_hooks(bridge)
     if not sae:
+        if filter:
+            names = [n for n in names if filter in n or fnmatch.fnmatchcase(n, filter)]
         on_modules = module_sites(bridge, names)
-        for name in names:
-            out.print(name if name in on_modules else f"{name}  (bridge)")
+        widths = _widths(bridge, names, on_modules, hook_widths)
+        table = Table(box=None, show_header=True)
+        for column in ("hook", "width", "note"):
+            table.add_column(column, justify="right" if column == "width" else "left")
+        for name, width, bridged in _hook_rows(names, widths, on_modules, every):
+            table.add_row(name, f"{width:,}" if width else "?", "bridge only (slower forward)" if bridged else "")
+        out.print(table)
         return
     refused = 0
     for folder in sae:
@@ -561,6 +574,49 @@ def hooks(
             out.print(line)
     if refused:
         raise typer.Exit(2)  # each problem was said above, per folder
+
+
+def _widths(bridge, names: list[str], on_modules, measure) -> dict[str, int]:
+    """Each hook's width, from one tiny forward for the hooks on the model's modules; a
+    bridge-only hook that cannot be hooked as it is (TransformerLens wants a switch set first)
+    has none."""
+    widths = {}
+    try:
+        widths = measure(bridge, [n for n in names if n in on_modules]) if any(n in on_modules for n in names) else {}
+    except (ValueError, RuntimeError, ActscopeError):  # one of them did not fire: each on its own
+        pass
+    for name in names:
+        if name not in widths:
+            try:
+                widths |= measure(bridge, [name])
+            except (ValueError, RuntimeError, ActscopeError):  # it cannot be hooked, or did not fire
+                pass
+    return widths
+
+
+#: The hooks most jobs record, listed first by ``hooks``.
+_USUAL_HOOKS = ("mlp.hook_post", "hook_resid_post", "mlp.hook_pre", "hook_mlp_out", "hook_attn_out", "hook_resid_pre")
+
+
+def _hook_rows(names: list[str], widths: dict[str, int], on_modules, every: bool) -> list[tuple[str, int, bool]]:
+    """(name, width, bridge only) a line: each kind of hook once across the blocks that have it
+    (``blocks.{0..5}.mlp.hook_post``) unless ``every``; the usual choices first."""
+    import re
+
+    kinds: dict[tuple[str, int, bool], list[int]] = {}
+    for name in names:
+        found = re.match(r"blocks\.(\d+)\.(.+)", name)
+        kind = (found.group(2) if found and not every else name, widths.get(name, 0), name not in on_modules)
+        kinds.setdefault(kind, []).append(int(found.group(1)) if found and not every else -1)
+    rows = []
+    for (kind, width, bridged), layers in kinds.items():
+        if layers[0] < 0:
+            rows.append((kind, width, bridged))
+        else:
+            span = f"{layers[0]}..{layers[-1]}" if layers == list(range(layers[0], layers[-1] + 1)) and len(layers) > 1 else ",".join(map(str, layers))
+            rows.append((f"blocks.{{{span}}}.{kind}" if len(layers) > 1 else f"blocks.{layers[0]}.{kind}", width, bridged))
+    usual = lambda row: next((i for i, u in enumerate(_USUAL_HOOKS) if row[0].endswith("}." + u) or row[0].endswith("." + u)), len(_USUAL_HOOKS))
+    return sorted(rows, key=lambda row: (usual(row), row[2]))
 
 
 #: Tokens ``hooks --sae`` encodes to measure L0 and FVU.

@@ -149,11 +149,16 @@ def test_neuron_and_hook_out_of_range(existing):
 
 
 def test_hooks_lists_recordable_hook_names(tiny_model):
-    result = runner.invoke(app, ["hooks", str(tiny_model)])
+    result = runner.invoke(app, ["hooks", str(tiny_model), "--every"], env={"COLUMNS": "200"})
     assert result.exit_code == 0, result.output
     names = result.output.split()
     assert "blocks.1.mlp.hook_post" in names and "blocks.0.hook_resid_post" in names
     assert not any(n.endswith("hook_pattern") for n in names)
+    # One line a kind of hook across its blocks, with its width, the usual choices first.
+    lines = runner.invoke(app, ["hooks", str(tiny_model)], env={"COLUMNS": "200"}).output.splitlines()
+    assert lines[1].split() == ["blocks.{0..1}.mlp.hook_post", "256"] and lines[2].split() == ["blocks.{0..1}.hook_resid_post", "64"]
+    only = runner.invoke(app, ["hooks", str(tiny_model), "--filter", "*mlp.hook_pre"], env={"COLUMNS": "200"}).output.split()
+    assert "blocks.{0..1}.mlp.hook_pre" in only and "blocks.{0..1}.mlp.hook_post" not in only
     _fails(["hooks", "/nonexistent/model"], "does not exist")
 
 
