@@ -1,4 +1,5 @@
-"""The README documents every job field, every command and every table column."""
+"""The README and its reference pages document every job field, every command and every table
+column; the README's links lead somewhere, and its Python block runs as written."""
 
 from __future__ import annotations
 
@@ -9,14 +10,17 @@ import pytest
 from actscope.jobs.cli import app
 from actscope.storage.spec import DatasetSpec, JobSpec
 
-README = (Path(__file__).parent.parent / "README.md").read_text()
+ROOT = Path(__file__).parent.parent
+README = (ROOT / "README.md").read_text()
+#: The README and the reference pages it links to: every field, command and column is in one of them.
+DOCS = README + "".join(page.read_text() for page in sorted((ROOT / "docs").glob("*.md")))
 
 
 @pytest.mark.parametrize("field", [*JobSpec.model_fields, *(f"dataset.{f}" for f in DatasetSpec.model_fields)])
 def test_every_job_field_is_documented(field):
     if field == "dataset":
         return
-    assert f"| `{field}` |" in README
+    assert f"| `{field}` |" in DOCS
 
 
 @pytest.mark.parametrize("command", [c.name or c.callback.__name__ for c in app.registered_commands])
@@ -27,7 +31,7 @@ def test_every_command_is_documented(command):
 def test_the_minimal_job_in_the_readme_is_valid():
     import yaml
 
-    block = README.split("## A job\n\n```yaml\n", 1)[1].split("```", 1)[0]
+    block = README.split("## Your own job\n", 1)[1].split("```yaml\n", 1)[1].split("```", 1)[0]
     spec = JobSpec.from_dict(yaml.safe_load(block))
     assert spec.hooks == ["blocks.0.mlp.hook_post", "blocks.1.hook_resid_post"]
 
@@ -46,3 +50,17 @@ def test_the_readme_python_block_runs_as_written_after_the_demo(tmp_path, monkey
     namespace: dict = {}
     exec(compile(block, "README.md (Python block)", "exec"), namespace)  # noqa: S102 - the README is ours: running it as written is the test
     assert namespace["summary"].resumed and namespace["rows"] and namespace["doc"]["neuron"] == 1302
+
+
+def test_the_readmes_links_lead_to_files():
+    import re
+
+    for page in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]:
+        for target in re.findall(r"\]\(([^)#:]+)(?:#[^)]*)?\)", page.read_text()):
+            assert (page.parent / target).exists(), f"{page.name} links to {target}, which does not exist"
+
+
+
+def test_ci_runs_exactly_the_readmes_test_command():
+    commands = [block.split("```", 1)[0].strip() for block in README.split("## Two commands", 1)[1].split("```bash\n")[1:3]]
+    assert commands[1].endswith("python -m pytest") and commands[1] in (ROOT / ".ci" / "run").read_text().splitlines()

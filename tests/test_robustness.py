@@ -611,6 +611,7 @@ def test_a_damaged_chunk_is_named_and_ctrl_c_says_what_was_kept(hostile, tmp_pat
     fails(["report", str(store), HOOK, "3", "--out", str(tmp_path / "r.html")], "No report was written", code=130)
 
 
+@pytest.mark.slow
 def test_an_unreachable_object_store_says_one_line_and_nothing_at_exit():
     """The process exits after its one-line error without the object-store client's abandoned
     requests printing "Exception ignored" (a hundred lines before)."""
