@@ -243,8 +243,10 @@ def test_workers_started_during_the_plan_are_let_go_when_it_fails(make_job, ray_
     monkeypatch.setattr(runner, "_start_early", lambda spec, address: True)
     monkeypatch.setattr(runner, "_actor_class", lambda *args: started.append(args) or actor_class(*args))
     total = ray_session.cluster_resources()["CPU"]
-    spec = load_job(make_job("bad-corpus", workers=2, dataset={"data_files": [str(tmp_path / "corpus" / "missing-*.txt")]}))
-    with pytest.raises(ActscopeError):
+    # An unknown hook name is seen only once the model is loaded (in the plan, not in
+    # check_before_loading), so the workers have started by then.
+    spec = load_job(make_job("bad-hook", workers=2, hooks=["blocks.0.mlp.hook_posst"], dense=None))
+    with pytest.raises(ActscopeError, match="hook_posst"):
         run_job(spec)
     assert not Path(spec.store).exists() and started
     deadline = time.monotonic() + 30
