@@ -12,6 +12,7 @@ token, which carries the cached value itself.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -183,8 +184,15 @@ class HookPages:
             ]
             for ranking in ("pearson", "jaccard")
         }
+        doc["coactivation_tokens"] = self.coactivation_tokens
         doc["snippet"] = snippet(self.store.url, self.hook, int(neuron), self.k)
         return doc
+
+    @functools.cached_property
+    def coactivation_tokens(self) -> int | None:
+        """The tokens the co-activation figures are over (the merged co-moments' count)."""
+        merged = self.store.merged_coactivation()
+        return int(merged.read_vector("n")[0]) if merged is not None else None
 
     def _histogram(self, neuron: int, lo, hi) -> list[dict]:
         h = self.hist.rows(neuron)

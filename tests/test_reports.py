@@ -5,6 +5,7 @@ browser (Debian's chromium, driven by Playwright)."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
 
 import numpy as np
@@ -443,6 +444,44 @@ def test_site_in_a_real_browser(store, browser, tmp_path):
         if control in quoted:
             assert f"\\x{ord(control):02x}" in text
     assert page.evaluate("document.querySelectorAll('script').length") == 3 and page.locator("b").filter(has_text="bold").count() == 0
+    page.close()
+    assert not problems, problems
+
+
+@pytest.mark.slow
+def test_page_folds_overlapping_examples_and_states_its_samples(store, browser, tmp_path):
+    """What a reader sees at a glance (issue 27): top examples whose windows overlap are one card
+    outlining each of them and labelled with all their ranks (none lost), a run of equal bottom
+    examples is one card and a count, a linear histogram stands beside the octave one, and the
+    co-activation section says how many tokens it is over."""
+    spec, _ = store
+    with actscope.connect(spec.store) as c:
+        window = HookPages(c, DENSE, [0]).document(0)["window"]
+        n = c.sql(
+            """SELECT a.neuron FROM top_examples a JOIN top_examples b USING (hook, neuron, seq_id)
+               WHERE a.hook = ? AND a.rank < b.rank AND abs(a.pos - b.pos) <= ? ORDER BY a.neuron LIMIT 1""",
+            [DENSE, 2 * window],
+        ).rows[0][0]
+        doc = HookPages(c, DENSE, [n]).document(n)
+    out = tmp_path / f"{n}.html"
+    result = CliRunner().invoke(app, ["report", spec.store, DENSE, str(n), "--out", str(out), "-k", "6"])
+    assert result.exit_code == 0, result.output
+    page, problems = _open(browser, out.as_uri())
+    page.wait_for_selector(".example")
+    top = page.evaluate(
+        """() => { const out = []; let h = [...document.querySelectorAll('h2')].find(e => e.textContent === 'Top examples');
+                   for (let e = h.nextElementSibling; e && e.tagName !== 'H2'; e = e.nextElementSibling)
+                     if (e.classList.contains('example')) out.push([e.querySelector('.meta').innerText, e.querySelectorAll('.tok.max').length]);
+                   return out; }"""
+    )
+    ranks = sorted(int(r) for label, _ in top for r in re.search(r"tops? ([\d, ]+) ·", label).group(1).split(","))
+    assert ranks == [e["rank"] for e in doc["top_examples"]] and len(top) < len(ranks)
+    assert sum(marks for _, marks in top) == len(ranks)  # every folded example outlined
+    bottoms = [e["activation"] for e in doc["bottom_examples"]]
+    if len(set(bottoms)) < len(bottoms):
+        assert "more at this activation" in page.inner_text("#page")
+    assert page.locator("svg.histogram.linear").count() == (1 if doc["stats"]["max"] > 0 else 0)
+    assert f"over {doc['coactivation_tokens']:,} tokens" in page.inner_text("#page")
     page.close()
     assert not problems, problems
 

@@ -49,10 +49,11 @@
     const seq = doc.sequences[String(example.seq_id)];
     const box = el("span", {});
     if (from > 0) box.append("… ");
+    const also = example.also || [];
     for (let i = from; i < to; i++) {
-      const marked = i === example.pos;
       const j = i - seq.start;
-      box.append(token(seq.tokens[j], marked ? example.activation : seq.values[j], marked));
+      const marked = i === example.pos || also.includes(i);
+      box.append(token(seq.tokens[j], i === example.pos ? example.activation : seq.values[j], marked));
     }
     if (to < seq.length) box.append(" …");
     return box;
@@ -62,8 +63,9 @@
     const seq = doc.sequences[String(ex.seq_id)];
     const first = seq.start;
     const last = seq.start + seq.tokens.length;
-    const from = Math.max(first, ex.pos - WINDOW);
-    const to = Math.min(last, ex.pos + WINDOW + 1);
+    const marks = [ex.pos, ...(ex.also || [])];
+    const from = Math.max(first, Math.min(...marks) - WINDOW);
+    const to = Math.min(last, Math.max(...marks) + WINDOW + 1);
     const text = el("div", { className: "text" }, tokens(ex, from, to));
     if (first === 0 && last === seq.length && (from > 0 || to < last)) {
       const button = el("button", { className: "full", type: "button" }, "full sequence");
@@ -128,11 +130,74 @@
       svg.append(label);
     }
     section("Activation histogram", el("p", { className: "legend" }, "counts on a log scale; bins are octaves of |x|, 8 per octave; hover for a bin's range"), svg);
+    linearHistogram(bins);
+  }
+
+  // The positive activations on linear axes, as Neuronpedia draws them: the same bins, each as
+  // wide as its range and as tall as its count per unit of activation.
+  function linearHistogram(bins) {
+    const positive = bins.filter((b) => b.lo >= 0 && b.hi > b.lo && b.count > 0);
+    if (!positive.length) return;
+    const W = 1000, H = 120, bottom = 20;
+    const right = Math.max(...positive.map((b) => b.hi));
+    const peak = Math.max(...positive.map((b) => b.count / (b.hi - b.lo)));
+    const svg = document.createElementNS("http://www.w3.org/2000/svg", "svg");
+    svg.setAttribute("viewBox", `0 0 ${W} ${H}`);
+    svg.setAttribute("class", "histogram linear");
+    for (const b of positive) {
+      const rect = document.createElementNS("http://www.w3.org/2000/svg", "rect");
+      const h = ((H - bottom) * (b.count / (b.hi - b.lo))) / peak;
+      rect.setAttribute("x", ((b.lo / right) * W).toFixed(2));
+      rect.setAttribute("width", Math.max(0.5, ((b.hi - b.lo) / right) * W).toFixed(2));
+      rect.setAttribute("y", (H - bottom - h).toFixed(2));
+      rect.setAttribute("height", h.toFixed(2));
+      const title = document.createElementNS("http://www.w3.org/2000/svg", "title");
+      title.textContent = `${fmt(b.lo)} to ${fmt(b.hi)}: ${b.count.toLocaleString("en")}`;
+      rect.append(title);
+      svg.append(rect);
+    }
+    for (const [x, text] of [[0, "0"], [W - 60, fmt(right)]]) {
+      const label = document.createElementNS("http://www.w3.org/2000/svg", "text");
+      label.setAttribute("x", String(x));
+      label.setAttribute("y", String(H - 4));
+      label.textContent = text;
+      svg.append(label);
+    }
+    page.append(el("p", { className: "legend" }, "positive activations on linear axes (height: tokens per unit of activation)"), svg);
+  }
+
+  // Examples whose windows overlap (the same sequence, within two windows) are one example with
+  // every one of them outlined, labelled with all their ranks: a neuron's top examples are often
+  // neighbouring tokens of one passage. A run of examples at the same activation (a GELU's floor
+  // fills the bottom examples) is one example and a count.
+  function folded(list) {
+    const out = [];
+    for (const ex of list) {
+      const near = out.find((o) => o.seq_id === ex.seq_id && [o.pos, ...o.also].some((p) => Math.abs(p - ex.pos) <= 2 * WINDOW));
+      const same = out.length && out[out.length - 1].activation === ex.activation && out[out.length - 1].ranks.length;
+      if (near) {
+        near.also.push(ex.pos);
+        near.ranks.push(ex.rank);
+      } else if (same) {
+        out[out.length - 1].same += 1;
+        out[out.length - 1].ranks.push(ex.rank);
+      } else {
+        out.push({ ...ex, also: [], ranks: [ex.rank], same: 0 });
+      }
+    }
+    return out;
   }
 
   function examples(list, title, label) {
     if (!list.length) return;
-    section(title, ...list.map((ex) => example(ex, `${label} ${ex.rank}`)));
+    const shown = folded(list);
+    section(title, ...shown.map((ex) => {
+      const ranks = ex.same ? `${label}s ${ex.ranks[0]}–${ex.ranks[ex.ranks.length - 1]}`
+        : ex.ranks.length > 1 ? `${label}s ${ex.ranks.join(", ")}` : `${label} ${ex.rank}`;
+      const node = example(ex, ranks);
+      if (ex.same) node.querySelector(".meta").append(el("br"), `and ${ex.same} more at this activation`);
+      return node;
+    }));
   }
 
   function bands() {
@@ -163,7 +228,10 @@
 
   function logits() {
     const { promote, suppress } = doc.logit_effects;
-    if (!promote.length && !suppress.length) return;
+    if (!promote.length && !suppress.length) {
+      section("Logit effects", el("p", { className: "legend" }, `none in this store: they need a causal language model's unembedding (this model is ${doc.architecture}) and the logits statistic`));
+      return;
+    }
     const column = (title, list) => el("div", {}, el("h3", {}, title), table(["rank", "token", "effect"], list.map((t) => [String(t.rank), t.token, t.effect])));
     section("Logit effects", el("p", { className: "legend" }, "the neuron's output direction through the final norm and the unembedding"),
       el("div", { className: "columns" }, column("promoted", promote), column("suppressed", suppress)));
@@ -181,7 +249,8 @@
     if (!pearson.length && !jaccard.length) return;
     const headers = ["rank", "neuron", "pearson", "jaccard", "P(b|a)", "lift", "both"];
     const rows = (list) => list.map((p) => [String(p.rank), partnerLink(p), p.pearson, p.jaccard, p.p_b_given_a, p.lift, p.n_both.toLocaleString("en")]);
-    section("Co-activation partners", el("div", { className: "columns" },
+    const over = doc.coactivation_tokens ? `over ${doc.coactivation_tokens.toLocaleString("en")} tokens (a fixed sample of the corpus)` : "";
+    section("Co-activation partners", el("p", { className: "legend" }, over), el("div", { className: "columns" },
       el("div", {}, el("h3", {}, "by |correlation|"), table(headers, rows(pearson))),
       el("div", {}, el("h3", {}, "by Jaccard"), table(headers, rows(jaccard)))));
   }
