@@ -418,14 +418,28 @@ def coact(
     if format is not Format.table:
         _print_result(result, format)
         return
-    table = Table(title=Text(f"{hook} neuron {neuron}: partners by {by}"))
-    for column in ("rank", "hook", "neuron", "pearson", "jaccard", "P(b|a)", "lift", "n_both", "top tokens"):
-        table.add_column(column, justify="left" if column in ("hook", "top tokens") else "right")
-    for row in result.records():
-        numbers = [_number(row[c]) for c in ("pearson", "jaccard", "p_b_given_a", "lift")]
-        tokens = Text(_plain(row["top_tokens"]))
-        table.add_row(str(row["rank"]), Text(row["hook"]), str(row["neuron"]), *numbers, str(row["n_both"]), tokens)
+    # One line a partner at 80 columns: hooks without "blocks." and "hook_" (blocks.5.mlp.hook_post
+    # is 5.mlp.post), no vertical rules, and the top tokens cut to what is left.
+    rows = [
+        [str(row["rank"]), _short_hook(row["hook"]), str(row["neuron"]),
+         *(_number(row[c]) for c in ("pearson", "jaccard", "p_b_given_a", "lift")), f"{row['n_both']:,}"]
+        for row in result.records()
+    ]
+    headers = ("rank", "hook", "neuron", "pearson", "jaccard", "P(b|a)", "lift", "both")
+    table = Table(title=Text(f"{hook} neuron {neuron}: partners by {by}"), box=None, pad_edge=False, header_style="bold underline",
+                  caption="hook: blocks.N. and hook_ left out; both: tokens where both fire")
+    for i, column in enumerate(headers):
+        width = max([len(column)] + [len(r[i]) for r in rows])
+        table.add_column(column, justify="left" if column == "hook" else "right", no_wrap=True, min_width=width)
+    table.add_column("top tokens", no_wrap=True, overflow="ellipsis")
+    for cells, row in zip(rows, result.records()):
+        table.add_row(*(Text(c) for c in cells), Text(_plain(row["top_tokens"])))
     out.print(table)
+
+
+def _short_hook(hook: str) -> str:
+    """``blocks.5.mlp.hook_post`` as ``5.mlp.post``: the hook in a column that must stay narrow."""
+    return hook.removeprefix("blocks.").replace("hook_", "")
 
 
 @app.command()

@@ -113,8 +113,12 @@ def test_coact_command_prints_partners_with_their_top_tokens(finished):
     assert [r["rank"] for r in rows] == [1, 2, 3, 4]
     assert all(r["hook"] == hook and r["neuron"] != 3 and r["top_tokens"] for r in rows)
     assert abs(rows[0]["pearson"]) >= abs(rows[-1]["pearson"])
-    table = CliRunner().invoke(app, ["coact", finished.store, hook, "3", "--by", "jaccard"])
-    assert table.exit_code == 0 and "partners by jaccard" in table.output
+    assert "partners by jaccard" in CliRunner().invoke(app, ["coact", finished.store, hook, "3", "--by", "jaccard"]).output
+    table = CliRunner().invoke(app, ["coact", finished.store, hook, "3", "-k", "4"], env={"COLUMNS": "80"})
+    lines = table.output.splitlines()  # 80 columns: one line a partner, its hook and numbers whole
+    assert max(map(len, lines)) <= 80
+    short = hook.removeprefix("blocks.").replace("hook_", "")
+    assert [line.split()[:3] for line in lines if short in line] == [[str(r["rank"]), short, str(r["neuron"])] for r in rows]
     bad = CliRunner().invoke(app, ["coact", finished.store, hook, "99999"])
     assert bad.exit_code == 2 and "Traceback" not in bad.output
 
