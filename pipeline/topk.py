@@ -22,7 +22,7 @@ from actscope.pipeline.ops import count_where, flat_where
 EXCLUDED = torch.iinfo(torch.int64).min
 _LOW = 0xFFFFFFFF
 _FLIP = 0x7FFFFFFF
-MAX_SHARD_TOKENS = 2**32  # token indices inside a shard must fit the key's low 32 bits
+KEY_INDEX_LIMIT = 2**32  # a key carries its token index (within a group) in its low 32 bits
 
 
 def ordered_bits(values: torch.Tensor) -> torch.Tensor:
@@ -69,8 +69,8 @@ class RunningTopK:
         """``nz``: the batch's non-zero entries (``pipeline.nonzero``), if known: after the first
         batch, the candidates are then found among them, where no unit's zeros could enter."""
         n_tokens, width = acts.shape
-        if first_index + n_tokens > MAX_SHARD_TOKENS:
-            raise ValueError("a shard holds more than 2**32 tokens; use smaller shards")
+        if first_index + n_tokens > KEY_INDEX_LIMIT:
+            raise ValueError("a group holds more than 2**32 tokens; use smaller shards or fewer group_shards")
         x = acts.float()
         if self.bound is None:
             bound = self._first_bound(x, counted)

@@ -25,13 +25,10 @@ import pyarrow as pa
 from actscope.queries.sandbox import Limits, Sandbox
 from actscope.storage.errors import QueryError, StoreDamaged, StoreError, first_line
 from actscope.storage.store import PAD, Store, storage_options
+from actscope.storage.tables import TABLES
 
 REPR_ROWS = 50  # rows a notebook shows of a Result
 
-TABLES = (
-    "tokens", "vocab", "top_examples", "bottom_examples", "neuron_stats", "histograms",
-    "band_samples", "random_samples", "token_stats", "logit_effects", "coactivation",
-)
 
 _MACROS = """
 CREATE MACRO top_with_context(h, n, k := 20, w := 8) AS TABLE
