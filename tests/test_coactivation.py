@@ -21,6 +21,9 @@ from tests.conftest import write_job
 from tests.reference import COACTIVATION_COLUMNS, activations, check_coactivation, coactivation_brute_force, priority
 from tests.saes import encode, write_sae
 
+# Whole jobs and merges at width against brute force: the exactness tier, not the fast one.
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture(scope="module")
 def coact_run(tmp_path_factory, tiny_model, corpus_dir):

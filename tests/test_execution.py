@@ -25,6 +25,9 @@ from actscope.storage.store import Store, shard_key
 from tests.conftest import tree_digest
 from tests.saes import write_sae
 
+# Whole jobs run, killed and resumed: end to end, not the fast tier.
+pytestmark = pytest.mark.slow
+
 
 def tables(store_url: str) -> dict:
     """Every table as columns of Python values; NaN (the skew of a dead SAE latent) as "nan", so
@@ -47,7 +50,6 @@ def arrays_digest(store_url: str) -> str:
     )
 
 
-@pytest.mark.slow
 def test_one_and_two_ray_workers_give_identical_results(make_job, ray_session, monkeypatch, tmp_path):
     """Also: tokenizing on Ray tasks (batches encoded anywhere, packed in order, beside workers
     started during the plan) writes the same token arrays as tokenizing in the driver."""
@@ -70,7 +72,6 @@ def test_one_and_two_ray_workers_give_identical_results(make_job, ray_session, m
     assert arrays_digest(one.store) == arrays_digest(two.store)
 
 
-@pytest.mark.slow
 def test_rerun_resumes_and_a_shard_written_twice_is_harmless(make_job, ray_session):
     spec = load_job(make_job("again", workers=2))
     run_job(spec)
@@ -132,7 +133,6 @@ def _committed(store_url: str) -> int:
         return 0
 
 
-@pytest.mark.slow
 def test_killed_run_resumes_to_identical_tables(make_job, tmp_path):
     clean = load_job(make_job("clean-kill", shard_size=4, dataset={"max_tokens": 8000}))
     run_job(clean, use_ray=False)
@@ -188,7 +188,6 @@ def test_a_reduce_stopped_midway_resumes_from_its_parts(make_job, monkeypatch):
     assert store.has_merged_coactivation() and not any("coactivation" in g for _, g in store.group["shards"].groups())
 
 
-@pytest.mark.slow
 def test_workers_start_on_groups_while_the_corpus_is_tokenized(make_job, ray_session, monkeypatch):
     """Groups are fixed before the corpus is tokenized, so the workers run the first ones while
     the rest is read: the corpus here is read slowly, and waits for a first group to be committed
@@ -233,7 +232,6 @@ def _some_group_committed(store_url: str) -> bool:
         return False
 
 
-@pytest.mark.slow
 def test_workers_started_during_the_plan_are_let_go_when_it_fails(make_job, ray_session, tmp_path, monkeypatch):
     """Workers start while the job is planned (on a cluster or GPUs; forced here), touching
     nothing until given the store; a plan that then finds a mistake reports it, creates no

@@ -157,6 +157,7 @@ def test_a_local_folder_named_like_a_hub_alias_loads_the_folder(architectures, t
     assert Path(bridge.original_model.name_or_path).resolve() == (tmp_path / "neox").resolve()
 
 
+@pytest.mark.slow
 def test_the_device_benchmark_runs_and_its_plan_is_the_planners(tiny_model, tmp_path):
     """``benchmarks/bench_device.py`` (made for a GPU machine without TransformerLens, so its
     GPT-2 forward plan is written out) agrees with the planner, and runs at a tiny shape here."""
@@ -179,6 +180,7 @@ def test_the_device_benchmark_runs_and_its_plan_is_the_planners(tiny_model, tmp_
     assert result["every statistic"]["tokens_per_s"] > 0
 
 
+@pytest.mark.slow
 def test_the_sae_benchmark_runs_and_its_plan_is_the_planners(tiny_model):
     """``benchmarks/bench_sae.py`` (also made for the GPU machine) writes out the planner's plan
     for the last residual stream, and runs at a tiny shape here: its SAEs fire about l0 a token."""

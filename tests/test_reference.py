@@ -13,6 +13,9 @@ from tests.conftest import write_job
 from tests.reference import activations, assert_same_top_k, brute_top_k
 from tests.saes import encode, write_sae
 
+# Whole jobs against brute force: the exactness tier, not the fast one.
+pytestmark = pytest.mark.slow
+
 
 def _top_from_tables(store_url: str, hook: str, width: int, k: int, ctx: int):
     """The top_examples table as [k, width] arrays of values and token indices."""

@@ -22,6 +22,9 @@ from actscope.storage.store import PAD, TEXT, Store
 from tests.conftest import corpus_documents, write_job
 from tests.reference import activations
 
+# Pages, sites and exports of a whole job: end to end, not the fast tier.
+pytestmark = pytest.mark.slow
+
 DENSE, RERUN = "blocks.0.mlp.hook_post", "blocks.1.mlp.hook_post"
 
 
@@ -390,7 +393,6 @@ def _open(browser, url: str):
     return page, problems
 
 
-@pytest.mark.slow
 def test_site_in_a_real_browser(store, browser, tmp_path):
     spec, _ = store
     site = tmp_path / "site"
@@ -448,7 +450,6 @@ def test_site_in_a_real_browser(store, browser, tmp_path):
     assert not problems, problems
 
 
-@pytest.mark.slow
 def test_page_folds_overlapping_examples_and_states_its_samples(store, browser, tmp_path):
     """What a reader sees at a glance (issue 27): top examples whose windows overlap are one card
     outlining each of them and labelled with all their ranks (none lost), a run of equal bottom
@@ -486,7 +487,6 @@ def test_page_folds_overlapping_examples_and_states_its_samples(store, browser, 
     assert not problems, problems
 
 
-@pytest.mark.slow
 def test_neuron_page_renders_inline_in_a_notebook(store, browser):
     """``catalog.neuron(hook, n)`` in Jupyter: the output cell is ``_repr_html_``, a sandboxed
     frame holding the page, which runs its scripts and shows the hostile corpus text as text."""

@@ -140,6 +140,7 @@ def test_an_empty_folder_becomes_a_store(scratch):
         ({"hooks": ["blocks.0.mlp.hook_pots"]}, "Did you mean"),
     ],
 )
+@pytest.mark.slow
 def test_a_failing_job_leaves_the_old_store_and_writes_no_new_one(scratch, changes, needle):
     root, job = scratch
     invoke(["run", job(), "--local"])
@@ -150,6 +151,7 @@ def test_a_failing_job_leaves_the_old_store_and_writes_no_new_one(scratch, chang
     assert not (root / "new.zarr").exists()
 
 
+@pytest.mark.slow
 def test_overwrite_builds_beside_and_swaps_in_only_when_complete(scratch, monkeypatch):
     from actscope.jobs import runner as runner_module
     from actscope.pipeline.worker import ShardWorker
@@ -328,6 +330,7 @@ def test_every_bad_timeout_is_refused(hostile, timeout):
         actscope.connect(str(store), timeout=float(timeout))
 
 
+@pytest.mark.slow
 def test_long_queries_are_stopped_and_large_results_capped(hostile):
     _, store = hostile
     fails(["query", str(store), "SELECT count(*) FROM range(100000) a, range(100000) b WHERE a.range * b.range = 7", "--timeout", "1"], "ran past 1 s")
@@ -345,6 +348,7 @@ def test_long_queries_are_stopped_and_large_results_capped(hostile):
 # -- 5. text is data --------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_corpus_text_and_names_are_never_markup(hostile):
     _, store = hostile
     with actscope.connect(str(store)) as catalog:
@@ -430,6 +434,7 @@ def test_damaged_stores_and_odd_inputs_get_one_line(hostile, tmp_path):
     fails(["status", str(tmp_path)], "No actscope store")
 
 
+@pytest.mark.slow
 def test_a_hand_edited_spec_and_damaged_partials_are_refused(scratch):
     root, job = scratch
     invoke(["run", job(), "--local"])
@@ -470,6 +475,7 @@ def test_model_and_corpus_mistakes(scratch):
     assert not (root / "out.zarr").exists()
 
 
+@pytest.mark.slow
 def test_a_store_of_another_schema_is_replaced_only_with_overwrite(scratch):
     root, job = scratch
     invoke(["run", job(), "--local"])
@@ -487,6 +493,7 @@ def test_a_store_of_another_schema_is_replaced_only_with_overwrite(scratch):
 # -- links and files that are not actscope's -----------------------------------------------------
 
 
+@pytest.mark.slow
 def test_a_resumed_store_never_writes_or_deletes_through_a_link(scratch):
     """A store whose ``index/`` is a link to a user's folder (with a ``parts/`` of its own), or
     whose table file is a link to a user's file, is refused as damage when resumed: the folder
@@ -517,6 +524,7 @@ def test_a_resumed_store_never_writes_or_deletes_through_a_link(scratch):
     assert not table.is_symlink() and (root / "notes.txt").read_bytes() == before[1]
 
 
+@pytest.mark.slow
 def test_reports_never_replace_a_users_file_and_exports_never_follow_a_link(hostile, tmp_path):
     """``report --out`` over a user's file exits 2 and leaves it; over an earlier report it
     writes; ``--overwrite`` replaces the file (a link itself, never its target). An export whose
@@ -566,6 +574,7 @@ def test_reports_never_replace_a_users_file_and_exports_never_follow_a_link(host
     assert json.loads((site / EXPORT_MARKER).read_text())["complete"] is True
 
 
+@pytest.mark.slow
 def test_a_model_changed_in_place_at_the_same_size_is_seen(scratch):
     """Every byte of the model is in the fingerprint: a file of the model's folder over the old
     16 MB sampling limit, changed in its middle at the same size and with its modification time

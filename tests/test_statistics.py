@@ -15,6 +15,9 @@ from tests.conftest import write_job
 from tests.reference import activations, band, priority
 from tests.saes import encode, write_sae
 
+# Whole jobs against brute force: the exactness tier, not the fast one.
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory, tiny_model, corpus_dir):
