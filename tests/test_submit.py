@@ -54,13 +54,13 @@ def head():
                 break
             except Exception:  # noqa: BLE001 - not up yet
                 assert proc.poll() is None and time.monotonic() < deadline, "the Ray head did not start"
-                time.sleep(1)
+                time.sleep(0.25)
         yield address
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGTERM)  # `ray start --block` stops what it started
             try:
-                proc.wait(timeout=8)  # its graceful stop can take half a minute: nothing here needs it
+                proc.wait(timeout=2)  # its graceful stop can take half a minute (the 8 s waited before always ran out)
             except subprocess.TimeoutExpired:
                 os.killpg(proc.pid, signal.SIGKILL)
         shutil.rmtree(temp, ignore_errors=True)
@@ -84,7 +84,7 @@ def test_submit_resumes_rather_than_duplicates(head, tmp_path, tiny_model, corpu
         if "SUCCEEDED" in state.output or "FAILED" in state.output:
             break
         assert time.monotonic() < deadline, state.output
-        time.sleep(2)
+        time.sleep(0.5)
     logs = runner.invoke(app, ["logs", submission_id, "--address", head])
     assert "SUCCEEDED" in state.output, logs.output
     assert "done:" in logs.output
