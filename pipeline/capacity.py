@@ -35,8 +35,8 @@ import os
 from dataclasses import dataclass, field
 
 from actscope.pipeline.coactivation import site_pairs, sparse_sites
-from actscope.pipeline.histogram import N_BINS
 from actscope.pipeline.sampling import N_BANDS
+from actscope.storage.bins import N_BINS
 from actscope.storage.spec import JobSpec
 
 

@@ -15,8 +15,8 @@ import numpy as np
 import pyarrow as pa
 
 from actscope.pipeline import sampling
-from actscope.pipeline.histogram import bin_edges, quantiles
 from actscope.pipeline.moments import describe
+from actscope.storage.bins import bin_edges, quantiles
 from actscope.storage.store import Store
 from actscope.storage.tables import ROW_GROUP, SCHEMAS, TableWriter
 

@@ -21,8 +21,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from actscope.pipeline.histogram import N_BINS, bin_edges, quantiles
 from actscope.queries.neuronpedia import layer_of, snippet
+from actscope.storage.bins import N_BINS, bin_edges, quantiles
 
 QUANTILES = (0.5, 0.9, 0.99, 0.999)
 

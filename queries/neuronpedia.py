@@ -32,7 +32,7 @@ import re
 
 import numpy as np
 
-from actscope.pipeline.histogram import E_MIN
+from actscope.storage.bins import E_MIN
 from actscope.storage.spec import model_title
 
 WINDOW = 12

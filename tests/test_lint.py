@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import shutil
 import subprocess
 import sys
@@ -18,3 +19,26 @@ def test_ruff_finds_nothing():
         pytest.skip("ruff is not installed (pip install -e '.[test]')")
     result = subprocess.run([ruff, "check", "--no-cache", "--output-format", "concise", str(ROOT)], capture_output=True, text=True, check=False)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+#: What each layer may import of actscope: storage nothing above it, pipeline storage, queries
+#: storage and the model code (where it recomputes activations or tokenizes a probe), jobs all.
+LAYERS = {
+    "storage": {"storage"},
+    "pipeline": {"storage", "pipeline"},
+    "queries": {"storage", "queries", "pipeline.model"},
+}
+
+
+def test_layers_import_only_what_is_below_them():
+    """The import graph the design notes describe (``docs/design-notes.md``, Layers), lazy imports
+    inside functions included."""
+    wrong = []
+    for layer, allowed in LAYERS.items():
+        for path in sorted((ROOT / layer).glob("*.py")):
+            for node in ast.walk(ast.parse(path.read_text())):
+                if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("actscope."):
+                    name = node.module.removeprefix("actscope.")
+                    if not any(name == a or name.startswith(a + ".") for a in allowed):
+                        wrong.append(f"{path.relative_to(ROOT)}:{node.lineno} imports {node.module}")
+    assert not wrong, "\n".join(wrong)

@@ -167,7 +167,7 @@ def test_dead_neurons_and_thresholds(make_job):
 
 
 def test_histograms_and_quantiles_equal_numpy(gpt2_run):
-    from actscope.pipeline.histogram import ZERO, _magnitude_edges
+    from actscope.storage.bins import ZERO, _magnitude_edges
 
     spec, _store, data, ref = gpt2_run
     counted = (data["kinds"] == TEXT).reshape(-1)
