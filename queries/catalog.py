@@ -14,7 +14,6 @@ from __future__ import annotations
 import html
 import json
 import os
-import tempfile
 import threading
 from typing import Any, Self
 
@@ -22,7 +21,7 @@ import duckdb
 import fsspec
 import pyarrow as pa
 
-from actscope.queries.sandbox import Limits, Sandbox
+from actscope.queries.sandbox import Limits, Sandbox, lockdown
 from actscope.storage.errors import QueryError, StoreDamaged, StoreError, first_line
 from actscope.storage.store import PAD, Store, storage_options
 from actscope.storage.tables import TABLES
@@ -30,19 +29,6 @@ from actscope.storage.tables import TABLES
 REPR_ROWS = 50  # rows a notebook shows of a Result
 
 
-_MACROS = """
-CREATE MACRO top_with_context(h, n, k := 20, w := 8) AS TABLE
-SELECT e.rank, e.activation, e.seq_id, e.pos,
-       coalesce(string_agg(v.token, '' ORDER BY t.pos) FILTER (WHERE t.pos < e.pos), '') AS before,
-       any_value(v.token) FILTER (WHERE t.pos = e.pos) AS token,
-       coalesce(string_agg(v.token, '' ORDER BY t.pos) FILTER (WHERE t.pos > e.pos), '') AS after
-FROM top_examples e
-JOIN tokens t ON t.seq_id = e.seq_id AND t.pos BETWEEN e.pos - w AND e.pos + w AND t.kind <> 'pad'
-JOIN vocab v ON v.token_id = t.token_id
-WHERE e.hook = h AND e.neuron = n AND e.rank <= k
-GROUP BY ALL
-ORDER BY e.rank;
-"""
 
 #: Query nodes a user's statement may contain anywhere in its parse tree (CTE bodies included).
 _QUERY_NODES = {"SELECT_NODE", "SET_OPERATION_NODE", "RECURSIVE_CTE_NODE", "CTE_NODE"}
@@ -324,41 +310,6 @@ class Catalog:
         )
 
 
-def lockdown(files: dict[str, str], limits: Limits) -> tuple[duckdb.DuckDBPyConnection, tempfile.TemporaryDirectory]:
-    """An in-memory connection with a view per table file, allowed to read exactly those files,
-    spilling only into a private temp folder (returned: the caller removes it), its memory,
-    threads and temp space bounded and its configuration locked."""
-    temp = tempfile.TemporaryDirectory(prefix="actscope-duckdb-")
-    con = duckdb.connect(":memory:", config={"python_enable_replacements": False})
-    try:
-        for statement in lockdown_statements(files, temp.name, limits):
-            con.execute(statement)
-        for table in files:  # a truncated or foreign file fails here, not in a user's query
-            con.execute(f"SELECT * FROM {table} LIMIT 0").fetchall()
-    except BaseException:
-        con.close()
-        temp.cleanup()
-        raise
-    return con, temp
-
-
-def lockdown_statements(files: dict[str, str], temp: str, limits: Limits) -> list[str]:
-    """The SQL that sets a fresh connection up and locks it (the sandbox runs the same)."""
-    return [
-        *(f"CREATE VIEW {table} AS SELECT * FROM read_parquet({_literal(path)})" for table, path in files.items()),
-        _MACROS,
-        f"SET temp_directory = {_literal(temp)}",
-        f"SET max_temp_directory_size = '{limits.temp}B'",
-        f"SET memory_limit = '{limits.duckdb_memory}B'",
-        f"SET threads = {int(limits.threads)}",
-        f"SET allowed_paths = [{', '.join(_literal(p) for p in files.values())}]",
-        "SET autoinstall_known_extensions = false",
-        "SET autoload_known_extensions = false",
-        "SET enable_external_access = false",
-        "SET lock_configuration = true",
-    ]
-
-
 def _node_types(tree: Any):
     """Every query node type anywhere in a ``json_serialize_sql`` tree."""
     if isinstance(tree, dict):
@@ -381,9 +332,3 @@ def _parse(query: str) -> list:
 
 def _article(word: str) -> str:
     return "an" if word[:1] in "AEIOU" else "a"
-
-
-def _literal(text: str) -> str:
-    return "'" + text.replace("'", "''") + "'"
-
-

@@ -15,14 +15,17 @@ from __future__ import annotations
 import functools
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
 
 from actscope.queries.activations import TokenActivations, check_marked
-from actscope.queries.catalog import Catalog
 from actscope.storage.spec import model_title
 from actscope.storage.store import PAD
+
+if TYPE_CHECKING:
+    from actscope.queries.catalog import Catalog
 
 FORMAT = "actscope.neuron/1"
 WINDOW = 12  # tokens either side of an example's token, as pages show them

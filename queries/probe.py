@@ -7,13 +7,16 @@ job's context length, so a probe sees what the statistics saw.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from actscope.queries.activations import TokenActivations
-from actscope.queries.catalog import Catalog
 from actscope.storage.errors import QueryError
+
+if TYPE_CHECKING:
+    from actscope.queries.catalog import Catalog
 
 
 @dataclass(frozen=True)

@@ -17,18 +17,21 @@ import time
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import orjson
 from jinja2 import Environment, PackageLoader, select_autoescape
 
 from actscope.queries import neuronpedia
-from actscope.queries.catalog import Catalog
 from actscope.queries.neuron_record import neuron_record
 from actscope.queries.pages import HookPages, finite
 from actscope.queries.text import visible
 from actscope.storage.errors import OutputError, QueryError
 from actscope.storage.spec import model_title
+
+if TYPE_CHECKING:
+    from actscope.queries.catalog import Catalog
 
 FORMATS = ("html", "json", "md", "neuronpedia", "neuron-record")
 EXPORT_FORMATS = ("html", "json", "neuronpedia", "neuron-record")

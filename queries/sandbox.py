@@ -5,7 +5,7 @@ length(list(range(300000000)))`` ran 74 s and reached 14.7 GB resident under a 1
 its interrupt is not seen until the operator ends. So user SQL runs in a child process whose data
 segment is capped (``RLIMIT_DATA``: the same query fails at once there), and whose wall clock is
 the parent's: past the deadline the child is killed and a fresh one serves the next query. The
-child opens the same locked-down connection as the parent (``queries.catalog.lockdown``), fetches
+child opens the same locked-down connection as the parent (``lockdown`` below), fetches
 at most ``max_rows`` rows and ``max_bytes`` bytes, and sends them back.
 
 The child is a bare ``python -c`` that imports DuckDB alone (0.1 s, not the parent's modules: a
@@ -26,6 +26,7 @@ import sys
 import tempfile
 from dataclasses import asdict, dataclass
 
+import duckdb
 import pyarrow as pa
 
 from actscope.storage.errors import QueryError
@@ -101,8 +102,6 @@ class Sandbox:
         if self._process is not None and self._process.poll() is None:
             return
         self.close()
-        from actscope.queries.catalog import lockdown_statements
-
         self._temp = tempfile.TemporaryDirectory(prefix="actscope-duckdb-")
         self._process = subprocess.Popen(
             [sys.executable, "-c", _CHILD], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
@@ -218,3 +217,59 @@ while True:
         if reader is not None:
             reader.close()  # a cut result is not drained: closed, or the next query finds it open
 """
+
+
+# -- the locked-down connection: the catalog's (actscope's own SQL) and the child's (user SQL) --
+
+_MACROS = """
+CREATE MACRO top_with_context(h, n, k := 20, w := 8) AS TABLE
+SELECT e.rank, e.activation, e.seq_id, e.pos,
+       coalesce(string_agg(v.token, '' ORDER BY t.pos) FILTER (WHERE t.pos < e.pos), '') AS before,
+       any_value(v.token) FILTER (WHERE t.pos = e.pos) AS token,
+       coalesce(string_agg(v.token, '' ORDER BY t.pos) FILTER (WHERE t.pos > e.pos), '') AS after
+FROM top_examples e
+JOIN tokens t ON t.seq_id = e.seq_id AND t.pos BETWEEN e.pos - w AND e.pos + w AND t.kind <> 'pad'
+JOIN vocab v ON v.token_id = t.token_id
+WHERE e.hook = h AND e.neuron = n AND e.rank <= k
+GROUP BY ALL
+ORDER BY e.rank;
+"""
+
+
+def lockdown(files: dict[str, str], limits: Limits) -> tuple[duckdb.DuckDBPyConnection, tempfile.TemporaryDirectory]:
+    """An in-memory connection with a view per table file, allowed to read exactly those files,
+    spilling only into a private temp folder (returned: the caller removes it), its memory,
+    threads and temp space bounded and its configuration locked."""
+    temp = tempfile.TemporaryDirectory(prefix="actscope-duckdb-")
+    con = duckdb.connect(":memory:", config={"python_enable_replacements": False})
+    try:
+        for statement in lockdown_statements(files, temp.name, limits):
+            con.execute(statement)
+        for table in files:  # a truncated or foreign file fails here, not in a user's query
+            con.execute(f"SELECT * FROM {table} LIMIT 0").fetchall()
+    except BaseException:
+        con.close()
+        temp.cleanup()
+        raise
+    return con, temp
+
+
+def lockdown_statements(files: dict[str, str], temp: str, limits: Limits) -> list[str]:
+    """The SQL that sets a fresh connection up and locks it (the sandbox runs the same)."""
+    return [
+        *(f"CREATE VIEW {table} AS SELECT * FROM read_parquet({_literal(path)})" for table, path in files.items()),
+        _MACROS,
+        f"SET temp_directory = {_literal(temp)}",
+        f"SET max_temp_directory_size = '{limits.temp}B'",
+        f"SET memory_limit = '{limits.duckdb_memory}B'",
+        f"SET threads = {int(limits.threads)}",
+        f"SET allowed_paths = [{', '.join(_literal(p) for p in files.values())}]",
+        "SET autoinstall_known_extensions = false",
+        "SET autoload_known_extensions = false",
+        "SET enable_external_access = false",
+        "SET lock_configuration = true",
+    ]
+
+
+def _literal(text: str) -> str:
+    return "'" + text.replace("'", "''") + "'"
