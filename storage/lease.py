@@ -33,6 +33,7 @@ from dataclasses import asdict, dataclass
 from typing import Self
 
 from actscope.storage.errors import StoreError, first_line
+from actscope.storage.urls import filesystem
 
 #: Seconds an object-store lease lives unless renewed; renewed every quarter of it.
 TTL = 120.0
@@ -211,8 +212,6 @@ class _ObjectLease(Lease):
 
     @staticmethod
     def _s3(url: str):
-        from actscope.storage.store import filesystem
-
         fs, path = filesystem(url)
         if not hasattr(fs, "call_s3"):
             raise StoreError(f"store: {url}: leases need conditional writes, which actscope uses on S3 and S3-compatible stores only.")

@@ -37,7 +37,6 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from typing import Any, ClassVar
 
-import fsspec
 import numpy as np
 import xxhash
 import zarr
@@ -46,6 +45,7 @@ import zarr.errors
 from actscope.storage.errors import StoreDamaged, StoreError, first_line, short
 from actscope.storage.lease import Fence
 from actscope.storage.spec import JobSpec
+from actscope.storage.urls import filesystem, local_path, storage_options
 
 SCHEMA_VERSION = 2  # 2: commit records carry checksums of what they commit
 
@@ -67,36 +67,11 @@ def _join(url: str, *parts: str) -> str:
     return os.path.join(url, *parts)
 
 
-# Object stores whose fsspec filesystem caches directory listings. Workers on other machines
-# commit shards while the driver watches, so the driver must list afresh every time.
-_LISTING_CACHES = frozenset({"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss", "adl"})
-
-
-def local_path(url: str) -> str | None:
-    """The local file system path of ``url`` (a plain path, ``~`` expanded, or a ``file://``
-    URL), else None."""
-    if url.startswith("file://"):
-        return url[len("file://") :] or "/"
-    return None if "://" in url else os.path.expanduser(url)
-
-
 def _zarr_url(url: str) -> str:
     """What zarr is given: local paths as paths (zarr's local store creates folders; fsspec's
     ``file://`` filesystem does not), other URLs as they are."""
     path = local_path(url)
     return path if path is not None else url
-
-
-def storage_options(url: str) -> dict[str, Any] | None:
-    """fsspec options for ``url``; credentials are never here: each filesystem reads them from
-    its usual environment (AWS_* variables, ~/.aws, GOOGLE_APPLICATION_CREDENTIALS, ...)."""
-    protocol = url.split("://", 1)[0] if "://" in url else "file"
-    return {"use_listings_cache": False} if protocol in _LISTING_CACHES else None
-
-
-def filesystem(url: str):
-    """(fsspec filesystem, path) of ``url``, with ``storage_options``."""
-    return fsspec.core.url_to_fs(url, **(storage_options(url) or {}))
 
 
 def _open_group(url: str, mode: str) -> zarr.Group | None:

@@ -42,3 +42,29 @@ def test_layers_import_only_what_is_below_them():
                     if not any(name == a or name.startswith(a + ".") for a in allowed):
                         wrong.append(f"{path.relative_to(ROOT)}:{node.lineno} imports {node.module}")
     assert not wrong, "\n".join(wrong)
+
+
+def _runtime_imports(path: Path) -> set[str]:
+    """The actscope modules a file imports when it runs (lazy imports included, imports for
+    typing alone, under ``if TYPE_CHECKING:``, left out)."""
+    tree = ast.parse(path.read_text())
+    typing_only = {id(n) for node in ast.walk(tree) if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test)
+                   for n in ast.walk(node)}
+    return {node.module.removeprefix("actscope.") for node in ast.walk(tree)
+            if isinstance(node, ast.ImportFrom) and id(node) not in typing_only and (node.module or "").startswith("actscope.")}
+
+
+def test_no_import_cycles():
+    graph = {f"{p.parent.name}.{p.stem}": _runtime_imports(p) for layer in (*LAYERS, "jobs") for p in (ROOT / layer).glob("*.py") if p.stem != "__init__"}
+    done: set[str] = set()
+
+    def visit(module: str, path: tuple[str, ...]) -> None:
+        assert module not in path, "import cycle: " + " -> ".join((*path[path.index(module):], module))
+        if module in done or module not in graph:
+            return
+        for imported in graph[module]:
+            visit(imported, (*path, module))
+        done.add(module)
+
+    for module in sorted(graph):
+        visit(module, ())
