@@ -20,6 +20,7 @@ from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from enum import StrEnum
 from typing import Protocol
 
 from actscope.pipeline.capacity import (
@@ -43,12 +44,12 @@ from actscope.pipeline.model import (
     load_tokenizer,
     validate_hooks,
 )
-from actscope.pipeline.reduce import Part, PartDone, assemble, plan_parts, run_part
+from actscope.pipeline.reduce import Part, PartDone, PartKind, assemble, plan_parts, run_part
 from actscope.pipeline.worker import ShardResult, ShardWorker
 from actscope.storage.errors import ActscopeError, CorpusError, JobSpecError, ModelError, StoreDamaged, StoreError
 from actscope.storage.lease import Fence, Lease
 from actscope.storage.spec import JobSpec
-from actscope.storage.store import DamagedPartial, Store, inspect_target, local_path
+from actscope.storage.store import DamagedPartial, Store, Target, inspect_target, local_path
 
 
 class Reporter(Protocol):
@@ -92,6 +93,14 @@ class RunSummary:
         return run_tokens / self.seconds_activate if self.seconds_activate else 0.0
 
 
+class Action(StrEnum):
+    """What a run does with the store's path (``Plan.action``)."""
+
+    CREATE = "create"
+    RESUME = "resume"
+    REPLACE = "replace"
+
+
 @dataclass
 class Plan:
     """What a run will do, decided before anything is written.
@@ -101,7 +110,7 @@ class Plan:
     beside it and swapped in when it is complete; on an object store, where folders cannot be
     renamed, the old one is deleted just before the new one is created)."""
 
-    action: str
+    action: Action
     build_url: str
     model: dict
     tokenizer: object
@@ -110,7 +119,7 @@ class Plan:
     existing: Store | None = None
 
     def describe(self, spec: JobSpec) -> list[str]:
-        verbs = {"create": "create a new store at", "resume": "resume the store at", "replace": "replace the store at"}
+        verbs = {Action.CREATE: "create a new store at", Action.RESUME: "resume the store at", Action.REPLACE: "replace the store at"}
         lines = [f"{verbs[self.action]} {spec.store}" + (f" (built at {self.build_url}, swapped in when complete)" if self.build_url != spec.store else "")]
         lines.append(f"model: {self.model['name']} ({self.model['architecture']}, {self.model['n_layers']} layers, vocabulary {self.model['vocab_size']:,})")
         saes = self.model.get("saes", {})
@@ -184,11 +193,11 @@ def plan(spec: JobSpec, *, overwrite: bool = False, job_path: str | None = None,
     model["sources"] = sources(spec)
     model["fingerprint"] = fingerprint(spec, model["sources"])
 
-    def decided(action: str, build_url: str, existing: Store | None = None) -> Plan:
+    def decided(action: Action, build_url: str, existing: Store | None = None) -> Plan:
         return Plan(action, build_url, model, tokenizer, memory, limit, existing)
 
-    if inspect_target(spec.store) == "absent":  # refuses anything that is neither nothing nor a store
-        return decided("create", spec.store)
+    if inspect_target(spec.store) == Target.ABSENT:  # refuses anything that is neither nothing nor a store
+        return decided(Action.CREATE, spec.store)
     try:
         existing = Store.open(spec.store)
     except StoreError:
@@ -197,21 +206,21 @@ def plan(spec: JobSpec, *, overwrite: bool = False, job_path: str | None = None,
         existing = None  # an actscope store of another schema, or a damaged one: --overwrite replaces it
     if existing is not None and existing.fingerprint == model["fingerprint"]:
         _check_stored_spec(existing, spec)
-        return decided("resume", spec.store, existing)
+        return decided(Action.RESUME, spec.store, existing)
     staging = staging_url(spec.store)
     if not overwrite:
         raise StoreError(_mismatch(existing, spec, model["sources"], staging))
     if staging is None:
-        return decided("replace", spec.store)
-    if _leftover(staging) == "store":
+        return decided(Action.REPLACE, spec.store)
+    if _leftover(staging) == Target.STORE:
         partial = Store.open(staging)
         if partial.fingerprint == model["fingerprint"]:
             _check_stored_spec(partial, spec)
-            return decided("replace", staging, partial)  # an earlier --overwrite of this job, unfinished
-    return decided("replace", staging)
+            return decided(Action.REPLACE, staging, partial)  # an earlier --overwrite of this job, unfinished
+    return decided(Action.REPLACE, staging)
 
 
-def _leftover(staging: str) -> str:
+def _leftover(staging: str) -> Target:
     """What is at the staging folder of ``--overwrite``: as ``inspect_target``, but a folder that
     is not a store (a replacement cut short while it was created, or files put there) is named
     with the command that removes it: it is never deleted by actscope."""
@@ -484,12 +493,12 @@ def _run_leased(
         )
         phases["plan"] = time.perf_counter() - t0
         model, tokenizer, url = planned.model, planned.tokenizer, planned.build_url
-        resumed = planned.action == "resume"
+        resumed = planned.action == Action.RESUME
         if planned.existing is not None:
             store = Store.open(url, writable=True, fence=fence)
             store.refuse_links()
         else:
-            if planned.action == "replace" and inspect_target(url) == "store":
+            if planned.action == Action.REPLACE and inspect_target(url) == Target.STORE:
                 Store.remove(url)  # an actscope store: the old job's on an object store, or a stale replacement
             store = created = Store.create(url, spec=spec, fingerprint=model["fingerprint"], model=model, fence=fence)
         tokenize_tasks = 0
@@ -674,7 +683,7 @@ def _swap_in(staging: str, url: str) -> None:
     path = os.path.realpath(local_path(url))
     aside = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.actscope-old")
     Store.remove(aside)  # a stale one, if an earlier swap was cut short
-    if inspect_target(url) != "store":
+    if inspect_target(url) != Target.STORE:
         raise StoreError(f"{url} changed while the job ran; the new store is kept at {staging}.")
     os.rename(path, aside)
     os.rename(staging, path)
@@ -817,7 +826,7 @@ def _reduce_on_ray(store_url: str, fence: Fence, first: list[Part], later: list[
         return task.options(memory=max(memory, 1)).remote(store_url, part, fence)
 
     running = {submit(part): part for part in first}
-    if not any(part.kind == "prepare" for part in first):
+    if not any(part.kind == PartKind.PREPARE for part in first):
         running.update({submit(part): part for part in later})
         later = []
     while running:
@@ -829,7 +838,7 @@ def _reduce_on_ray(store_url: str, fence: Fence, first: list[Part], later: list[
             if isinstance(err.cause, ActscopeError):
                 raise err.cause from None
             raise
-        if part.kind == "prepare":
+        if part.kind == PartKind.PREPARE:
             running.update({submit(block): block for block in later})
         yield done
 

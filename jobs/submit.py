@@ -14,6 +14,7 @@ import shutil
 import tempfile
 import time
 from dataclasses import dataclass
+from enum import StrEnum
 from pathlib import Path
 
 from actscope.storage.errors import ActscopeError
@@ -32,10 +33,16 @@ def submission_base(spec: JobSpec) -> str:
     return "actscope-" + hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
+class SubmissionState(StrEnum):
+    SUBMITTED = "submitted"  # a new attempt
+    RUNNING = "running"  # an earlier attempt of the same job is still running
+    SUCCEEDED = "succeeded"  # an earlier attempt of the same job finished
+
+
 @dataclass(frozen=True)
 class Submission:
     submission_id: str
-    state: str  # submitted, running (already), succeeded (already)
+    state: SubmissionState
 
 
 def _client(address: str):
@@ -61,9 +68,9 @@ def submit(job_file: str, address: str, *, force: bool = False) -> Submission:
     attempts = _attempts(client, base)
     for job in attempts:
         if str(job.status) in ACTIVE or getattr(job.status, "name", "") in ACTIVE:
-            return Submission(job.submission_id, "running")
+            return Submission(job.submission_id, SubmissionState.RUNNING)
     if attempts and _status(attempts[-1]) == "SUCCEEDED" and not force:
-        return Submission(attempts[-1].submission_id, "succeeded")
+        return Submission(attempts[-1].submission_id, SubmissionState.SUCCEEDED)
     submission_id = base if not attempts else f"{base}-{len(attempts) + 1}"
     with tempfile.TemporaryDirectory(prefix="actscope-submit-") as folder:
         shutil.copy(job_file, Path(folder) / "job.yaml")
@@ -84,7 +91,7 @@ def submit(job_file: str, address: str, *, force: bool = False) -> Submission:
                     time.sleep(1)
                     continue
                 raise SubmitError(f"the cluster at {address} refused the job: {str(err).splitlines()[0]}") from None
-    return Submission(submission_id, "submitted")
+    return Submission(submission_id, SubmissionState.SUBMITTED)
 
 
 def _status(job) -> str:

@@ -23,6 +23,7 @@ from __future__ import annotations
 import resource
 import time
 from dataclasses import dataclass
+from enum import StrEnum
 
 import numpy as np
 
@@ -36,12 +37,18 @@ from actscope.storage.store import Store
 from actscope.storage.tables import HOOK_TABLES, TableWriter, read_table, write_table
 
 
+class PartKind(StrEnum):
+    HOOK = "hook"  # a hook's tables
+    PREPARE = "prepare"  # co-activation: the merged co-moments, before the blocks
+    BLOCK = "block"  # co-activation: a block of rows of partners
+
+
 @dataclass(frozen=True)
 class Part:
     """One unit of the reduce. ``memory``: bytes it holds at its peak (the scheduler's request)."""
 
     key: str
-    kind: str  # "hook", "prepare" (co-activation), "block" (co-activation rows)
+    kind: PartKind
     hook: str = ""
     site: int = 0
     start: int = 0
@@ -70,17 +77,17 @@ def _all_parts(store: Store) -> tuple[list[Part], list[Part]]:
         else:
             tokens = 16 * vocab * w
         memory = tokens + 2 * hook_partial_bytes(spec, w, vocab, sparse=bool(spec.sae(hook))) + (64 << 20)
-        first.append(Part(f"hook-{n:04d}", "hook", hook=hook, memory=memory))
+        first.append(Part(f"hook-{n:04d}", PartKind.HOOK, hook=hook, memory=memory))
     later = []
     hooks = spec.coactivation_hooks()
     if hooks:
         total = sum(widths[h] for h in hooks)
         widest = max(widths[h] for h in hooks)
         met = 96 * coactivation.latent_pairs_stored(store)  # pairs of latents, folded and turned into rows
-        first.insert(0, Part("coactivation", "prepare", memory=32 * total * groups + 8 * coactivation.BLOCK**2 + met + (64 << 20)))
+        first.insert(0, Part("coactivation", PartKind.PREPARE, memory=32 * total * groups + 8 * coactivation.BLOCK**2 + met + (64 << 20)))
         memory = 100 * coactivation.BLOCK * widest + 16 * total * groups + 160 * coactivation.SPARSE_CELLS + (64 << 20)
         for site, start in coactivation.blocks(spec, widths):
-            later.append(Part(f"coactivation-{site:04d}-{start:08d}", "block", site=site, start=start, memory=memory))
+            later.append(Part(f"coactivation-{site:04d}-{start:08d}", PartKind.BLOCK, site=site, start=start, memory=memory))
     return first, later
 
 
@@ -100,12 +107,12 @@ def run_part(store_url: str, part: Part, fence: Fence | None = None) -> PartDone
     t = time.perf_counter()
     store = Store.open(store_url, writable=True, fence=fence)
     spec = store.spec
-    if part.kind == "hook":
+    if part.kind == PartKind.HOOK:
         merged = {part.hook: merge_hook(store, part.hook)}
         logits = store.read_logits([part.hook])
         for name, table in hook_tables(merged, spec.context_length, logits).items():
             write_table(store.part_url(part.key, name), name, table)
-    elif part.kind == "prepare":
+    elif part.kind == PartKind.PREPARE:
         coactivation.prepare(store, spec)
     else:
         table = coactivation.block_table(store, spec, part.site, part.start)
@@ -120,7 +127,7 @@ def assemble(store: Store, tokenizer) -> None:
     write_tokens_table(store)
     write_table(store.table_url("vocab"), "vocab", vocab_table(tokenizer))
     first, blocks = _all_parts(store)
-    hooks = [part for part in first if part.kind == "hook"]
+    hooks = [part for part in first if part.kind == PartKind.HOOK]
     for name, parts in [*((name, hooks) for name in HOOK_TABLES), ("coactivation", blocks)]:
         with TableWriter(store.table_url(name), name) as writer:
             for part in parts:

@@ -35,6 +35,7 @@ import warnings
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
+from enum import StrEnum
 from typing import Any, ClassVar
 
 import numpy as np
@@ -89,8 +90,15 @@ def _open_group(url: str, mode: str) -> zarr.Group | None:
         raise StoreDamaged(f"{url}: cannot reach the store ({type(err).__name__}: {first_line(err)}).") from None
 
 
-def inspect_target(url: str) -> str:
-    """What is at ``url``: ``"absent"`` (nothing, or an empty folder), ``"store"`` (an
+class Target(StrEnum):
+    """What ``inspect_target`` finds at a store's path."""
+
+    ABSENT = "absent"  # nothing, or an empty folder
+    STORE = "store"  # an actscope store
+
+
+def inspect_target(url: str) -> Target:
+    """What is at ``url``: ``Target.ABSENT`` (nothing, or an empty folder), ``Target.STORE`` (an
     actscope store). Anything else is refused with a StoreError: actscope creates stores only
     where nothing is, and replaces only its own."""
     path = local_path(url)
@@ -98,7 +106,7 @@ def inspect_target(url: str) -> str:
         if os.path.islink(path) and not os.path.exists(path):
             raise StoreError(f"store: {url} is a symbolic link to nothing ({os.readlink(path)}); give a real path.")
         if not os.path.lexists(path):
-            return "absent"
+            return Target.ABSENT
         if not os.path.isdir(path):
             raise StoreError(f"store: {url} is a file, not a store; actscope creates stores only where nothing is.")
         try:
@@ -109,7 +117,7 @@ def inspect_target(url: str) -> str:
         try:
             fs, root = filesystem(url)
             if not fs.exists(root):
-                return "absent"
+                return Target.ABSENT
             if not fs.isdir(root):
                 raise StoreError(f"store: {url} is a file, not a store; actscope creates stores only where nothing is.")
             entries = sorted(posixpath.basename(p.rstrip("/")) for p in fs.ls(root, detail=False))
@@ -118,10 +126,10 @@ def inspect_target(url: str) -> str:
         except Exception as err:  # noqa: BLE001 - each fsspec back end raises its own errors
             raise StoreDamaged(f"store: cannot reach {url} ({type(err).__name__}: {first_line(err)}).") from None
     if not entries:
-        return "absent"
+        return Target.ABSENT
     group = _open_group(url, "r") if "zarr.json" in entries else None
     if group is not None and "schema_version" in group.attrs:
-        return "store"
+        return Target.STORE
     shown = ", ".join(entries[:5]) + (", ..." if len(entries) > 5 else "")
     raise StoreError(
         f"store: {url} is not an actscope store and not empty ({len(entries)} entries: {shown}). "
@@ -180,7 +188,7 @@ class Store:
     def create(cls, url: str, *, spec: JobSpec, fingerprint: str, model: Mapping[str, Any], fence: Fence | None = None) -> Store:
         """Create a fresh store where nothing is (no path, or an empty folder). Never deletes:
         replacing a store is ``remove`` first, by a caller that has checked it may."""
-        if inspect_target(url) != "absent":
+        if inspect_target(url) != Target.ABSENT:
             raise StoreError(f"{url} is not empty: a new store is created only where nothing is.")
         # The attributes go in with the group's own metadata, in one write: a run killed here leaves
         # either no store or a whole (empty) one, never a group that is not yet an actscope store.
@@ -202,7 +210,7 @@ class Store:
     @classmethod
     def remove(cls, url: str) -> None:
         """Delete the actscope store at ``url`` (of any schema version), and nothing that is not one."""
-        if inspect_target(url) != "store":  # refuses anything that is neither nothing nor a store
+        if inspect_target(url) != Target.STORE:  # refuses anything that is neither nothing nor a store
             return
         path = local_path(url)
         if path is not None:
