@@ -37,6 +37,7 @@ import torch
 
 from actscope.pipeline.nonzero import NonZeros
 from actscope.pipeline.tokenstats import PendingSums, compact_sums, top_rows
+from actscope.storage import coarrays
 from actscope.storage.spec import JobSpec
 from actscope.storage.tables import SCHEMAS
 
@@ -157,23 +158,23 @@ class RunningCoactivation:
         out = {"n": np.array([self.n], dtype=np.int64)}
         for i in range(len(self.hooks)):
             mean = offset[i] + (self.shift[i].double() if self.shift is not None else 0.0)
-            out[f"mean.{i}"] = mean.cpu().numpy()
-            out[f"active.{i}"] = self.active[i].cpu().numpy()
+            out[coarrays.mean(i)] = mean.cpu().numpy()
+            out[coarrays.active(i)] = self.active[i].cpu().numpy()
         # Counts are at most n: uint16 halves the partial of a shard below 2**16 tokens.
         count = torch.uint16 if self.n < 2**16 else torch.int32
         for i, j in self.pairs:
             if (i, j) in self.met:
                 keys, sums = self.met[i, j].compact()
-                out[f"pairs.{i}.{j}.key"] = keys.cpu().numpy()  # a * N_j + b, sorted
-                out[f"pairs.{i}.{j}.sum"] = sums[:, 0].cpu().numpy()  # raw sum of x_a x_b (no shift)
-                out[f"pairs.{i}.{j}.both"] = sums[:, 1].to(count).cpu().numpy()
+                out[coarrays.pairs(i, j, "key")] = keys.cpu().numpy()  # a * N_j + b, sorted
+                out[coarrays.pairs(i, j, "sum")] = sums[:, 0].cpu().numpy()  # raw sum of x_a x_b (no shift)
+                out[coarrays.pairs(i, j, "both")] = sums[:, 1].to(count).cpu().numpy()
                 continue
             m2, both = self.m2[i, j], self.both[i, j]
             if j in self.sparse and i not in self.sparse:
                 m2, both = m2.T, both.T
             m2 = m2.double() - torch.outer(offset[i], offset[j]) * self.n
-            out[f"m2.{i}.{j}"] = m2.float().cpu().numpy()
-            out[f"both.{i}.{j}"] = both.to(count).cpu().numpy()
+            out[coarrays.m2(i, j)] = m2.float().cpu().numpy()
+            out[coarrays.both(i, j)] = both.to(count).cpu().numpy()
         return out
 
 
@@ -251,7 +252,7 @@ class _Folded:
     @classmethod
     def of(cls, groups, n_hooks: int) -> _Folded:
         """From the groups' partials, reading only the vectors it needs."""
-        names = ["n", *(f"{kind}.{i}" for i in range(n_hooks) for kind in ("mean", "active"))]
+        names = ["n", *(name for i in range(n_hooks) for name in (coarrays.mean(i), coarrays.active(i)))]
         return cls([g.read_many(names) for g in groups], n_hooks)
 
     def __init__(self, shards: list[dict[str, np.ndarray]], n_hooks: int):
@@ -260,7 +261,7 @@ class _Folded:
         self.active = [0] * n_hooks
         for part in shards:
             nb = int(part["n"][0])
-            means = [part[f"mean.{i}"] for i in range(n_hooks)]
+            means = [part[coarrays.mean(i)] for i in range(n_hooks)]
             if mean is None:
                 mean = [np.zeros_like(m) for m in means]
             delta = [m - old for m, old in zip(means, mean)]
@@ -268,7 +269,7 @@ class _Folded:
             self.steps.append((n, nb, delta))
             if total:
                 mean = [old + d * (nb / total) for old, d in zip(mean, delta)]
-            self.active = [a + part[f"active.{i}"] for i, a in enumerate(self.active)]
+            self.active = [a + part[coarrays.active(i)] for i, a in enumerate(self.active)]
             n = total
         self.n = n
         self.mean = mean or []
@@ -307,13 +308,13 @@ def prepare(store, spec: JobSpec) -> None:
             v = _csr_diagonal(vectors, i, widths[i]) - n * folded.mean[i] ** 2
         else:
             v = _fold_rows(sources, folded, i, i, slice(None), diagonal=True)[0]
-        vectors[f"mean.{i}"] = folded.mean[i]
-        vectors[f"active.{i}"] = np.asarray(folded.active[i], dtype=np.int64)
-        vectors[f"variance.{i}"] = np.where(v > RELATIVE_FLOOR * max(n, 1) * (1.0 + folded.mean[i] ** 2), v, np.nan)
+        vectors[coarrays.mean(i)] = folded.mean[i]
+        vectors[coarrays.active(i)] = np.asarray(folded.active[i], dtype=np.int64)
+        vectors[coarrays.variance(i)] = np.where(v > RELATIVE_FLOOR * max(n, 1) * (1.0 + folded.mean[i] ** 2), v, np.nan)
     template = sources[0]
     matrices = {
-        name: (template.shape(name), "float32" if name.startswith("m2.") else "int32" if n < 2**31 else "int64")
-        for name in template.names() if name.startswith(("m2.", "both."))
+        name: (template.shape(name), "float32" if coarrays.is_comoment(name) else "int32" if n < 2**31 else "int64")
+        for name in template.names() if coarrays.is_square(name)
     }
     store.prepare_merged_coactivation(vectors, matrices)
 
@@ -321,7 +322,7 @@ def prepare(store, spec: JobSpec) -> None:
 def _merged_meetings(groups, i: int, j: int, widths: list[int]) -> dict[str, np.ndarray]:
     """The sparse pair (i, j) folded over the groups (float64 sums in group order, counts), as
     CSR rows of i over j and of j over i (one set when i == j, its triangle mirrored)."""
-    pieces = [{part: g.read_vector(f"pairs.{i}.{j}.{part}") for part in ("key", "sum", "both")} for g in groups]
+    pieces = [{part: g.read_vector(coarrays.pairs(i, j, part)) for part in coarrays.PAIR_PARTS} for g in groups]
     keys, sums = compact_sums(
         [p["key"] for p in pieces], [np.stack([p["sum"], p["both"].astype(np.float64)], 1) for p in pieces], np
     ) if pieces else (np.zeros(0, np.int64), np.zeros((0, 2)))
@@ -341,18 +342,17 @@ def _merged_meetings(groups, i: int, j: int, widths: list[int]) -> dict[str, np.
 def _csr(i: int, j: int, rows: np.ndarray, cols: np.ndarray, sums: np.ndarray, n_rows: int) -> dict[str, np.ndarray]:
     indptr = np.zeros(n_rows + 1, dtype=np.int64)
     np.cumsum(np.bincount(rows, minlength=n_rows), out=indptr[1:])
-    name = f"csr.{i}.{j}"
-    return {f"{name}.indptr": indptr, f"{name}.col": cols.astype(np.int64), f"{name}.sum": sums[:, 0].copy(),
-            f"{name}.both": sums[:, 1].astype(np.int64)}
+    return {coarrays.csr(i, j, "indptr"): indptr, coarrays.csr(i, j, "col"): cols.astype(np.int64), coarrays.csr(i, j, "sum"): sums[:, 0].copy(),
+            coarrays.csr(i, j, "both"): sums[:, 1].astype(np.int64)}
 
 
 def _csr_diagonal(vectors: dict[str, np.ndarray], i: int, width: int) -> np.ndarray:
     """Each latent's sum of squares: the diagonal of its site's CSR rows."""
-    indptr, cols = vectors[f"csr.{i}.{i}.indptr"], vectors[f"csr.{i}.{i}.col"]
+    indptr, cols = vectors[coarrays.csr(i, i, "indptr")], vectors[coarrays.csr(i, i, "col")]
     rows = np.repeat(np.arange(width), np.diff(indptr))
     out = np.zeros(width)
     on = rows == cols
-    out[rows[on]] = vectors[f"csr.{i}.{i}.sum"][on]
+    out[rows[on]] = vectors[coarrays.csr(i, i, "sum")][on]
     return out
 
 
@@ -368,10 +368,10 @@ def block_table(store, spec: JobSpec, site: int, start: int) -> pa.Table:
     pairs = site_pairs(hooks, spec.coactivation.pairs)
     sparse = sparse_sites(spec)
     merged_group = store.merged_coactivation()
-    merged = merged_group.read_many(["n", *(f"variance.{k}" for k in range(len(hooks)))])
+    merged = merged_group.read_many(["n", *(coarrays.variance(k) for k in range(len(hooks)))])
     sources = store.coactivation_partials()
     folded = _Folded.of(sources, len(hooks))
-    variance = [merged[f"variance.{k}"] for k in range(len(hooks))]
+    variance = [merged[coarrays.variance(k)] for k in range(len(hooks))]
     keep = not store.has_merged_coactivation()
     i, n, m = site, int(merged["n"][0]), spec.coactivation.partners
     rows = slice(start, min(start + BLOCK, len(variance[i])))
@@ -391,8 +391,8 @@ def block_table(store, spec: JobSpec, site: int, start: int) -> pa.Table:
         # merged group (a group redone after the merge) then gives the same bits.
         m2 = m2.astype(np.float32)
         if keep and i <= j:
-            store.write_merged_coactivation(f"m2.{i}.{j}", rows, m2)
-            store.write_merged_coactivation(f"both.{i}.{j}", rows, both)
+            store.write_merged_coactivation(coarrays.m2(i, j), rows, m2)
+            store.write_merged_coactivation(coarrays.both(i, j), rows, both)
         m2 = m2.astype(np.float64)
         stats = _block_stats(m2, both, variance[i][rows][:, None], variance[j][None, :],
                              folded.active[i][rows][:, None], folded.active[j][None, :], n)
@@ -439,7 +439,7 @@ def latent_pairs_stored(store) -> int:
         return 0
     return sum(
         part.shape(name)[0] for part in store.coactivation_partials() for name in part.names()
-        if name.startswith("pairs.") and name.endswith(".key") or name.startswith("csr.") and name.endswith(".col")
+        if coarrays.is_pair_keys(name)
     )
 
 
@@ -464,8 +464,7 @@ def _sparse_candidates(merged, folded: _Folded, variance, i: int, j: int, rows: 
     orders = {
         "z": finite[np.lexsort((finite, -z[finite]))], "finite": finite, "every": every, "active": every[active_j > 0],
     }
-    name = f"csr.{i}.{j}"
-    indptr = merged.read_vector(f"{name}.indptr", slice(rows.start, rows.stop + 1))
+    indptr = merged.read_vector(coarrays.csr(i, j, "indptr"), slice(rows.start, rows.stop + 1))
     degree = np.diff(indptr)
     out: dict[str, list[dict[str, np.ndarray]]] = {ranking: [] for ranking in RANKINGS}
     r0 = rows.start
@@ -475,7 +474,7 @@ def _sparse_candidates(merged, folded: _Folded, variance, i: int, j: int, rows: 
         step = max(1, min(rows.stop - r0, SPARSE_CELLS // max(2 * width + m + 1, 1)))
         r1 = r0 + step
         lo, hi = indptr[local], indptr[local + step]
-        met = {part: merged.read_vector(f"{name}.{part}", slice(int(lo), int(hi))) for part in ("col", "sum", "both")}
+        met = {part: merged.read_vector(coarrays.csr(i, j, part), slice(int(lo), int(hi))) for part in ("col", "sum", "both")}
         deg = degree[local:local + step]
         for ranking, best in _sparse_rows(met, deg, orders, folded, variance, i, j, np.arange(r0, r1), n, m).items():
             out[ranking].append(best)
@@ -544,18 +543,18 @@ def _fold_rows(groups, folded: _Folded, i: int, j: int, rows: slice, *, diagonal
     ``diagonal``), folded over shards in shard order (pairwise update, float64); with the
     co-firing counts (int64)."""
     a, b = (i, j) if i <= j else (j, i)
-    name = f"{a}.{b}"
+    m2_name, both_name = coarrays.m2(a, b), coarrays.both(a, b)
     m2 = both = None
     for group, (n0, nb, delta) in zip(groups, folded.steps):
         if diagonal:
             # The diagonal of a square chunked array: read it block by block along the diagonal.
-            width = group.shape(f"m2.{name}")[0]
-            part_m2 = np.concatenate([np.diagonal(group.read(f"m2.{name}", slice(s, s + BLOCK), slice(s, s + BLOCK))) for s in range(0, width, BLOCK)]).astype(np.float64)
+            width = group.shape(m2_name)[0]
+            part_m2 = np.concatenate([np.diagonal(group.read(m2_name, slice(s, s + BLOCK), slice(s, s + BLOCK))) for s in range(0, width, BLOCK)]).astype(np.float64)
             part_both = None
             correction = delta[i] * delta[j]
         else:
-            part_m2 = (group.read(f"m2.{name}", rows) if i <= j else group.read(f"m2.{name}", slice(None), rows).T).astype(np.float64)
-            part_both = (group.read(f"both.{name}", rows) if i <= j else group.read(f"both.{name}", slice(None), rows).T).astype(np.int64)
+            part_m2 = (group.read(m2_name, rows) if i <= j else group.read(m2_name, slice(None), rows).T).astype(np.float64)
+            part_both = (group.read(both_name, rows) if i <= j else group.read(both_name, slice(None), rows).T).astype(np.int64)
             correction = np.outer(delta[i][rows], delta[j])
         total = n0 + nb
         weight = n0 * nb / total if total else 0.0

@@ -43,6 +43,7 @@ import xxhash
 import zarr
 import zarr.errors
 
+from actscope.storage import coarrays
 from actscope.storage.errors import StoreDamaged, StoreError, first_line, short
 from actscope.storage.lease import Fence
 from actscope.storage.spec import JobSpec
@@ -660,7 +661,7 @@ def partial_compressors(name: str):
     """Co-moment matrices (``m2.*``, N x N float32) are stored raw: zstd saves 7 % of their bytes
     and costs a third of a shard's write. Everything else compresses well (counts, NaN-padded
     samples) and goes through zstd."""
-    return None if name.startswith("m2.") else _ZSTD
+    return None if coarrays.is_comoment(name) else _ZSTD
 
 
 def _partial_chunks(shape: tuple[int, ...]) -> tuple[int, ...]:
