@@ -32,6 +32,7 @@ from bench_coactivation import build_model
 
 from actscope.jobs.demo import stdlib_docstrings
 from actscope.pipeline.model import HookedForward, forward_plan, job_forward, load_model, load_tokenizer, prefer_sdpa
+from actscope.storage.record import ModelRecord
 from actscope.storage.spec import JobSpec
 
 
@@ -57,7 +58,7 @@ def main() -> None:
     plain = AutoModel.from_pretrained(model_dir).eval()
     runs = {
         "plain": lambda t, m: plain(input_ids=t, attention_mask=m),
-        "module": job_forward(spec, {"forward": plan}, device),
+        "module": job_forward(spec, ModelRecord(forward=plan), device),
         "bridge": HookedForward(bridge, hooks),
     }
     tokenizer = load_tokenizer(model_dir)

@@ -133,7 +133,7 @@ def main() -> None:
     started = time.perf_counter()
     n_seq = grow(small, str(root / "big.zarr"), args.tokens)
     grow_s = time.perf_counter() - started
-    width = Store.open(small).model["hook_widths"][HOOK]
+    width = Store.open(small).model.hook_widths[HOOK]
     result = {
         "machine": platform.machine(), "tokens": n_seq * 128, "small_tokens": Store.open(small).n_seq * 128,
         "grow_s": round(grow_s, 1),

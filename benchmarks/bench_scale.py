@@ -124,7 +124,7 @@ def run(root: Path, name: str, model: str, hooks: list[str], tokens: int, worker
     merge = summary.phases.get("reduce+index", 0.0)
     write = [g.seconds_write for g in groups]
     out = {
-        "job": name, "hooks": len(hooks), "units": sum(opened.model["hook_widths"].values()), "vocab": opened.model["vocab_size"],
+        "job": name, "hooks": len(hooks), "units": sum(opened.model.hook_widths.values()), "vocab": opened.model.vocab_size,
         "tokens": summary.n_tokens, "shards": summary.shards_total, "groups": opened.n_groups, "shards_per_group": opened.shards_per_group,
         "coactivation_pairs": spec.coactivation.pairs if spec.coactivation_hooks() else None,
         "partial_bytes_per_token": round(watcher.peak_shards / summary.n_tokens),

@@ -36,7 +36,7 @@ from actscope.storage.store import Store
 
 def _phase(spec, tokenizer, model, encoder) -> tuple[float, float, int]:
     """Wall seconds, this process's CPU seconds (all its threads), sequences."""
-    store = Store.create(spec.store, spec=spec, fingerprint=model["fingerprint"], model=model)
+    store = Store.create(spec.store, spec=spec, fingerprint=model.fingerprint, model=model)
     start, cpu = time.perf_counter(), time.process_time()
     n_seq = corpus.tokenize_corpus(store, spec, Framing.from_tokenizer(tokenizer), encoder)
     return time.perf_counter() - start, time.process_time() - cpu, n_seq

@@ -291,18 +291,18 @@ def _status_rows(s, spec, st, model) -> list[tuple[str, Text]]:
     done = len(s.committed_shards()) if st["tokenized"] else 0
     rows = [
         ("store", s.url),
-        ("model", f"{model['name']} ({model['architecture']}, {model['n_layers']} layers)"),
+        ("model", f"{model.name} ({model.architecture}, {model.n_layers} layers)"),
         ("corpus", f"{spec.dataset.path} {spec.dataset.data_files or ''}"),
         ("sequences", f"{st['n_seq']:,} × {spec.context_length} = {st['n_seq'] * spec.context_length:,} tokens" if st["tokenized"] else "not tokenized yet"),
         ("statistics", ", ".join(["top", *(name for name in OPTIONAL_STATISTICS if spec.computes(name))]) + f" (top_k {spec.top_k})"),
         ("shards", f"{done} of {s.n_shards} committed, in groups of {s.shards_per_group}" if st["tokenized"] else "-"),
     ]
-    saes = model.get("saes", {})
+    saes = model.saes
     quality = s.sae_quality() if saes and st["tokenized"] else {}
     rows += [
         ("sae", _sae_line(hook, saes[hook], quality.get(hook))) if hook in saes
         else ("hook", f"{hook} ({width} neurons{', dense' if hook in spec.dense else ''})")
-        for hook, width in model["hook_widths"].items()
+        for hook, width in model.hook_widths.items()
     ]
     rows.append(("status", Text("complete", "green") if st["complete"] else Text("incomplete: run the job again to resume", "yellow")))
     rows.append(("on disk", _disk_bytes(s.url)))
@@ -345,8 +345,8 @@ def query(
 
     deadline = time.monotonic() + timeout if math.isfinite(timeout) and timeout > 0 else None
     with queries.connect(store, timeout=timeout, max_rows=QUERY_ROWS if max_rows is None else max_rows) as catalog:
-        for name in _unknown_hooks(sql, catalog.model["hook_widths"]):
-            say(("note: ", "yellow"), f"{name!r} is not a hook of this store (it holds {', '.join(catalog.model['hook_widths'])}); rows that need it match nothing.")
+        for name in _unknown_hooks(sql, catalog.model.hook_widths):
+            say(("note: ", "yellow"), f"{name!r} is not a hook of this store (it holds {', '.join(catalog.model.hook_widths)}); rows that need it match nothing.")
         result = catalog.sql(sql, truncate=True)
     shown = result
     if format is Format.table and max_rows is None and len(result.rows) > TABLE_ROWS:

@@ -48,6 +48,7 @@ from actscope.pipeline.reduce import Part, PartDone, PartKind, assemble, plan_pa
 from actscope.pipeline.worker import ShardResult, ShardWorker
 from actscope.storage.errors import ActscopeError, CorpusError, JobSpecError, ModelError, StoreDamaged, StoreError
 from actscope.storage.lease import Fence, Lease
+from actscope.storage.record import ModelRecord
 from actscope.storage.spec import JobSpec
 from actscope.storage.store import DamagedPartial, Store, Target, inspect_target, local_path
 
@@ -112,7 +113,7 @@ class Plan:
 
     action: Action
     build_url: str
-    model: dict
+    model: ModelRecord
     tokenizer: object
     memory: Estimate
     memory_limit: int | None  # bytes one worker may use where the plan can see its device
@@ -121,19 +122,19 @@ class Plan:
     def describe(self, spec: JobSpec) -> list[str]:
         verbs = {Action.CREATE: "create a new store at", Action.RESUME: "resume the store at", Action.REPLACE: "replace the store at"}
         lines = [f"{verbs[self.action]} {spec.store}" + (f" (built at {self.build_url}, swapped in when complete)" if self.build_url != spec.store else "")]
-        lines.append(f"model: {self.model['name']} ({self.model['architecture']}, {self.model['n_layers']} layers, vocabulary {self.model['vocab_size']:,})")
-        saes = self.model.get("saes", {})
-        for hook, width in self.model["hook_widths"].items():
+        lines.append(f"model: {self.model.name} ({self.model.architecture}, {self.model.n_layers} layers, vocabulary {self.model.vocab_size:,})")
+        saes = self.model.saes
+        for hook, width in self.model.hook_widths.items():
             if hook in saes:
                 s = saes[hook]
                 writes = f", writes {s['hook_out'] or 'an unnamed hook'}" if s.get("transcoder") else ""
                 lines.append(f"sae: {hook} ({s['architecture']} {s['layout']}, {s['d_in']:,} -> {s['d_sae']:,} latents, reads {s['hook']}{writes})")
             else:
                 lines.append(f"hook: {hook} ({width:,} units{', dense' if hook in spec.dense else ''})")
-        lines.append(f"forward: {describe_forward(self.model.get('forward'))}")
-        partial = partial_bytes(spec, self.model["hook_widths"], self.model["vocab_size"])
+        lines.append(f"forward: {describe_forward(self.model.forward)}")
+        partial = partial_bytes(spec, self.model.hook_widths, self.model.vocab_size)
         shard_tokens = spec.shard_size * spec.context_length
-        widths, vocab = self.model["hook_widths"], self.model["vocab_size"]
+        widths, vocab = self.model.hook_widths, self.model.vocab_size
         if spec.dataset.max_tokens:
             n_tokens = spec.dataset.max_tokens
             n_shards = -(-n_tokens // shard_tokens)
@@ -169,29 +170,29 @@ def plan(spec: JobSpec, *, overwrite: bool = False, job_path: str | None = None,
     positions = getattr(bridge.cfg, "n_ctx", None)
     if positions and spec.context_length > positions:
         raise JobSpecError(f"context_length: {spec.context_length} is more than the model's {positions} positions; use at most {positions}.")
-    model = {
-        "name": spec.model,
-        "architecture": type(bridge.original_model).__name__,
-        "n_layers": int(bridge.cfg.n_layers),
-        "d_model": int(bridge.cfg.d_model),
-        "vocab_size": len(tokenizer),
-        "hook_widths": hook_widths(bridge, spec.hooks),
-        "framing": framing.to_dict(),
-        "forward": forward_plan(bridge, spec.hooks),
-    }
+    model = ModelRecord(
+        name=spec.model,
+        architecture=type(bridge.original_model).__name__,
+        n_layers=int(bridge.cfg.n_layers),
+        d_model=int(bridge.cfg.d_model),
+        vocab_size=len(tokenizer),
+        hook_widths=hook_widths(bridge, spec.hooks),
+        framing=framing.to_dict(),
+        forward=forward_plan(bridge, spec.hooks),
+    )
     if spec.saes:
-        model["saes"] = check_saes(spec, model["hook_widths"], bridge)
-        model["hook_widths"].update({name: info["d_sae"] for name, info in model["saes"].items()})
+        saes = check_saes(spec, model.hook_widths, bridge)
+        model = model.replace(saes=saes, hook_widths={**model.hook_widths, **{name: info["d_sae"] for name, info in saes.items()}})
     weight_bytes = sum(p.numel() * p.element_size() for p in bridge.original_model.parameters())
     del bridge
     gc.collect()
-    memory = worker_memory(spec, model["hook_widths"], model["vocab_size"], weight_bytes, _group_tokens(spec, model), latents_per_token(model))
+    memory = worker_memory(spec, model.hook_widths, model.vocab_size, weight_bytes, _group_tokens(spec, model), latents_per_token(model))
     limit = _memory_limit(spec, local_workers)
     if limit is not None and memory.total > limit:
         raise JobSpecError(_too_big(memory, limit, local_workers))
     check_corpus(spec.dataset, tokenizer)
-    model["sources"] = sources(spec)
-    model["fingerprint"] = fingerprint(spec, model["sources"])
+    files = sources(spec)
+    model = model.replace(sources=files, fingerprint=fingerprint(spec, files))
 
     def decided(action: Action, build_url: str, existing: Store | None = None) -> Plan:
         return Plan(action, build_url, model, tokenizer, memory, limit, existing)
@@ -204,17 +205,17 @@ def plan(spec: JobSpec, *, overwrite: bool = False, job_path: str | None = None,
         if not overwrite:
             raise
         existing = None  # an actscope store of another schema, or a damaged one: --overwrite replaces it
-    if existing is not None and existing.fingerprint == model["fingerprint"]:
+    if existing is not None and existing.fingerprint == model.fingerprint:
         _check_stored_spec(existing, spec)
         return decided(Action.RESUME, spec.store, existing)
     staging = staging_url(spec.store)
     if not overwrite:
-        raise StoreError(_mismatch(existing, spec, model["sources"], staging))
+        raise StoreError(_mismatch(existing, spec, model.sources, staging))
     if staging is None:
         return decided(Action.REPLACE, spec.store)
     if _leftover(staging) == Target.STORE:
         partial = Store.open(staging)
-        if partial.fingerprint == model["fingerprint"]:
+        if partial.fingerprint == model.fingerprint:
             _check_stored_spec(partial, spec)
             return decided(Action.REPLACE, staging, partial)  # an earlier --overwrite of this job, unfinished
     return decided(Action.REPLACE, staging)
@@ -420,7 +421,7 @@ def _planning_device():
 
 def _mismatch(existing: Store | None, spec: JobSpec, files: dict[str, str], staging: str | None = None) -> str:
     try:
-        old, old_files = existing.spec.result_fields(), existing.model.get("sources")
+        old, old_files = existing.spec.result_fields(), existing.model.sources
     except Exception:  # noqa: BLE001 - an unreadable old record is still a mismatch
         old, old_files = {}, None
     new = spec.result_fields()
@@ -500,13 +501,13 @@ def _run_leased(
         else:
             if planned.action == Action.REPLACE and inspect_target(url) == Target.STORE:
                 Store.remove(url)  # an actscope store: the old job's on an object store, or a stale replacement
-            store = created = Store.create(url, spec=spec, fingerprint=model["fingerprint"], model=model, fence=fence)
+            store = created = Store.create(url, spec=spec, fingerprint=model.fingerprint, model=model, fence=fence)
         tokenize_tasks = 0
         n_workers = _worker_count(spec, workers, use_ray, address, ray_session)
         results = []
         ready: list[float] = []  # when each of the first workers had loaded its model
         logits = spec.computes("logits") and not store.has_logits()
-        group = group_size(spec, model["hook_widths"], model["vocab_size"])
+        group = group_size(spec, model.hook_widths, model.vocab_size)
         overlap = use_ray and not store.status["tokenized"] and group is not None and not spec.dense
         if overlap:
             # Workers start on the first groups while the rest of the corpus is tokenized: the
@@ -555,7 +556,7 @@ def _run_leased(
                 tokenize_tasks = encoder.tasks
                 for hook in spec.dense:
                     if hook in spec.hooks:  # an SAE's latents are written sparse, per shard
-                        store.create_dense(hook, model["hook_widths"][hook], n_seq)
+                        store.create_dense(hook, model.hook_widths[hook], n_seq)
                 mark_tokenized(store, spec, n_seq)
                 phases["tokenize"] = time.perf_counter() - t
             done = store.committed_groups()
@@ -598,7 +599,7 @@ def _run_leased(
                 store.reset_reduce()
             try:
                 first, later = plan_parts(store)
-                small = store.n_groups * partial_bytes(spec, model["hook_widths"], model["vocab_size"]) < RAY_REDUCE_BYTES
+                small = store.n_groups * partial_bytes(spec, model.hook_widths, model.vocab_size) < RAY_REDUCE_BYTES
                 if use_ray and (first or later) and not small:
                     ray_session.ensure()
                     reduced = list(_reduce_on_ray(url, fence, first, later))
@@ -663,9 +664,9 @@ def group_size(spec: JobSpec, widths: dict[str, int], vocab_size: int, n_seq: in
     return shards_per_group(spec, widths, vocab_size, n_shards)
 
 
-def _group_tokens(spec: JobSpec, model: dict) -> int | None:
+def _group_tokens(spec: JobSpec, model: ModelRecord) -> int | None:
     """Tokens in one group where the job fixes it before the corpus is tokenized; else None."""
-    group = group_size(spec, model["hook_widths"], model["vocab_size"])
+    group = group_size(spec, model.hook_widths, model.vocab_size)
     return None if group is None else group * spec.shard_size * spec.context_length
 
 
@@ -673,7 +674,7 @@ def mark_tokenized(store: Store, spec: JobSpec, n_seq: int) -> None:
     """Record the corpus's length and its accumulation groups (a function of the job and the
     length alone); last, so a crash before it re-tokenizes."""
     model = store.model
-    group = group_size(spec, model["hook_widths"], model["vocab_size"], n_seq)
+    group = group_size(spec, model.hook_widths, model.vocab_size, n_seq)
     store.update_status(tokenized=True, n_seq=n_seq, shards_per_group=group)
 
 

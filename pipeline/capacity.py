@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 from actscope.pipeline.coactivation import site_pairs, sparse_sites
 from actscope.pipeline.sampling import N_BANDS
 from actscope.storage.bins import N_BINS
+from actscope.storage.record import ModelRecord
 from actscope.storage.spec import JobSpec
 
 
@@ -109,14 +110,11 @@ PROCESS_BASELINE = 512 << 20
 ASSUMED_L0 = 128
 
 
-def latents_per_token(model: dict) -> dict[str, int]:
+def latents_per_token(model: ModelRecord) -> dict[str, int]:
     """Each SAE's latents firing per token at most, where its architecture fixes it (``topk``
     and ``abstopk`` fire k), from the plan's model record; the others are assumed
     ``ASSUMED_L0``."""
-    return {
-        name: int(info["k"]) for name, info in (model.get("saes") or {}).items()
-        if info.get("architecture") in ("topk", "abstopk") and info.get("k")
-    }
+    return model.sae_k()
 
 
 def fires_per_token(l0: dict[str, int] | None, site: str, width: int) -> int:

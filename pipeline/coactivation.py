@@ -292,7 +292,7 @@ def prepare(store, spec: JobSpec) -> None:
         return
     hooks = spec.coactivation_hooks()
     sparse = sparse_sites(spec)
-    widths = [store.model["hook_widths"][h] for h in hooks]
+    widths = [store.model.hook_widths[h] for h in hooks]
     sources = store.coactivation_partials()
     folded = _Folded.of(sources, len(hooks))
     n = folded.n
@@ -533,7 +533,7 @@ def coactivation_table(store, spec: JobSpec) -> pa.Table:
     if not spec.coactivation_hooks():
         return SCHEMAS["coactivation"].empty_table()
     prepare(store, spec)
-    tables = [block_table(store, spec, i, start) for i, start in blocks(spec, store.model["hook_widths"])]
+    tables = [block_table(store, spec, i, start) for i, start in blocks(spec, store.model.hook_widths)]
     store.commit_merged_coactivation()
     return pa.concat_tables(tables).unify_dictionaries().combine_chunks()
 

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from actscope.storage.errors import ModelError, cause
+from actscope.storage.record import ModelRecord
 from actscope.storage.spec import JobSpec
 
 _BLOCK = re.compile(r"^blocks\.(\d+)\.")
@@ -401,19 +402,19 @@ class ModuleForward:
         return _per_token(self._captured, self.hooks, tokens.shape)
 
 
-def job_forward(spec: JobSpec, model_record: dict, device: torch.device, hooks: list[str] | None = None):
+def job_forward(spec: JobSpec, model_record: ModelRecord, device: torch.device, hooks: list[str] | None = None):
     """The forward a worker runs for ``hooks`` (default: the job's): the Hugging Face model with
     module hooks when the plan found every hook on a module, else the bridge (SDPA when no hook
     is inside attention)."""
     hooks = list(hooks or spec.sites)
-    saes = model_record.get("saes") or {}
+    saes = model_record.saes
     if any(h in saes for h in hooks):
         from actscope.pipeline.sae import Encoder, SAEInfo
 
         encoders = {h: Encoder(SAEInfo(**saes[h]), device) for h in hooks if h in saes}
         inputs = sorted({e.info.hook for e in encoders.values()} | {h for h in hooks if h not in saes}, key=spec.hooks.index)
         return WithSAEs(job_forward(spec, model_record, device, inputs), encoders, hooks)
-    plan = model_record.get("forward") or {}
+    plan = model_record.forward or {}
     sites = plan.get("sites") or {}
     if plan.get("class") and all(h in sites for h in hooks):
         last = HookedForward.last_block(hooks)

@@ -66,7 +66,7 @@ def _all_parts(store: Store) -> tuple[list[Part], list[Part]]:
     """Every part of the store's reduce, in the tables' order: (hook parts, with the
     co-activation ``prepare`` first when there is one; the co-activation blocks)."""
     spec = store.spec
-    widths, vocab, groups = store.model["hook_widths"], store.model["vocab_size"], store.n_groups
+    widths, vocab, groups = store.model.hook_widths, store.model.vocab_size, store.n_groups
     first = []
     for n, hook in enumerate(sorted(spec.sites)):
         w = widths[hook]
@@ -140,7 +140,7 @@ def assemble(store: Store, tokenizer) -> None:
 def merge_hook(store: Store, hook: str) -> dict[str, np.ndarray]:
     """One hook's statistics over every group: {top_values, top_index, bottom_*, count, mean,
     m2, ..., hist, band_*, random_*, token_*}."""
-    merge = HookMerge(store.spec, hook, store.model["hook_widths"][hook], store.model["vocab_size"])
+    merge = HookMerge(store.spec, hook, store.model.hook_widths[hook], store.model.vocab_size)
     for group in range(store.n_groups):
         merge.add(store.read_partial(group, hook))
     return merge.result()

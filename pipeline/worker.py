@@ -68,7 +68,7 @@ class ShardWorker:
         self.spec = self.store.spec
         self.device = resolve_device(self.spec.device)
         self.forward = job_forward(self.spec, self.store.model, self.device)
-        self.widths = {h: int(w) for h, w in self.store.model["hook_widths"].items()}
+        self.widths = {h: int(w) for h, w in self.store.model.hook_widths.items()}
         self._writer = ThreadPoolExecutor(max_workers=2, thread_name_prefix="dense-writer")
         # On a CPU with several torch threads, the hooks' reductions run side by side, one thread
         # each (see one_thread): a 2-hook MiniLM shard's reductions took 1.8 s instead of 2.2 s

@@ -237,7 +237,7 @@ class Catalog:
     # -- neuron questions -----------------------------------------------------------------
 
     def check_neuron(self, hook: str, neuron: int) -> None:
-        widths = self.model["hook_widths"]
+        widths = self.model.hook_widths
         if hook not in widths:
             raise QueryError(f"{hook} was not recorded in this store; recorded hooks: {', '.join(widths)}.")
         if not 0 <= neuron < widths[hook]:

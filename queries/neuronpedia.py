@@ -61,9 +61,9 @@ def batch_meta(catalog, hook: str, sae_set: str | None = None) -> dict:
     """The batch-level fields and the per-feature constants of one hook's export."""
     spec, model = catalog.store.spec, catalog.model
     return {
-        "model_id": model_title(model["name"]).split("/")[-1],  # "gpt2", "pythia-70m": the name's last part
+        "model_id": model_title(model.name).split("/")[-1],  # "gpt2", "pythia-70m": the name's last part
         # An SAE's latents sit at the layer of the hook it reads.
-        "layer": layer_of((model.get("saes") or {}).get(hook, {}).get("hook", hook), int(model["n_layers"])),
+        "layer": layer_of(model.saes.get(hook, {}).get("hook", hook), int(model.n_layers)),
         "sae_set": sae_set or set_name(hook),
         "sae_id_suffix": None,
         "n_prompts_total": int(catalog.store.group["tokens"].shape[0]),

@@ -68,7 +68,7 @@ class HookPages:
         self.store = catalog.store
         self.spec = self.store.spec
         catalog.check_neuron(hook, 0)  # a recorded hook
-        self.width = int(catalog.model["hook_widths"][hook])
+        self.width = int(catalog.model.hook_widths[hook])
         if neurons is None:
             neurons = list(range(self.width))
         for n in neurons:
@@ -149,10 +149,10 @@ class HookPages:
             "format": FORMAT,
             "store": self.store.url,
             "fingerprint": self.store.fingerprint,
-            "model": model_title(self.catalog.model["name"]),
-            "architecture": self.catalog.model["architecture"],
+            "model": model_title(self.catalog.model.name),
+            "architecture": self.catalog.model.architecture,
             "hook": self.hook,
-            "sae": (self.catalog.model.get("saes") or {}).get(self.hook),  # the SAE whose latents these are, or None
+            "sae": self.catalog.model.saes.get(self.hook),  # the SAE whose latents these are, or None
             "neuron": int(neuron),
             "width": self.width,
             "threshold": self.spec.threshold(self.hook),

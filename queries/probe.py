@@ -40,7 +40,7 @@ def probe(catalog: Catalog, hook: str, neuron: int, text: str) -> Probe:
     catalog.check_neuron(hook, neuron)
     if not text.strip():
         raise QueryError("probe needs some text.")
-    spec, framing = catalog.store.spec, catalog.model["framing"]
+    spec, framing = catalog.store.spec, catalog.model.framing
     tokenizer = load_tokenizer(spec.model, spec.model_revision)
     body = tokenizer(text, add_special_tokens=False)["input_ids"]
     room = spec.context_length - len(framing["prefix"]) - len(framing["suffix"])

@@ -197,7 +197,7 @@ def write_report(catalog: Catalog, hook: str, neuron: int, out: str, fmt: str | 
     if fmt == "neuronpedia":  # a batch of one feature, as the export writes 128
         _write_file(Path(out), render_json(neuronpedia.batch([doc], neuronpedia.batch_meta(catalog, hook))))
     else:
-        _write_file(Path(out), render(doc, fmt, int(catalog.model["n_layers"])))
+        _write_file(Path(out), render(doc, fmt, int(catalog.model.n_layers)))
     return fmt
 
 
@@ -309,7 +309,7 @@ def export(catalog: Catalog, out: str, hooks: list[str] | None = None, *, fmt: s
     took."""
     if fmt not in EXPORT_FORMATS:
         raise QueryError(f"export format must be one of {', '.join(EXPORT_FORMATS)}; got {fmt!r}.")
-    widths = catalog.model["hook_widths"]
+    widths = catalog.model.hook_widths
     hooks = list(hooks or widths)
     for hook in hooks:
         if hook not in widths:
@@ -348,7 +348,7 @@ def export(catalog: Catalog, out: str, hooks: list[str] | None = None, *, fmt: s
                 if fmt == "html":
                     text = render_html(doc, site)
                 elif fmt == "neuron-record":
-                    text = render_json(neuron_record(doc, int(catalog.model["n_layers"])), indent=False)
+                    text = render_json(neuron_record(doc, int(catalog.model.n_layers)), indent=False)
                 else:
                     text = render_json(doc, indent=False)
                 written += write(folder / f"{n}.{'html' if fmt == 'html' else 'json'}", text)
@@ -383,7 +383,7 @@ def _hook_index(pages: HookPages) -> str:
         columns[name] = [finite(x) for x in np.asarray(c[name], np.float64).tolist()]
     columns["top_tokens"] = [" | ".join(top.get(n, [])) for n in columns["neuron"]]
     return _env().get_template("hook.html").render(
-        hook=pages.hook, model=model_title(pages.catalog.model["name"]), width=pages.width, css=_asset("actscope.css"),
+        hook=pages.hook, model=model_title(pages.catalog.model.name), width=pages.width, css=_asset("actscope.css"),
         data=script_json({"hook": pages.hook, "columns": columns}), js=_script("hook.js"),
     )
 
@@ -391,9 +391,9 @@ def _hook_index(pages: HookPages) -> str:
 def _site_index(catalog: Catalog, hooks: list[str]) -> str:
     spec = catalog.store.spec
     return _env().get_template("site.html").render(
-        model=model_title(catalog.model["name"]), store=catalog.store.url, corpus=f"{spec.dataset.path} {spec.dataset.data_files or ''}",
+        model=model_title(catalog.model.name), store=catalog.store.url, corpus=f"{spec.dataset.path} {spec.dataset.data_files or ''}",
         n_tokens=f"{catalog.store.n_seq * spec.context_length:,}", css=_asset("actscope.css"),
-        hooks=[{"name": h, "width": catalog.model["hook_widths"][h], "source": "dense" if h in spec.dense else "recomputed"} for h in hooks],
+        hooks=[{"name": h, "width": catalog.model.hook_widths[h], "source": "dense" if h in spec.dense else "recomputed"} for h in hooks],
     )
 
 

@@ -46,6 +46,7 @@ import zarr.errors
 from actscope.storage import coarrays
 from actscope.storage.errors import StoreDamaged, StoreError, first_line, short
 from actscope.storage.lease import Fence
+from actscope.storage.record import ModelRecord
 from actscope.storage.spec import JobSpec
 from actscope.storage.urls import filesystem, local_path, storage_options
 
@@ -186,7 +187,7 @@ class Store:
         return _open_group(url, "r") is not None
 
     @classmethod
-    def create(cls, url: str, *, spec: JobSpec, fingerprint: str, model: Mapping[str, Any], fence: Fence | None = None) -> Store:
+    def create(cls, url: str, *, spec: JobSpec, fingerprint: str, model: ModelRecord | Mapping[str, Any], fence: Fence | None = None) -> Store:
         """Create a fresh store where nothing is (no path, or an empty folder). Never deletes:
         replacing a store is ``remove`` first, by a caller that has checked it may."""
         if inspect_target(url) != Target.ABSENT:
@@ -197,7 +198,7 @@ class Store:
             "schema_version": SCHEMA_VERSION,
             "spec": spec.to_dict(),
             "fingerprint": fingerprint,
-            "model": dict(model),
+            "model": ModelRecord.from_attrs(model).to_attrs(),
             "status": {"tokenized": False, "n_seq": 0, "complete": False},
         }
         try:
@@ -252,8 +253,8 @@ class Store:
         return self.group.attrs["fingerprint"]
 
     @property
-    def model(self) -> dict[str, Any]:
-        return dict(self.group.attrs["model"])
+    def model(self) -> ModelRecord:
+        return ModelRecord.from_attrs(self.group.attrs["model"])
 
     @property
     def status(self) -> dict[str, Any]:

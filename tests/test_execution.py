@@ -101,13 +101,13 @@ def test_partially_done_job_resumes_to_identical_tables(make_job, tmp_path):
 
     planned = runner.plan(partial)
     model, tokenizer = planned.model, planned.tokenizer
-    store = Store.create(partial.store, spec=partial, fingerprint=model["fingerprint"], model=model)
+    store = Store.create(partial.store, spec=partial, fingerprint=model.fingerprint, model=model)
     from actscope.pipeline.model import Framing
 
     encoder = functools.partial(corpus.encode_here, tokenizer=tokenizer)
     n_seq = corpus.tokenize_corpus(store, partial, Framing.from_tokenizer(tokenizer), encoder)
     for hook in partial.dense:
-        store.create_dense(hook, model["hook_widths"][hook], n_seq)
+        store.create_dense(hook, model.hook_widths[hook], n_seq)
     runner.mark_tokenized(store, partial, n_seq)
     assert store.n_groups >= 3 and store.shards_per_group > 1, "the test needs three groups of several shards"
     worker = ShardWorker(partial.store)

@@ -22,6 +22,7 @@ from actscope.pipeline.model import (
     per_token_hooks,
     prefer_sdpa,
 )
+from actscope.storage.record import ModelRecord
 from actscope.storage.spec import JobSpec
 
 # The hooks researchers record most; every architecture must have them on its modules.
@@ -119,7 +120,7 @@ def test_the_forward_stops_after_the_last_hooked_block(architectures):
     path = architectures["llama"]
     bridge = load_model(path, torch.device("cpu"))
     plan = forward_plan(bridge, ["blocks.0.mlp.hook_post"])
-    store_model = {"forward": plan}
+    store_model = ModelRecord(forward=plan)
     forward = job_forward(_spec(path, ["blocks.0.mlp.hook_post"]), store_model, torch.device("cpu"))
     assert isinstance(forward, ModuleForward)
     ran = []
@@ -139,13 +140,13 @@ def test_hooks_only_inside_the_bridge_keep_its_forward(architectures, tmp_path):
     hooks = ["blocks.0.mlp.hook_post", "blocks.1.attn.hook_z"]
     plan = forward_plan(bridge, hooks)
     assert plan == {"bridge_only": ["blocks.1.attn.hook_z"]}
-    forward = job_forward(_spec(path, hooks), {"forward": plan}, torch.device("cpu"))
+    forward = job_forward(_spec(path, hooks), ModelRecord(forward=plan), torch.device("cpu"))
     assert isinstance(forward, HookedForward)
     tokens = torch.randint(5, 500, (2, 8))
     out = forward(tokens, torch.ones_like(tokens))
     assert out["blocks.1.attn.hook_z"].shape == (2, 8, 64)
     # A store made before module hooks (no "forward" in its model record) runs the bridge too.
-    assert isinstance(job_forward(_spec(path, hooks[:1]), {}, torch.device("cpu")), HookedForward)
+    assert isinstance(job_forward(_spec(path, hooks[:1]), ModelRecord(), torch.device("cpu")), HookedForward)
 
 
 def test_a_local_folder_named_like_a_hub_alias_loads_the_folder(architectures, tmp_path, monkeypatch):

@@ -86,7 +86,7 @@ def test_incomplete_store_is_not_queried(make_job):
     from actscope.jobs import runner
 
     model = runner.plan(spec).model
-    Store.create(spec.store, spec=spec, fingerprint=model["fingerprint"], model=model)
+    Store.create(spec.store, spec=spec, fingerprint=model.fingerprint, model=model)
     with pytest.raises(Exception, match="has not finished"):
         actscope.connect(spec.store)
 

@@ -62,7 +62,7 @@ def test_top_k_of_every_neuron_equals_brute_force(gpt2_run):
     spec, store, data, ref = gpt2_run
     counted = data["kinds"] == TEXT
     for hook in spec.sites:
-        width = store.model["hook_widths"][hook]
+        width = store.model.hook_widths[hook]
         values, index = _top_from_tables(spec.store, hook, width, spec.top_k, spec.context_length)
         ref_values, _ = brute_top_k(ref[hook], counted, spec.top_k)
         assert_same_top_k(values, index, ref[hook], ref_values)
@@ -90,7 +90,7 @@ def test_dense_arrays_equal_a_direct_forward_pass(gpt2_run):
 def test_top_values_are_the_dense_values_at_their_tokens(gpt2_run):
     spec, store, _data, _ = gpt2_run
     hook = spec.dense[0]
-    width = store.model["hook_widths"][hook]
+    width = store.model.hook_widths[hook]
     values, index = _top_from_tables(spec.store, hook, width, spec.top_k, spec.context_length)
     dense = store.dense(hook)[...].reshape(-1, width)
     np.testing.assert_allclose(np.take_along_axis(dense, index, 0), values.astype(np.float16), rtol=0, atol=0)
@@ -122,7 +122,7 @@ def test_bottom_k_of_every_neuron_equals_brute_force(gpt2_run):
     spec, store, data, ref = gpt2_run
     counted = data["kinds"] == TEXT
     for hook in spec.sites:
-        width = store.model["hook_widths"][hook]
+        width = store.model.hook_widths[hook]
         with connect(spec.store) as catalog:
             rows = catalog.sql(
                 "SELECT neuron, rank, activation, seq_id * ? + pos FROM bottom_examples WHERE hook = ?",
@@ -207,7 +207,7 @@ def test_sae_l0_and_variance_explained_equal_numpy(gpt2_run):
     spec, store, data, ref = gpt2_run
     quality = store.sae_quality()
     for sae in spec.saes:
-        info = store.model["saes"][sae.name]
+        info = store.model.saes[sae.name]
         name = "sae.safetensors" if info["layout"] == "sparsify" else "sae_weights.safetensors"
         w = {k: v.astype(np.float64) for k, v in load_file(f"{sae.path}/{name}").items()}
         active = tokens = sse = sst = 0.0

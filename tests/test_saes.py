@@ -158,8 +158,8 @@ def test_a_planted_sae_gives_the_hooks_halves(planted, tiny_model):
     data = store.read_tokens(0, store.n_seq)
     x = activations(str(tiny_model), [hook], data["tokens"], data["kinds"] != PAD)[hook]
     counted = data["kinds"] == TEXT
-    assert store.model["hook_widths"]["halves"] == 128
-    assert store.model["saes"]["halves"]["architecture"] == "standard"
+    assert store.model.hook_widths["halves"] == 128
+    assert store.model.saes["halves"]["architecture"] == "standard"
     with actscope.connect(spec.store) as c:
         top = c.sql("SELECT neuron, rank, activation FROM top_examples WHERE hook = 'halves' ORDER BY neuron, rank").rows
         neuron_top = c.sql(f"SELECT neuron, rank, activation FROM top_examples WHERE hook = '{hook}' ORDER BY neuron, rank").rows
