@@ -288,23 +288,23 @@ def status(
 
 
 def _status_rows(s, spec, st, model) -> list[tuple[str, Text]]:
-    done = len(s.committed_shards()) if st["tokenized"] else 0
+    done = len(s.committed_shards()) if st.tokenized else 0
     rows = [
         ("store", s.url),
         ("model", f"{model.name} ({model.architecture}, {model.n_layers} layers)"),
         ("corpus", f"{spec.dataset.path} {spec.dataset.data_files or ''}"),
-        ("sequences", f"{st['n_seq']:,} × {spec.context_length} = {st['n_seq'] * spec.context_length:,} tokens" if st["tokenized"] else "not tokenized yet"),
+        ("sequences", f"{st.n_seq:,} × {spec.context_length} = {st.n_seq * spec.context_length:,} tokens" if st.tokenized else "not tokenized yet"),
         ("statistics", ", ".join(["top", *(name for name in OPTIONAL_STATISTICS if spec.computes(name))]) + f" (top_k {spec.top_k})"),
-        ("shards", f"{done} of {s.n_shards} committed, in groups of {s.shards_per_group}" if st["tokenized"] else "-"),
+        ("shards", f"{done} of {s.n_shards} committed, in groups of {s.shards_per_group}" if st.tokenized else "-"),
     ]
     saes = model.saes
-    quality = s.sae_quality() if saes and st["tokenized"] else {}
+    quality = s.sae_quality() if saes and st.tokenized else {}
     rows += [
         ("sae", _sae_line(hook, saes[hook], quality.get(hook))) if hook in saes
         else ("hook", f"{hook} ({width} neurons{', dense' if hook in spec.dense else ''})")
         for hook, width in model.hook_widths.items()
     ]
-    rows.append(("status", Text("complete", "green") if st["complete"] else Text("incomplete: run the job again to resume", "yellow")))
+    rows.append(("status", Text("complete", "green") if st.complete else Text("incomplete: run the job again to resume", "yellow")))
     rows.append(("on disk", _disk_bytes(s.url)))
     rows.append(("fingerprint", s.fingerprint))
     return [(name, value if isinstance(value, Text) else Text(_plain(str(value)))) for name, value in rows]

@@ -408,7 +408,7 @@ def _start_early(spec: JobSpec, address: str | None) -> bool:
 
 def _finished(url: str) -> bool:
     try:
-        return Store.exists(url) and bool(Store.open(url).status["complete"])
+        return Store.exists(url) and bool(Store.open(url).status.complete)
     except StoreError:
         return False  # not an actscope store: the plan says so
 
@@ -508,7 +508,7 @@ def _run_leased(
         ready: list[float] = []  # when each of the first workers had loaded its model
         logits = spec.computes("logits") and not store.has_logits()
         group = group_size(spec, model.hook_widths, model.vocab_size)
-        overlap = use_ray and not store.status["tokenized"] and group is not None and not spec.dense
+        overlap = use_ray and not store.status.tokenized and group is not None and not spec.dense
         if overlap:
             # Workers start on the first groups while the rest of the corpus is tokenized: the
             # groups are fixed before it is (``group_size``), and a group's sequences are final
@@ -546,7 +546,7 @@ def _run_leased(
             done = set()
             pending = [r.shard for r in results if not r.skipped]
         else:
-            if not store.status["tokenized"]:
+            if not store.status.tokenized:
                 t = time.perf_counter()
                 reporter.phase("tokenize", None)
                 # Workers already started hold the CPUs: tasks then ask for none (see TaskEncoder).
@@ -592,7 +592,7 @@ def _run_leased(
 
     reduced: list[PartDone] = []
     try:
-        if not store.status["complete"] or pending:
+        if not store.status.complete or pending:
             t = time.perf_counter()
             reporter.phase("reduce", n_tokens)
             if pending:  # groups were (re)done: parts of an earlier reduce may be stale

@@ -117,7 +117,7 @@ class Catalog:
         self.limits = Limits(timeout=timeout, max_rows=max_rows)
         self.timeout = self.limits.timeout
         self.store = Store.open(store_url)
-        if not self.store.status.get("complete"):
+        if not self.store.status.complete:
             raise StoreError(f"{store_url}: the job has not finished; run it again to complete it, then query.")
         self.model = self.store.model
         self.files = self._local_files()

@@ -48,3 +48,21 @@ class ModelRecord:
         """Each SAE's latents firing per token at most, where its architecture fixes it (``topk``
         and ``abstopk`` fire k)."""
         return {name: int(info["k"]) for name, info in self.saes.items() if info.get("architecture") in ("topk", "abstopk") and info.get("k")}
+
+
+@dataclass(frozen=True)
+class StoreStatus:
+    """How far a store's job has got (``attrs["status"]``), changed only by ``Store.update_status``."""
+
+    tokenized: bool = False  # the corpus is in the token arrays; n_seq and the groups are final
+    n_seq: int = 0
+    complete: bool = False  # every group committed, reduced and indexed
+    shards_per_group: int | None = None  # fixed before the first worker opens the store
+
+    @classmethod
+    def from_attrs(cls, attrs: Mapping[str, Any]) -> StoreStatus:
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in attrs.items() if k in known})
+
+    def to_attrs(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)

@@ -26,6 +26,7 @@ A shard is trusted only once its commit record exists; the job is complete only 
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import os
@@ -46,7 +47,7 @@ import zarr.errors
 from actscope.storage import coarrays
 from actscope.storage.errors import StoreDamaged, StoreError, first_line, short
 from actscope.storage.lease import Fence
-from actscope.storage.record import ModelRecord
+from actscope.storage.record import ModelRecord, StoreStatus
 from actscope.storage.spec import JobSpec
 from actscope.storage.urls import filesystem, local_path, storage_options
 
@@ -199,7 +200,7 @@ class Store:
             "spec": spec.to_dict(),
             "fingerprint": fingerprint,
             "model": ModelRecord.from_attrs(model).to_attrs(),
-            "status": {"tokenized": False, "n_seq": 0, "complete": False},
+            "status": StoreStatus().to_attrs(),
         }
         try:
             group = zarr.open_group(store=_zarr_url(url), mode="w-", attributes=attributes, storage_options=storage_options(url))
@@ -257,16 +258,16 @@ class Store:
         return ModelRecord.from_attrs(self.group.attrs["model"])
 
     @property
-    def status(self) -> dict[str, Any]:
-        return dict(self.group.attrs["status"])
+    def status(self) -> StoreStatus:
+        return StoreStatus.from_attrs(self.group.attrs["status"])
 
     def update_status(self, **changes: Any) -> None:
         self._fenced()
-        self.group.attrs["status"] = {**self.status, **changes}
+        self.group.attrs["status"] = dataclasses.replace(self.status, **changes).to_attrs()
 
     @property
     def n_seq(self) -> int:
-        return int(self.status["n_seq"])
+        return int(self.status.n_seq)
 
     @property
     def n_shards(self) -> int:
@@ -287,7 +288,7 @@ class Store:
 
     @property
     def shards_per_group(self) -> int:
-        return int(self.status.get("shards_per_group", 1))  # decided once the corpus is tokenized
+        return int(self.status.shards_per_group or 1)  # decided once the corpus is tokenized
 
     @property
     def n_groups(self) -> int:

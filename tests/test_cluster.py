@@ -87,7 +87,7 @@ def _wait_for_shards(store_url: str, n: int, proc: subprocess.Popen, timeout: fl
         assert proc.poll() is None, proc.stdout.read()
         try:
             store = Store.open(store_url)
-            if store.status["tokenized"] and len(store.committed_shards()) >= n:
+            if store.status.tokenized and len(store.committed_shards()) >= n:
                 return
         except (StoreError, KeyError):  # not created yet, or being created
             pass

@@ -128,7 +128,7 @@ def _committed(store_url: str) -> int:
     """Shards committed so far in a store another process is creating (0 while it is not whole)."""
     try:
         store = Store.open(store_url)
-        return len(store.committed_shards()) if store.status["tokenized"] else 0
+        return len(store.committed_shards()) if store.status.tokenized else 0
     except (KeyError, FileNotFoundError, StoreError):
         return 0
 
@@ -150,7 +150,7 @@ def test_killed_run_resumes_to_identical_tables(make_job, tmp_path):
     finally:
         proc.wait()
     store = Store.open(spec.store)
-    assert not store.status["complete"], "the job finished before it could be killed"
+    assert not store.status.complete, "the job finished before it could be killed"
     assert 5 <= len(store.committed_shards()) < store.n_shards
     summary = run_job(spec, use_ray=False)
     assert summary.resumed and summary.shards_skipped >= 5
@@ -178,7 +178,7 @@ def test_a_reduce_stopped_midway_resumes_from_its_parts(make_job, monkeypatch):
         run_job(spec, use_ray=False)
     monkeypatch.setattr(runner, "run_part", runner_part)
     store = Store.open(spec.store)
-    assert not store.status["complete"] and all(store.part_done(key) for key in done)
+    assert not store.status.complete and all(store.part_done(key) for key in done)
     again = run_job(spec, use_ray=False)
     assert again.shards_run == 0 and {p.key for p in again.reduce_parts}.isdisjoint(done)
     assert len(done) == 3 and again.reduce_parts, "the job should have more parts than were run"

@@ -140,7 +140,7 @@ def test_a_writer_that_lost_its_lease_commits_nothing(make_job, tmp_path):
             store.write_partial(0, {"blocks.0.mlp.hook_post": {"count": np.zeros(3)}}, {})
         with pytest.raises(LeaseLost):
             store.update_status(complete=True)
-    assert not store.is_committed(0) and not Store.open(spec.store).status["complete"]
+    assert not store.is_committed(0) and not Store.open(spec.store).status.complete
     lease.release()
     assert not Path(lease_url(spec.store)).exists()
 
