@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Protocol
 
+from actscope.jobs import scheduler
 from actscope.pipeline.capacity import (
     Estimate,
     gib,
@@ -44,8 +45,8 @@ from actscope.pipeline.model import (
     load_tokenizer,
     validate_hooks,
 )
-from actscope.pipeline.reduce import Part, PartDone, PartKind, assemble, plan_parts, run_part
-from actscope.pipeline.worker import ShardResult, ShardWorker
+from actscope.pipeline.reduce import PartDone, assemble, plan_parts, run_part
+from actscope.pipeline.worker import ShardResult
 from actscope.storage.errors import ActscopeError, CorpusError, JobSpecError, ModelError, StoreDamaged, StoreError
 from actscope.storage.lease import Fence, Lease
 from actscope.storage.record import ModelRecord
@@ -170,19 +171,7 @@ def plan(spec: JobSpec, *, overwrite: bool = False, job_path: str | None = None,
     positions = getattr(bridge.cfg, "n_ctx", None)
     if positions and spec.context_length > positions:
         raise JobSpecError(f"context_length: {spec.context_length} is more than the model's {positions} positions; use at most {positions}.")
-    model = ModelRecord(
-        name=spec.model,
-        architecture=type(bridge.original_model).__name__,
-        n_layers=int(bridge.cfg.n_layers),
-        d_model=int(bridge.cfg.d_model),
-        vocab_size=len(tokenizer),
-        hook_widths=hook_widths(bridge, spec.hooks),
-        framing=framing.to_dict(),
-        forward=forward_plan(bridge, spec.hooks),
-    )
-    if spec.saes:
-        saes = check_saes(spec, model.hook_widths, bridge)
-        model = model.replace(saes=saes, hook_widths={**model.hook_widths, **{name: info["d_sae"] for name, info in saes.items()}})
+    model = _model_record(spec, bridge, tokenizer, framing)
     weight_bytes = sum(p.numel() * p.element_size() for p in bridge.original_model.parameters())
     del bridge
     gc.collect()
@@ -219,6 +208,24 @@ def plan(spec: JobSpec, *, overwrite: bool = False, job_path: str | None = None,
             _check_stored_spec(partial, spec)
             return decided(Action.REPLACE, staging, partial)  # an earlier --overwrite of this job, unfinished
     return decided(Action.REPLACE, staging)
+
+
+def _model_record(spec: JobSpec, bridge, tokenizer, framing: Framing) -> ModelRecord:
+    """What the plan found out about the model (and its SAEs, checked against it)."""
+    model = ModelRecord(
+        name=spec.model,
+        architecture=type(bridge.original_model).__name__,
+        n_layers=int(bridge.cfg.n_layers),
+        d_model=int(bridge.cfg.d_model),
+        vocab_size=len(tokenizer),
+        hook_widths=hook_widths(bridge, spec.hooks),
+        framing=framing.to_dict(),
+        forward=forward_plan(bridge, spec.hooks),
+    )
+    if not spec.saes:
+        return model
+    saes = check_saes(spec, model.hook_widths, bridge)
+    return model.replace(saes=saes, hook_widths={**model.hook_widths, **{name: info["d_sae"] for name, info in saes.items()}})
 
 
 def _leftover(staging: str) -> Target:
@@ -464,178 +471,224 @@ def _run_leased(
     reporter: Reporter | None = None,
     job_path: str | None = None,
 ) -> RunSummary:
-    """``run_job`` under the lease whose ``fence`` every commit checks. ``threads``: torch
-    threads per CPU worker (default: the cores split between the workers)."""
-    reporter = reporter or _Silent()
-    # Inside a Ray job (actscope submit, a KubeRay RayJob) Ray names the cluster in RAY_ADDRESS.
-    address = address or os.environ.get("RAY_ADDRESS") or None
-    t0 = time.perf_counter()
-    phases = {}
-    ray_session = RaySession(address)
-    local_workers = _local_worker_count(spec, workers, use_ray) if address is None else None
-    created = None
-    prestarted: list = []  # workers started during the plan, handed to the activate phase
+    """``run_job`` under the lease whose ``fence`` every commit checks: the job's phases in
+    order, and the clean-up in one place. ``threads``: torch threads per CPU worker (default:
+    the cores split between the workers)."""
+    run = _Run(spec, fence, address=address, workers=workers, use_ray=use_ray, threads=threads, reporter=reporter)
+    created = None  # a store this run made, removed if the run fails before it is tokenized
+    try:
+        planned = run.plan(overwrite=overwrite, job_path=job_path)
+        created = run.open_store(planned)
+        run.tokenize_and_activate(planned.tokenizer)
+        created = None  # tokenized: from here on a failure keeps the store, to resume
+        scheduler.kill_actors(run.prestarted)  # workers the activate phase did not take (it had nothing to run)
+        run.reduce_and_index(planned.tokenizer)
+    except ActscopeError:
+        if created is not None and not _tokenized(created):
+            Store.remove(created.url)
+        raise
+    finally:
+        scheduler.kill_actors(run.prestarted)
+        run.ray.close()
+    if run.url != spec.store:
+        _swap_in(run.url, spec.store)
+    return run.summary(resumed=planned.action == Action.RESUME)
 
-    def prestart() -> None:
+
+def _tokenized(store: Store) -> bool:
+    try:
+        return store.status.tokenized
+    except StoreError:
+        return False
+
+
+class _Run:
+    """One run of a job under its lease: what its phases share (the store, Ray, the workers
+    started early, the groups' results and the phases' times)."""
+
+    def __init__(self, spec: JobSpec, fence: Fence, *, address: str | None, workers: int | None, use_ray: bool,
+                 threads: int | None, reporter: Reporter | None):
+        self.spec, self.fence, self.workers, self.use_ray, self.threads = spec, fence, workers, use_ray, threads
+        self.reporter = reporter or _Silent()
+        # Inside a Ray job (actscope submit, a KubeRay RayJob) Ray names the cluster in RAY_ADDRESS.
+        self.address = address or os.environ.get("RAY_ADDRESS") or None
+        self.ray = RaySession(self.address)
+        self.local_workers = _local_worker_count(spec, workers, use_ray) if self.address is None else None
+        self.t0 = time.perf_counter()
+        self.phases: dict[str, float] = {}
+        self.prestarted: list = []  # workers started during the plan, handed to the activate phase
+        self.results: list[ShardResult] = []
+        self.ready: list[float] = []  # when each of the first workers had loaded its model
+        self.done: set[int] = set()  # groups committed before this run
+        self.pending: list[int] = []  # groups this run activated: the reduce is redone where there are any
+        self.tokenize_tasks = 0
+        self.reduced: list[PartDone] = []
+        self.store: Store | None = None
+        self.url = spec.store
+
+    def plan(self, *, overwrite: bool, job_path: str | None) -> Plan:
+        """Ray starts (3 s embedded: its own processes, mostly waiting) while the plan loads the
+        model on this process's thread, then the workers start (on a cluster or GPUs); a
+        finished store never waits for Ray."""
+        unfinished = self.use_ray and not _finished(self.spec.store)
+        planned = _plan_while_ray_starts(
+            self.spec, self.ray if unfinished else None,
+            on_ray=self._prestart if unfinished and _start_early(self.spec, self.address) else None,
+            overwrite=overwrite, job_path=job_path, local_workers=self.local_workers,
+        )
+        self.phases["plan"] = time.perf_counter() - self.t0
+        self.model, self.url = planned.model, planned.build_url
+        self.n_workers = _worker_count(self.spec, self.workers, self.use_ray, self.address, self.ray)
+        return planned
+
+    def _prestart(self) -> None:
         # The workers' processes start and import (seconds) while the plan runs; they touch
         # nothing until the plan has validated the job and they are given its store.
-        n = _worker_count(spec, workers, use_ray, address, ray_session)
-        actor_class, worker_threads = _actor_class(spec.device, n, threads)
-        prestarted.extend(actor_class.remote(threads=worker_threads) for _ in range(n))
+        n = _worker_count(self.spec, self.workers, self.use_ray, self.address, self.ray)
+        actor_class, threads = scheduler.actor_class(self.spec.device, n, self.threads)
+        self.prestarted.extend(actor_class.remote(threads=threads) for _ in range(n))
 
-    try:
-        # Ray starts (3 s embedded: its own processes, mostly waiting) while the plan loads the
-        # model on this process's thread, then the workers start; a finished store never waits
-        # for Ray.
-        unfinished = use_ray and not _finished(spec.store)
-        planned = _plan_while_ray_starts(
-            spec, ray_session if unfinished else None, on_ray=prestart if unfinished and _start_early(spec, address) else None,
-            overwrite=overwrite, job_path=job_path, local_workers=local_workers,
-        )
-        phases["plan"] = time.perf_counter() - t0
-        model, tokenizer, url = planned.model, planned.tokenizer, planned.build_url
-        resumed = planned.action == Action.RESUME
+    def open_store(self, planned: Plan) -> Store | None:
+        """Open the store to resume, or create it; the store created, if one was."""
         if planned.existing is not None:
-            store = Store.open(url, writable=True, fence=fence)
-            store.refuse_links()
+            self.store = Store.open(self.url, writable=True, fence=self.fence)
+            self.store.refuse_links()
+            return None
+        if planned.action == Action.REPLACE and inspect_target(self.url) == Target.STORE:
+            Store.remove(self.url)  # an actscope store: the old job's on an object store, or a stale replacement
+        self.store = Store.create(self.url, spec=self.spec, fingerprint=planned.model.fingerprint, model=planned.model, fence=self.fence)
+        return self.store
+
+    def tokenize_and_activate(self, tokenizer) -> None:
+        spec, store = self.spec, self.store
+        self.logits = spec.computes("logits") and not store.has_logits()
+        group = group_size(spec, self.model.hook_widths, self.model.vocab_size)
+        t = time.perf_counter()
+        if self.use_ray and not store.status.tokenized and group is not None and not spec.dense:
+            self._overlapped(tokenizer, group)
         else:
-            if planned.action == Action.REPLACE and inspect_target(url) == Target.STORE:
-                Store.remove(url)  # an actscope store: the old job's on an object store, or a stale replacement
-            store = created = Store.create(url, spec=spec, fingerprint=model.fingerprint, model=model, fence=fence)
-        tokenize_tasks = 0
-        n_workers = _worker_count(spec, workers, use_ray, address, ray_session)
-        results = []
-        ready: list[float] = []  # when each of the first workers had loaded its model
-        logits = spec.computes("logits") and not store.has_logits()
-        group = group_size(spec, model.hook_widths, model.vocab_size)
-        overlap = use_ray and not store.status.tokenized and group is not None and not spec.dense
-        if overlap:
-            # Workers start on the first groups while the rest of the corpus is tokenized: the
-            # groups are fixed before it is (``group_size``), and a group's sequences are final
-            # once written. Dense arrays are sized by the corpus's length, so a job with dense
-            # hooks tokenizes first.
-            store.update_status(shards_per_group=group)  # before any worker opens the store
-            t = time.perf_counter()
-            reporter.phase("tokenize", None)
-            ray_session.ensure()
-            encoder = TaskEncoder(spec, tokenizer, ray_session, cpus=0)
-            feed = GroupFeed(spec, group)
-            progress = _OverlapProgress(reporter, spec.context_length)
+            t = self._in_turn(tokenizer)
+        self.phases["activate"] = time.perf_counter() - t  # with the tokenize phase, when they overlap
+        self.startup = max(max(self.ready) - t, 0.0) if self.ready else 0.0
 
-            def tokenize() -> None:
-                try:
-                    n_seq = tokenize_corpus(store, spec, Framing.from_tokenizer(tokenizer), encoder, progress=reporter.advance, written=feed.written,
-                                            max_chars=document_chars(tokenizer, spec.dataset.max_tokens))
-                    mark_tokenized(store, spec, n_seq)
-                    phases["tokenize"] = time.perf_counter() - t
-                    progress.tokenized(n_seq)
-                    feed.finish(n_seq)
-                except BaseException as err:  # noqa: BLE001 - raised again by the scheduler
-                    feed.fail(err)
+    def _overlapped(self, tokenizer, group: int) -> None:
+        """Workers start on the first groups while the rest of the corpus is tokenized: the
+        groups are fixed before it is (``group_size``), and a group's sequences are final once
+        written. Dense arrays are sized by the corpus's length, so a job with dense hooks
+        tokenizes first (``_in_turn``)."""
+        spec, store, t = self.spec, self.store, time.perf_counter()
+        store.update_status(shards_per_group=group)  # before any worker opens the store
+        self.reporter.phase("tokenize", None)
+        self.ray.ensure()
+        encoder = TaskEncoder(spec, tokenizer, self.ray, cpus=0)
+        feed = scheduler.GroupFeed(spec, group)
+        progress = _OverlapProgress(self.reporter, spec.context_length)
 
-            tokenizer_thread = threading.Thread(target=tokenize, name="tokenize", daemon=True)
-            tokenizer_thread.start()
+        def tokenize() -> None:
             try:
-                for result in _execute_on_ray(url, fence, feed, n_workers, logits, threads, ready, prestarted):
-                    results.append(result)
-                    progress.advance(result.n_tokens)
-            finally:
-                feed.cancel()
-                tokenizer_thread.join()
-            tokenize_tasks = encoder.tasks
-            done = set()
-            pending = [r.shard for r in results if not r.skipped]
-        else:
-            if not store.status.tokenized:
-                t = time.perf_counter()
-                reporter.phase("tokenize", None)
-                # Workers already started hold the CPUs: tasks then ask for none (see TaskEncoder).
-                encoder = TaskEncoder(spec, tokenizer, ray_session, cpus=0 if prestarted else 1) if use_ray else LocalEncoder(tokenizer)
-                n_seq = tokenize_corpus(store, spec, Framing.from_tokenizer(tokenizer), encoder, progress=reporter.advance,
-                                        max_chars=document_chars(tokenizer, spec.dataset.max_tokens))
-                tokenize_tasks = encoder.tasks
-                for hook in spec.dense:
-                    if hook in spec.hooks:  # an SAE's latents are written sparse, per shard
-                        store.create_dense(hook, model.hook_widths[hook], n_seq)
+                n_seq = tokenize_corpus(store, spec, Framing.from_tokenizer(tokenizer), encoder, progress=self.reporter.advance,
+                                        written=feed.written, max_chars=document_chars(tokenizer, spec.dataset.max_tokens))
                 mark_tokenized(store, spec, n_seq)
-                phases["tokenize"] = time.perf_counter() - t
-            done = store.committed_groups()
-            pending = [g for g in range(store.n_groups) if g not in done]
+                self.phases["tokenize"] = time.perf_counter() - t
+                progress.tokenized(n_seq)
+                feed.finish(n_seq)
+            except BaseException as err:  # noqa: BLE001 - raised again by the scheduler
+                feed.fail(err)
+
+        tokenizer_thread = threading.Thread(target=tokenize, name="tokenize", daemon=True)
+        tokenizer_thread.start()
+        try:
+            for result in scheduler.execute_on_ray(self.url, self.fence, feed, self.n_workers, self.logits, self.threads, self.ready, self.prestarted):
+                self.results.append(result)
+                progress.advance(result.n_tokens)
+        finally:
+            feed.cancel()
+            tokenizer_thread.join()
+        self.tokenize_tasks = encoder.tasks
+        self.pending = [r.shard for r in self.results if not r.skipped]
+
+    def _in_turn(self, tokenizer) -> float:
+        """Tokenize (where not yet done), then activate the groups not yet committed; the time
+        the activate phase started."""
+        spec, store = self.spec, self.store
+        if not store.status.tokenized:
             t = time.perf_counter()
-            done_seqs = sum(store.group_range(g)[1] - store.group_range(g)[0] for g in done)
-            reporter.phase("activate", store.n_seq * spec.context_length, done_seqs * spec.context_length)
-            if pending or logits:
-                if use_ray:
-                    ray_session.ensure()
-                    execute = _execute_on_ray(url, fence, GroupFeed.of(store, pending), n_workers, logits, threads, ready, prestarted)
-                else:
-                    execute = _execute_here(url, fence, pending, logits, threads, ready)
-                for result in execute:
-                    results.append(result)
-                    reporter.advance(result.n_tokens)
-        created = None  # tokenized: from here on a failure keeps the store, to resume
-        n_shards = store.n_shards
+            self.reporter.phase("tokenize", None)
+            # Workers already started hold the CPUs: tasks then ask for none (see TaskEncoder).
+            encoder = TaskEncoder(spec, tokenizer, self.ray, cpus=0 if self.prestarted else 1) if self.use_ray else LocalEncoder(tokenizer)
+            n_seq = tokenize_corpus(store, spec, Framing.from_tokenizer(tokenizer), encoder, progress=self.reporter.advance,
+                                    max_chars=document_chars(tokenizer, spec.dataset.max_tokens))
+            self.tokenize_tasks = encoder.tasks
+            for hook in spec.dense:
+                if hook in spec.hooks:  # an SAE's latents are written sparse, per shard
+                    store.create_dense(hook, self.model.hook_widths[hook], n_seq)
+            mark_tokenized(store, spec, n_seq)
+            self.phases["tokenize"] = time.perf_counter() - t
+        self.done = store.committed_groups()
+        self.pending = pending = [g for g in range(store.n_groups) if g not in self.done]
+        t = time.perf_counter()
+        done_seqs = sum(store.group_range(g)[1] - store.group_range(g)[0] for g in self.done)
+        self.reporter.phase("activate", store.n_seq * spec.context_length, done_seqs * spec.context_length)
+        if pending or self.logits:
+            if self.use_ray:
+                self.ray.ensure()
+                feed = scheduler.GroupFeed.of(store, pending)
+                execute = scheduler.execute_on_ray(self.url, self.fence, feed, self.n_workers, self.logits, self.threads, self.ready, self.prestarted)
+            else:
+                execute = scheduler.execute_here(self.url, self.fence, pending, self.logits, self.threads, self.ready)
+            for result in execute:
+                self.results.append(result)
+                self.reporter.advance(result.n_tokens)
+        return t
+
+    def reduce_and_index(self, tokenizer) -> None:
+        """Merge the groups into the tables, where groups were (re)done or the store is not
+        complete; on Ray tasks unless the partials are small."""
+        spec, store = self.spec, self.store
+        if store.status.complete and not self.pending:
+            return
+        t = time.perf_counter()
         n_tokens = store.n_seq * spec.context_length
-        phases["activate"] = time.perf_counter() - t  # with the tokenize phase, when they overlap
-        startup = max(max(ready) - t, 0.0) if ready else 0.0
-    except ActscopeError:
-        _kill(prestarted)
-        if created is not None:  # a store this run made and could not even tokenize: leave nothing
-            Store.remove(created.url)
-        ray_session.close()
-        raise
-    except BaseException:
-        _kill(prestarted)
-        ray_session.close()
-        raise
-    _kill(prestarted)  # workers the activate phase did not take (it had nothing to run)
+        self.reporter.phase("reduce", n_tokens)
+        if self.pending:  # groups were (re)done: parts of an earlier reduce may be stale
+            store.reset_reduce()
+        try:
+            first, later = plan_parts(store)
+            small = store.n_groups * partial_bytes(spec, self.model.hook_widths, self.model.vocab_size) < RAY_REDUCE_BYTES
+            if self.use_ray and (first or later) and not small:
+                self.ray.ensure()
+                self.reduced = list(scheduler.reduce_on_ray(self.url, self.fence, first, later))
+            else:
+                self.reduced = [run_part(self.url, part, self.fence) for part in first + later]
+            assemble(store, tokenizer)
+        except DamagedPartial as damaged:
+            if damaged.first_shard is not None:
+                store.uncommit(damaged.first_shard // store.shards_per_group)
+            raise StoreDamaged(f"{damaged} It was dropped: run the job again to redo it.") from None
+        store.update_status(complete=True)
+        self.reporter.advance(n_tokens)
+        self.phases["reduce+index"] = time.perf_counter() - t
 
-    reduced: list[PartDone] = []
-    try:
-        if not store.status.complete or pending:
-            t = time.perf_counter()
-            reporter.phase("reduce", n_tokens)
-            if pending:  # groups were (re)done: parts of an earlier reduce may be stale
-                store.reset_reduce()
-            try:
-                first, later = plan_parts(store)
-                small = store.n_groups * partial_bytes(spec, model.hook_widths, model.vocab_size) < RAY_REDUCE_BYTES
-                if use_ray and (first or later) and not small:
-                    ray_session.ensure()
-                    reduced = list(_reduce_on_ray(url, fence, first, later))
-                else:
-                    reduced = [run_part(url, part, fence) for part in first + later]
-                assemble(store, tokenizer)
-            except DamagedPartial as damaged:
-                if damaged.first_shard is not None:
-                    store.uncommit(damaged.first_shard // store.shards_per_group)
-                raise StoreDamaged(f"{damaged} It was dropped: run the job again to redo it.") from None
-            store.update_status(complete=True)
-            reporter.advance(n_tokens)
-            phases["reduce+index"] = time.perf_counter() - t
-    finally:
-        ray_session.close()
-    if url != spec.store:
-        _swap_in(url, spec.store)
-
-    return RunSummary(
-        store=spec.store,
-        n_seq=store.n_seq,
-        n_tokens=n_tokens,
-        shards_total=n_shards,
-        shards_run=sum(r.shards for r in results if not r.skipped),
-        shards_skipped=sum(len(store.group_shards(g)) for g in done) + sum(r.shards for r in results if r.skipped),
-        workers=n_workers,
-        seconds_activate=phases["activate"],
-        seconds_total=time.perf_counter() - t0,
-        resumed=resumed,
-        phases=phases,
-        nodes=max(1, len({r.node for r in results if not r.skipped})),
-        tokenize_tasks=tokenize_tasks,
-        seconds_startup=startup,
-        reduce_parts=reduced,
-        group_results=[r for r in results if not r.skipped],
-    )
+    def summary(self, *, resumed: bool) -> RunSummary:
+        store, ran = self.store, [r for r in self.results if not r.skipped]
+        return RunSummary(
+            store=self.spec.store,
+            n_seq=store.n_seq,
+            n_tokens=store.n_seq * self.spec.context_length,
+            shards_total=store.n_shards,
+            shards_run=sum(r.shards for r in ran),
+            shards_skipped=sum(len(store.group_shards(g)) for g in self.done) + sum(r.shards for r in self.results if r.skipped),
+            workers=self.n_workers,
+            seconds_activate=self.phases["activate"],
+            seconds_total=time.perf_counter() - self.t0,
+            resumed=resumed,
+            phases=self.phases,
+            nodes=max(1, len({r.node for r in ran})),
+            tokenize_tasks=self.tokenize_tasks,
+            seconds_startup=self.startup,
+            reduce_parts=self.reduced,
+            group_results=ran,
+        )
 
 
 def dry_run(spec: JobSpec, *, address: str | None = None, workers: int | None = None, overwrite: bool = False,
@@ -810,109 +863,9 @@ def _worker_count(spec: JobSpec, override: int | None, use_ray: bool, address: s
     return int(resources.get("GPU", 0)) or max(1, int(resources.get("CPU", 1)))
 
 
-def _reduce_on_ray(store_url: str, fence: Fence, first: list[Part], later: list[Part]) -> Iterator[PartDone]:
-    """The reduce's parts as Ray tasks, one CPU each, each asking for the memory it will hold
-    (Ray then runs as many at once as the nodes' memory allows); the co-activation blocks start
-    once ``prepare`` is done. A task whose worker died is retried by Ray (a part is idempotent:
-    it writes the same bytes); an error in a part stops the reduce, and the parts done are kept."""
-    import ray
-    from ray.exceptions import RayTaskError
-
-    # A request above every node's memory would wait forever: ask for at most the largest node's.
-    largest = max((node["Resources"].get("memory", 0) for node in ray.nodes() if node.get("Alive")), default=0)
-    task = ray.remote(num_cpus=1, max_retries=MAX_SHARD_ATTEMPTS - 1)(run_part)
-
-    def submit(part: Part):
-        memory = min(part.memory, int(largest * 0.9)) if largest else part.memory
-        return task.options(memory=max(memory, 1)).remote(store_url, part, fence)
-
-    running = {submit(part): part for part in first}
-    if not any(part.kind == PartKind.PREPARE for part in first):
-        running.update({submit(part): part for part in later})
-        later = []
-    while running:
-        [ref], _ = ray.wait(list(running), num_returns=1)
-        part = running.pop(ref)
-        try:
-            done = ray.get(ref)
-        except RayTaskError as err:
-            if isinstance(err.cause, ActscopeError):
-                raise err.cause from None
-            raise
-        if part.kind == PartKind.PREPARE:
-            running.update({submit(block): block for block in later})
-        yield done
-
-
-def _execute_here(store_url: str, fence: Fence, shards: list[int], logits: bool, threads: int | None, ready: list[float]):
-    worker = ShardWorker(store_url, threads=threads, fence=fence)
-    ready.append(time.perf_counter())
-    for shard in shards:
-        yield worker(shard)
-    if logits:
-        worker.write_logit_effects()
-
-
-MAX_SHARD_ATTEMPTS = 4
 #: Below this many bytes of partials, the reduce's parts run in the driver: starting Ray task
 #: processes (each imports torch) costs seconds, more than merging a small job.
 RAY_REDUCE_BYTES = 256 << 20
-
-
-class GroupFeed:
-    """The groups a run dispatches, in order, each with its sequences: every pending group of a
-    tokenized store (``of``), or, while the corpus is being tokenized, each group as soon as its
-    sequences are written, and the last one once the corpus's length is known."""
-
-    def __init__(self, spec: JobSpec, shards_per_group: int):
-        self.seqs = shards_per_group * spec.shard_size  # sequences in a group
-        self._lock = threading.Lock()
-        self._written, self._total, self._next = 0, None, 0
-        self._only: set[int] | None = None
-        self.error: BaseException | None = None
-        self.cancelled = False
-
-    @classmethod
-    def of(cls, store: Store, groups: list[int]) -> GroupFeed:
-        feed = cls(store.spec, store.shards_per_group)
-        feed._only = set(groups)
-        feed.finish(store.n_seq)
-        return feed
-
-    def written(self, n_seq: int) -> None:
-        if self.cancelled:
-            raise StoreError("the run stopped")  # ends the tokenizer thread
-        with self._lock:
-            self._written = n_seq
-
-    def finish(self, n_seq: int) -> None:
-        with self._lock:
-            self._written = self._total = n_seq
-
-    def fail(self, err: BaseException) -> None:
-        self.error = err
-
-    def cancel(self) -> None:
-        self.cancelled = True
-
-    @property
-    def finished(self) -> bool:
-        """Every group has been taken (the corpus is tokenized)."""
-        with self._lock:
-            return self._total is not None and self._next * self.seqs >= self._total
-
-    def take(self) -> list[tuple[int, tuple[int, int]]]:
-        """The groups that became ready since the last call: (group, (first, last sequence))."""
-        with self._lock:
-            out = []
-            while True:
-                first = self._next * self.seqs
-                last = first + self.seqs if self._total is None else min(first + self.seqs, self._total)
-                if (self._total is not None and first >= self._total) or (self._total is None and last > self._written):
-                    return out
-                if self._only is None or self._next in self._only:
-                    out.append((self._next, (first, last)))
-                self._next += 1
 
 
 class _OverlapProgress:
@@ -937,124 +890,3 @@ class _OverlapProgress:
             self._switched = True
 
 
-def _actor_class(device: str, n_workers: int, threads: int | None):
-    """The Ray actor class of ``ShardWorker`` for this job's device, and the torch threads of
-    each actor (CPU actors split the machine's cores)."""
-    import ray
-
-    gpus = ray.cluster_resources().get("GPU", 0)
-    cpus = ray.cluster_resources().get("CPU", 1)
-    # device: cuda asks for GPU actors even before an autoscaler has added GPU nodes.
-    if device == "cuda" or (device == "auto" and gpus):
-        options = {"num_gpus": 1, "num_cpus": 1}
-    else:
-        # Fractional CPUs, so actors never hold every logical CPU (Ray deadlocks then), and
-        # torch threads split the machine's cores between the actors.
-        options = {"num_cpus": min(1.0, cpus / n_workers) * 0.99}
-        threads = threads or max(1, (os.cpu_count() or 1) // n_workers)
-    # No Ray-level restarts or retries: the scheduler requeues a lost group itself, so a group
-    # never waits for a dead actor to come back.
-    return ray.remote(max_restarts=0, max_task_retries=0, **options)(ShardWorker), threads
-
-
-def _kill(actors: list) -> None:
-    """Kill ``actors`` (while their Ray is up: a shut-down Ray took them with it) and forget them."""
-    if actors:
-        import ray
-
-        if ray.is_initialized():
-            for actor in actors:
-                ray.kill(actor)
-        actors.clear()
-
-
-def _execute_on_ray(store_url: str, fence: Fence, feed: GroupFeed, n_workers: int, logits: bool, threads: int | None, ready: list[float],
-                    prestarted: list | None = None):
-    """Groups to a pool of actors, one model each; only group ids and small results travel.
-    Then one actor computes the logit effects from its copy of the weights (on its device).
-    Groups come from ``feed`` as they become ready (while the corpus is tokenized, the actors
-    load their models and start on the first groups).
-
-    Losing a worker (its process killed, its node removed) loses at most the group it was on:
-    the group goes back to the queue for the surviving actors, and a replacement actor is
-    started, which joins the pool once Ray has placed it and it has loaded its model. A group
-    that fails ``MAX_SHARD_ATTEMPTS`` times stops the job (committed groups are kept)."""
-    import ray
-    from ray.exceptions import RayActorError
-
-    actor_class, threads = _actor_class(Store.open(store_url).spec.device, n_workers, threads)
-
-    def start() -> tuple:
-        actor = actor_class.remote(threads=threads)
-        return actor.open.remote(store_url, fence), actor
-
-    queue: deque = deque(feed.take())  # (group, span), in group order
-    attempts: dict[int, int] = {}
-    wanted = n_workers if not feed.finished else min(n_workers, max(len(queue), 1 if logits else 0))
-    # Every worker is given the store by ``open`` (which loads its model): those started during
-    # the plan (``prestarted``, taken over from the caller) first, then new ones as needed.
-    prestarted = prestarted if prestarted is not None else []
-    starting = {actor.open.remote(store_url, fence): actor for actor in prestarted[:wanted]}
-    _kill(prestarted[wanted:])
-    prestarted.clear()
-    starting.update(start() for _ in range(wanted - len(starting)))
-    first = set(starting)  # the first workers: ``ready`` gets the time each had loaded its model
-    running: dict = {}  # task -> (actor, group, span)
-    idle: list = []
-    try:
-        while True:
-            if feed.error is not None:
-                raise feed.error
-            queue.extend(feed.take())
-            while idle and queue:
-                actor, (group, span) = idle.pop(), queue.popleft()
-                attempts[group] = attempts.get(group, 0) + 1
-                running[actor.__call__.remote(group, span)] = (actor, group, span)
-            if not queue and not running and feed.finished:
-                break
-            if not running and not starting:
-                if idle:  # waiting for the tokenizer to finish a group
-                    time.sleep(0.05)
-                    continue
-                raise StoreError("every worker was lost and none could be started; committed groups are kept: run the job again.")
-            [*refs], _ = ray.wait([*running, *starting], num_returns=1, timeout=None if feed.finished else 0.1)
-            if not refs:
-                continue
-            ref = refs[0]
-            if ref in starting:
-                actor = starting.pop(ref)
-                try:
-                    ray.get(ref)
-                    idle.append(actor)
-                    if ref in first:
-                        ready.append(time.perf_counter())
-                except RayActorError:
-                    pass  # it could not start (its node went away); the others go on
-                continue
-            actor, group, span = running.pop(ref)
-            try:
-                result = ray.get(ref)
-            except RayActorError:
-                if attempts[group] >= MAX_SHARD_ATTEMPTS:
-                    raise StoreError(f"group {group} lost its worker {attempts[group]} times; committed groups are kept: run the job again.") from None
-                queue.appendleft((group, span))
-                ref, actor = start()
-                starting[ref] = actor
-                continue
-            idle.append(actor)
-            yield result
-        for attempt in range(MAX_SHARD_ATTEMPTS if logits else 0):
-            if not idle:  # every actor was lost: one more to compute them
-                ref, actor = start()
-                ray.get(ref)
-                idle.append(actor)
-            try:
-                ray.get(idle[0].write_logit_effects.remote())
-                break
-            except RayActorError:  # an idle actor can die too (its process killed, its node gone)
-                idle.pop(0)
-                if attempt == MAX_SHARD_ATTEMPTS - 1:
-                    raise StoreError("the logit effects lost their worker every time; committed groups are kept: run the job again.") from None
-    finally:
-        for actor in idle + list(starting.values()) + [actor for actor, _, _ in running.values()]:
-            ray.kill(actor)

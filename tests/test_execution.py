@@ -14,7 +14,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from actscope.jobs import runner
+from actscope.jobs import runner, scheduler
 from actscope.jobs.jobfile import load_job
 from actscope.jobs.runner import run_job
 from actscope.pipeline import corpus
@@ -237,9 +237,9 @@ def test_workers_started_during_the_plan_are_let_go_when_it_fails(make_job, ray_
     nothing until given the store; a plan that then finds a mistake reports it, creates no
     store, and hands their CPUs back to Ray."""
     started = []
-    actor_class = runner._actor_class
+    actor_class = scheduler.actor_class
     monkeypatch.setattr(runner, "_start_early", lambda spec, address: True)
-    monkeypatch.setattr(runner, "_actor_class", lambda *args: started.append(args) or actor_class(*args))
+    monkeypatch.setattr(scheduler, "actor_class", lambda *args: started.append(args) or actor_class(*args))
     total = ray_session.cluster_resources()["CPU"]
     # An unknown hook name is seen only once the model is loaded (in the plan, not in
     # check_before_loading), so the workers have started by then.

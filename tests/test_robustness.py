@@ -153,7 +153,7 @@ def test_a_failing_job_leaves_the_old_store_and_writes_no_new_one(scratch, chang
 
 @pytest.mark.slow
 def test_overwrite_builds_beside_and_swaps_in_only_when_complete(scratch, monkeypatch):
-    from actscope.jobs import runner as runner_module
+    from actscope.jobs import scheduler
     from actscope.pipeline.worker import ShardWorker
 
     root, job = scratch
@@ -169,12 +169,12 @@ def test_overwrite_builds_beside_and_swaps_in_only_when_complete(scratch, monkey
                 raise KeyboardInterrupt  # as Ctrl-C would, mid-job
             return super().__call__(shard)
 
-    monkeypatch.setattr(runner_module, "ShardWorker", Crashing)
+    monkeypatch.setattr(scheduler, "ShardWorker", Crashing)
     invoke(["run", job(top_k=3), "--local", "--overwrite"], code=130)
     staging = root / ".out.zarr.actscope-new"
     assert staging.is_dir() and folder_digest(root, skip=".out.zarr.actscope-new") == old
     fails(["run", job(top_k=3), "--local"], "holds a different job", "--overwrite resumes it")
-    monkeypatch.setattr(runner_module, "ShardWorker", ShardWorker)
+    monkeypatch.setattr(scheduler, "ShardWorker", ShardWorker)
     result = invoke(["run", job(top_k=3), "--local", "--overwrite"], 0, "done")
     assert "2 already done" in " ".join(result.output.split())
     assert not staging.exists() and not (root / ".out.zarr.actscope-old").exists()
