@@ -68,3 +68,11 @@ def test_no_import_cycles():
 
     for module in sorted(graph):
         visit(module, ())
+
+
+def test_the_orchestrator_has_no_function_a_newcomer_cannot_read_at_once():
+    """``jobs/``: every function at most 60 lines (run_job reads as its phases)."""
+    long = [f"{path.relative_to(ROOT)}:{node.lineno} {node.name} ({node.end_lineno - node.lineno + 1} lines)"
+            for path in sorted((ROOT / "jobs").glob("*.py")) for node in ast.walk(ast.parse(path.read_text()))
+            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef) and node.end_lineno - node.lineno + 1 > 60]
+    assert not long, long
