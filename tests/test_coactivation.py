@@ -195,6 +195,7 @@ def test_the_plan_sizes_latent_pairs_by_the_pairs_that_can_meet():
     top-k SAE's k, else ``ASSUMED_L0``), not the N x N matrix, unless a negative threshold
     makes the zeros fire (the dense path)."""
     from actscope.pipeline.capacity import ASSUMED_L0, latent_pair_entries, latents_per_token, worker_memory
+    from actscope.storage.record import ModelRecord
 
     hook, n, w = "blocks.8.hook_resid_pre", 24_576, 768
     fields = {"model": "m", "dataset": {"path": "text"}, "hooks": [hook], "store": "s", "saes": [{"name": "sae", "path": "p", "hook": hook}],
@@ -205,7 +206,7 @@ def test_the_plan_sizes_latent_pairs_by_the_pairs_that_can_meet():
     assert latent_pair_entries(spec, widths, tokens) == (met + n) // 2
     assert parts["co-activation of latents"] == 68 * ((met + n) // 2) < 16 * n * n
     assert parts["co-activation"] == 16 * (w * w + w * n) + 16 * w * n
-    l0 = latents_per_token({"saes": {"sae": {"architecture": "topk", "k": 32}, "other": {"architecture": "jumprelu", "k": None}}})
+    l0 = latents_per_token(ModelRecord(saes={"sae": {"architecture": "topk", "k": 32}, "other": {"architecture": "jumprelu", "k": None}}))
     assert l0 == {"sae": 32}
     topk = worker_memory(spec, widths, 50_257, 0, group_tokens=tokens, l0=l0).parts
     assert topk["co-activation of latents"] == 68 * (((tokens // 32) * 32 * 32 + n) // 2)
