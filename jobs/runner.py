@@ -46,7 +46,7 @@ from actscope.pipeline.model import (
     validate_hooks,
 )
 from actscope.pipeline.reduce import PartDone, assemble, plan_parts, run_part
-from actscope.pipeline.worker import ShardResult
+from actscope.pipeline.worker import GroupResult
 from actscope.storage.errors import ActscopeError, CorpusError, JobSpecError, ModelError, StoreDamaged, StoreError
 from actscope.storage.lease import Fence, Lease
 from actscope.storage.record import ModelRecord
@@ -87,7 +87,7 @@ class RunSummary:
     tokenize_tasks: int = 0  # batches sent to Ray tasks to encode (0: all encoded here)
     seconds_startup: float = 0.0  # of the activate phase, until the first workers had loaded their model
     reduce_parts: list[PartDone] = field(default_factory=list)  # the reduce's parts this run ran
-    group_results: list[ShardResult] = field(default_factory=list)  # the groups this run ran
+    group_results: list[GroupResult] = field(default_factory=list)  # the groups this run ran
 
     @property
     def tokens_per_second(self) -> float:
@@ -517,7 +517,7 @@ class _Run:
         self.t0 = time.perf_counter()
         self.phases: dict[str, float] = {}
         self.prestarted: list = []  # workers started during the plan, handed to the activate phase
-        self.results: list[ShardResult] = []
+        self.results: list[GroupResult] = []
         self.ready: list[float] = []  # when each of the first workers had loaded its model
         self.done: set[int] = set()  # groups committed before this run
         self.pending: list[int] = []  # groups this run activated: the reduce is redone where there are any
@@ -605,7 +605,7 @@ class _Run:
             feed.cancel()
             tokenizer_thread.join()
         self.tokenize_tasks = encoder.tasks
-        self.pending = [r.shard for r in self.results if not r.skipped]
+        self.pending = [r.group for r in self.results if not r.skipped]
 
     def _in_turn(self, tokenizer) -> float:
         """Tokenize (where not yet done), then activate the groups not yet committed; the time

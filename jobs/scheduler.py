@@ -17,7 +17,7 @@ from collections.abc import Callable, Hashable, Iterator
 from typing import Any, Protocol
 
 from actscope.pipeline.reduce import Part, PartDone, PartKind, run_part
-from actscope.pipeline.worker import ShardResult, ShardWorker
+from actscope.pipeline.worker import GroupResult, ShardWorker
 from actscope.storage.errors import ActscopeError, StoreError
 from actscope.storage.lease import Fence
 from actscope.storage.spec import JobSpec
@@ -135,7 +135,7 @@ class GroupScheduler:
         self._first = set(self.starting)  # the first workers: ``on_ready`` as each has loaded its model
         self._on_ready = on_ready
 
-    def results(self) -> Iterator[ShardResult]:
+    def results(self) -> Iterator[GroupResult]:
         """Every group's result, as each finishes; then the logit effects, where asked."""
         while (step := self._step()) is not None:
             if step is not _NOTHING:
@@ -281,7 +281,7 @@ class RayPool:
 
 
 def execute_on_ray(store_url: str, fence: Fence, feed: GroupFeed, n_workers: int, logits: bool, threads: int | None,
-                   ready: list[float], prestarted: list | None = None) -> Iterator[ShardResult]:
+                   ready: list[float], prestarted: list | None = None) -> Iterator[GroupResult]:
     """Groups to a pool of Ray actors, one model each, as ``feed`` makes them ready (while the
     corpus is tokenized, the actors load their models and start on the first groups); then one
     actor computes the logit effects. ``ready`` gets the time each of the first actors had loaded
@@ -294,7 +294,7 @@ def execute_on_ray(store_url: str, fence: Fence, feed: GroupFeed, n_workers: int
         scheduler.close()
 
 
-def execute_here(store_url: str, fence: Fence, groups: list[int], logits: bool, threads: int | None, ready: list[float]) -> Iterator[ShardResult]:
+def execute_here(store_url: str, fence: Fence, groups: list[int], logits: bool, threads: int | None, ready: list[float]) -> Iterator[GroupResult]:
     """Every group in this process, one worker, in order (``--local``, ``use_ray=False``)."""
     worker = ShardWorker(store_url, threads=threads, fence=fence)
     ready.append(time.perf_counter())

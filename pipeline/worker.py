@@ -29,10 +29,10 @@ from actscope.storage.store import COACTIVATION, PAD, TEXT, Store
 
 
 @dataclass(frozen=True)
-class ShardResult:
-    """What running one accumulation group (``shard``: its index) did."""
+class GroupResult:
+    """What running one accumulation group did."""
 
-    shard: int
+    group: int
     n_tokens: int  # positions processed, padding included
     seconds: float
     skipped: bool  # already committed by an earlier run or attempt
@@ -78,7 +78,7 @@ class ShardWorker:
         self._reducers = ThreadPoolExecutor(cpu_threads, thread_name_prefix="reducer") if parallel else None
         return True
 
-    def __call__(self, group: int, span: tuple[int, int] | None = None) -> ShardResult:
+    def __call__(self, group: int, span: tuple[int, int] | None = None) -> GroupResult:
         """Run accumulation group ``group``: its shards in order into one set of accumulators,
         each shard's dense chunks written as it ends, the group's partials committed last.
         ``span``: the group's sequences, given while the corpus is still being tokenized (the
@@ -89,7 +89,7 @@ class ShardWorker:
         size = self.spec.shard_size
         shards = range(first // size, -(-last // size))
         if self.store.is_committed(group):
-            return ShardResult(group, n_tokens, 0.0, skipped=True, node=_node(), shards=len(shards))
+            return GroupResult(group, n_tokens, 0.0, skipped=True, node=_node(), shards=len(shards))
         partials, quality = self._reduce(first, last, [(s * size, min((s + 1) * size, last)) for s in shards])
         record = {"first_seq": first, "last_seq": last, "n_tokens": n_tokens, "shards": [shards[0], shards[-1] + 1]}
         if quality:
@@ -97,7 +97,7 @@ class ShardWorker:
         written = time.perf_counter()
         self.store.write_partial(group, partials, record)
         end = time.perf_counter()
-        return ShardResult(
+        return GroupResult(
             group, n_tokens, end - start, skipped=False, node=_node(), shards=len(shards), seconds_write=end - written,
             peak_rss=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
             device_peak=torch.cuda.max_memory_allocated(self.device) if self.device.type == "cuda" else 0,
