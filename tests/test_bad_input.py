@@ -166,13 +166,13 @@ def test_cheap_mistakes_are_refused_before_the_model_loads(existing, tmp_path, m
     """A misspelt key, a corpus that matches no file, a store that is a folder of the user's
     files and a hook past the model's layers (from its config.json) are refused with exit 2
     without loading the model (seconds; these take milliseconds), in the dry run too."""
-    from actscope.jobs import runner as runner_module
+    from actscope.jobs import plan as plan_module
 
     def never(*args, **kwargs):
         raise AssertionError("the model was loaded")
 
-    monkeypatch.setattr(runner_module, "load_tokenizer", never)
-    monkeypatch.setattr(runner_module, "load_job_model", never)
+    monkeypatch.setattr(plan_module, "load_tokenizer", never)
+    monkeypatch.setattr(plan_module, "load_job_model", never)
     _, job = existing
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "notes.txt").write_text("mine")
