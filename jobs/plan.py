@@ -4,6 +4,7 @@ model, its hooks and SAEs, memory, the corpus), and what the run will do with th
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import glob
 import json
@@ -125,7 +126,7 @@ def plan(spec: JobSpec, *, overwrite: bool = False, job_path: str | None = None,
         raise JobSpecError(_too_big(memory, limit, local_workers))
     check_corpus(spec.dataset, tokenizer)
     files = sources(spec)
-    model = model.replace(sources=files, fingerprint=fingerprint(spec, files))
+    model = dataclasses.replace(model, sources=files, fingerprint=fingerprint(spec, files))
 
     def decided(action: Action, build_url: str, existing: Store | None = None) -> Plan:
         return Plan(action, build_url, model, tokenizer, memory, limit, existing)
@@ -169,7 +170,7 @@ def _model_record(spec: JobSpec, bridge, tokenizer, framing: Framing) -> ModelRe
     if not spec.saes:
         return model
     saes = check_saes(spec, model.hook_widths, bridge)
-    return model.replace(saes=saes, hook_widths={**model.hook_widths, **{name: info["d_sae"] for name, info in saes.items()}})
+    return dataclasses.replace(model, saes=saes, hook_widths={**model.hook_widths, **{name: info["d_sae"] for name, info in saes.items()}})
 
 
 def _leftover(staging: str) -> Target:

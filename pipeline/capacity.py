@@ -114,7 +114,10 @@ def latents_per_token(model: ModelRecord) -> dict[str, int]:
     """Each SAE's latents firing per token at most, where its architecture fixes it (``topk``
     and ``abstopk`` fire k), from the plan's model record; the others are assumed
     ``ASSUMED_L0``."""
-    return model.sae_k()
+    return {
+        name: int(info["k"]) for name, info in model.saes.items()
+        if info.get("architecture") in ("topk", "abstopk") and info.get("k")
+    }
 
 
 def fires_per_token(l0: dict[str, int] | None, site: str, width: int) -> int:

@@ -32,22 +32,10 @@ class ModelRecord:
     def from_attrs(cls, attrs: Mapping[str, Any] | ModelRecord) -> ModelRecord:
         if isinstance(attrs, ModelRecord):
             return attrs
-        known = {f.name for f in dataclasses.fields(cls)}
-        values = {k: v for k, v in attrs.items() if k in known}
-        if values.get("saes") is None:
-            values.pop("saes", None)
-        return cls(**values)
+        return cls(**_known(cls, {k: v for k, v in attrs.items() if not (k == "saes" and v is None)}))
 
     def to_attrs(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
-
-    def replace(self, **changes: Any) -> ModelRecord:
-        return dataclasses.replace(self, **changes)
-
-    def sae_k(self) -> dict[str, int]:
-        """Each SAE's latents firing per token at most, where its architecture fixes it (``topk``
-        and ``abstopk`` fire k)."""
-        return {name: int(info["k"]) for name, info in self.saes.items() if info.get("architecture") in ("topk", "abstopk") and info.get("k")}
 
 
 @dataclass(frozen=True)
@@ -61,8 +49,13 @@ class StoreStatus:
 
     @classmethod
     def from_attrs(cls, attrs: Mapping[str, Any]) -> StoreStatus:
-        known = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in attrs.items() if k in known})
+        return cls(**_known(cls, attrs))
 
     def to_attrs(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+def _known(cls, attrs: Mapping[str, Any]) -> dict[str, Any]:
+    """The entries of ``attrs`` that are fields of ``cls`` (a newer actscope's extra keys are left out)."""
+    fields = {f.name for f in dataclasses.fields(cls)}
+    return {k: v for k, v in attrs.items() if k in fields}
