@@ -35,6 +35,15 @@ app = typer.Typer(
 )
 out = Console(markup=False, highlight=False)
 err = Console(stderr=True, markup=False, highlight=False)
+
+
+def _open_consoles() -> None:
+    """Fresh consoles for a command: Rich reads the terminal's width (``COLUMNS``) when a console
+    is made, so consoles made at import would keep the first command's width for every later
+    command in the process (a program or a test calling several)."""
+    global out, err
+    out = Console(markup=False, highlight=False)
+    err = Console(stderr=True, markup=False, highlight=False)
 _DEBUG = {"on": os.environ.get("ACTSCOPE_DEBUG", "") not in ("", "0")}
 
 
@@ -103,6 +112,7 @@ def friendly(command):
 
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
+        _open_consoles()
         try:
             for name, value in kwargs.items():
                 for item in value if isinstance(value, list) else [value]:
@@ -282,6 +292,8 @@ def status(
 
         raise StoreDamaged(f"{store}: the store's attributes are damaged ({type(error).__name__}: {error}).") from None
     table = Table(show_header=False, box=None)
+    table.add_column(no_wrap=True)
+    table.add_column(overflow="fold")  # a path too long for the terminal is folded, never cut with an ellipsis
     for name, value in rows:
         table.add_row(name, value)
     out.print(table)

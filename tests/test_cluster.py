@@ -20,6 +20,7 @@ import pytest
 from typer.testing import CliRunner
 
 import actscope
+from actscope.jobs import scheduler
 from actscope.jobs.cli import app
 from actscope.jobs.jobfile import load_job
 from actscope.jobs.runner import run_job
@@ -122,7 +123,7 @@ def s3():
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
     try:
-        deadline = time.monotonic() + 30
+        deadline = time.monotonic() + 60
         while True:
             try:
                 socket.create_connection(("127.0.0.1", port), timeout=1).close()
@@ -155,16 +156,28 @@ def clean_s3(tmp_path_factory, tiny_model, corpus_dir):
 
 
 @pytest.fixture(scope="module")
-def s3_run(s3, tmp_path_factory, tiny_model, corpus_dir):
-    """The job run by the CLI with two Ray workers into the object store: (url, job file, output)."""
+def s3_run(s3, ray_session, tmp_path_factory, tiny_model, corpus_dir):
+    """The job run with two workers on the session's Ray into the object store: (url, job file,
+    summary). The workers get the credentials as a cluster's pods do, in their environment (here
+    Ray's ``runtime_env``); the driver has them in its own. The session's Ray is reused: a Ray of
+    the job's own costs seconds and shows nothing more (the CLI's run on S3 is tested below)."""
     url = "s3://actscope-test/runs/job.zarr"
     job = write_job(tmp_path_factory.mktemp("s3-run"), "s3job", tiny_model, corpus_dir, store=url, workers=2, **S3_JOB)
-    return url, job, _finish(_actscope("run", str(job), env=s3))
+
+    def with_credentials(*args):
+        cls, threads = actor_class(*args)
+        return cls.options(runtime_env={"env_vars": s3}), threads
+
+    actor_class = scheduler.actor_class
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(scheduler, "actor_class", with_credentials)
+        summary = run_job(load_job(job))
+    return url, job, summary
 
 
 def test_a_store_on_object_storage_equals_a_local_one(s3_run, clean_s3, tmp_path):
-    url, job, output = s3_run
-    assert "2 worker(s)" in output
+    url, job, summary = s3_run
+    assert summary.workers == 2 and summary.shards_run == summary.shards_total
     assert tables(url) == clean_s3
     # Queries and reports read it where it is.
     runner = CliRunner()

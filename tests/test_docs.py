@@ -63,4 +63,4 @@ def test_the_readmes_links_lead_to_files():
 
 def test_ci_runs_exactly_the_readmes_test_command():
     commands = [block.split("```", 1)[0].strip() for block in README.split("## Two commands", 1)[1].split("```bash\n")[1:3]]
-    assert commands[1].endswith("python -m pytest") and commands[1] in (ROOT / ".ci" / "run").read_text().splitlines()
+    assert commands[1].endswith("python -m pytest -n 2 --dist loadfile") and commands[1] in (ROOT / ".ci" / "run").read_text().splitlines()

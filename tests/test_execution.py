@@ -141,7 +141,7 @@ def test_killed_run_resumes_to_identical_tables(make_job, tmp_path):
     cmd = [sys.executable, "-m", "actscope", "run", str(job), "--local"]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
-        deadline = time.monotonic() + 90  # a wait, not a timing: a loaded machine plans and tokenizes slowly
+        deadline = time.monotonic() + 240  # a wait, not a timing: a loaded machine plans and tokenizes slowly
         while time.monotonic() < deadline:
             if _committed(spec.store) >= 5:
                 break
@@ -204,7 +204,7 @@ def test_workers_start_on_groups_while_the_corpus_is_tokenized(make_job, ray_ses
         for batch in read(dataset, **options):
             if not committed_while_reading and _group_written(spec.store):
                 # A group's sequences are in the store: read on once a worker has committed it.
-                deadline = time.monotonic() + 60
+                deadline = time.monotonic() + 180
                 while time.monotonic() < deadline and not _some_group_committed(spec.store):
                     time.sleep(0.05)
                 committed_while_reading.append(_some_group_committed(spec.store))
@@ -247,7 +247,7 @@ def test_workers_started_during_the_plan_are_let_go_when_it_fails(make_job, ray_
     with pytest.raises(ActscopeError, match="hook_posst"):
         run_job(spec)
     assert not Path(spec.store).exists() and started
-    deadline = time.monotonic() + 30
+    deadline = time.monotonic() + 120
     while time.monotonic() < deadline and ray_session.available_resources().get("CPU", 0) < total:
         time.sleep(0.1)
     assert ray_session.available_resources().get("CPU", 0) == total
