@@ -2,7 +2,7 @@
 
 Built at the boundary (YAML or the store's attributes → ``JobSpec``) with no I/O, written into
 the store it produced, and read back from it unchanged. Each field's description is its
-documentation (the README's job-file table is generated from it).
+documentation: docs/job-file.md's table says the same words (tests/test_docs.py checks it).
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ _NOT_PER_TOKEN = re.compile(r"\.hook_(pattern|attn_scores)$")
 
 #: Statistics a job may switch off (top examples and moments are always computed).
 OPTIONAL_STATISTICS = ("bottom", "histogram", "samples", "tokens", "logits", "coactivation")
-Statistic = Literal["bottom", "histogram", "samples", "tokens", "logits", "coactivation"]
+StatisticName = Literal["bottom", "histogram", "samples", "tokens", "logits", "coactivation"]
 
 
 class _Frozen(BaseModel):
@@ -55,16 +55,16 @@ class DatasetSpec(_Frozen):
     """Where the corpus comes from: the arguments of ``datasets.load_dataset``."""
 
     path: Name = Field(
-        description="First argument of datasets.load_dataset: text, json, parquet, csv, or a hub id."
+        description="First argument of `datasets.load_dataset`: `text`, `json`, `parquet`, `csv`, or a hub id."
     )
     name: str | None = Field(None, description="Dataset configuration name (hub datasets).")
     data_files: list[str] | None = Field(
-        None, description="Local files or globs, relative to the job file's folder."
+        None, description="Local files or globs (one or a list)."
     )
     split: str = Field("train", description="Split to read.")
     text_column: str = Field("text", description="Column holding each document's text.")
     max_tokens: Bounded(1 << 40, "at most 2**40 tokens") | None = Field(
-        None, description="Stop after this many corpus tokens (all of the corpus if unset)."
+        None, description="Stop after this many corpus tokens."
     )
     revision: str | None = Field(None, description="Hub revision of the dataset.")
 
@@ -78,13 +78,13 @@ class CoactivationSpec(_Frozen):
     """Which neuron pairs co-activation covers, and on how many tokens."""
 
     stride: Bounded(1 << 20, "a stride beyond 2**20 keeps no tokens") = Field(
-        32, description="Use a hashed 1-in-stride subsample of the counted tokens (1 = every token)."
+        32, description="Use a hashed 1-in-`stride` subsample of the counted tokens; 1 = every token (exact over the whole corpus, about 32x the cost)."
     )
     pairs: Literal["all", "within", "adjacent"] = Field(
-        "all", description="Site pairs: all, within (same hook), adjacent (same or next layer)."
+        "all", description="Site pairs: `all`, `within` (same hook), `adjacent` (same or next layer)."
     )
-    partners: Bounded(1000, "ranks are kept per neuron") = Field(10, description="Partners kept per neuron and ranking.")
-    hooks: list[str] | None = Field(None, description="Hooks and SAEs taking part (default: every hook, no SAE).")
+    partners: Bounded(1000, "ranks are kept per neuron") = Field(10, description="Partners kept per neuron, by |pearson| and by Jaccard.")
+    hooks: list[str] | None = Field(None, description="Hooks (and SAEs, by name) taking part; SAE latents take part only when named (their pairs with each other are kept sparse; with a hook's neurons, `N x w` dense).")
 
 
 _SITE_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_.-]{0,127}$")
@@ -93,14 +93,14 @@ _SITE_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_.-]{0,127}$")
 class SAESpec(_Frozen):
     """A sparse autoencoder over one of the job's hooks: its latents become units like neurons."""
 
-    name: str = Field(description="The site name of its latents (the tables' hook column, the CLI, the pages).")
-    path: Name = Field(description="A folder in SAELens's layout (cfg.json + sae_weights.safetensors) or Sparsify's (sae.safetensors).")
-    hook: Name | None = Field(None, description="The hook it reads (default: the one its cfg.json names); one of hooks.")
-    hook_out: Name | None = Field(None, description="A transcoder's output hook (default: its cfg.json's hook_name_out).")
-    fold_w_dec_norm: bool = Field(False, description="Scale each latent by its decoder row's norm (as SAELens's fold_W_dec_norm, and Neuronpedia).")
+    name: str = Field(description="The latents' site name: the `hook` column of every table, the CLI's and pages' hook argument.")
+    path: Name = Field(description="A folder in SAELens's layout (`cfg.json` + `sae_weights.safetensors`) or Sparsify's (`cfg.json` + `sae.safetensors`).")
+    hook: Name | None = Field(None, description="The hook it reads; one of `hooks` (Sparsify configs name module paths, so give it).")
+    hook_out: Name | None = Field(None, description="A transcoder's output hook (`hook_name_out`): checked against the model, its decoder rows' directions for logit effects, its FVU's target when it is one of `hooks`.")
+    fold_w_dec_norm: bool = Field(False, description="Each latent times its decoder row's norm (SAELens's `fold_W_dec_norm`; Neuronpedia's numbers).")
     scaling_factor: float | None = Field(
         None, gt=0, allow_inf_nan=False,
-        description="Input scale of an expected_average_only_in SAE (SAELens's from_pretrained folds it in; a local folder lacks it).",
+        description="The input scale of an `expected_average_only_in` SAE, which SAELens's `from_pretrained` folds in by release.",
     )
 
     @field_validator("name")
@@ -122,59 +122,59 @@ class JobSpec(_Frozen):
     dataset: DatasetSpec = Field(description="The corpus.")
     context_length: Bounded(1 << 17, "and at most the model's positions") = Field(128, description="Tokens per sequence, special tokens included.")
     hooks: list[Name] = Field(
-        min_length=1, max_length=4096, description="TransformerLens hook names to record, e.g. blocks.0.mlp.hook_post."
+        min_length=1, max_length=4096, description="TransformerLens hook names to record (`actscope hooks MODEL` lists them)."
     )
     dense: list[Name] = Field(
-        default_factory=list, description="Hooks whose every activation is kept in the store (fp16)."
+        default_factory=list, description="Hooks whose every activation is kept in the store (fp16, compressed); an SAE's name keeps its latents, sparse (CSR rows per shard, fp16 values)."
     )
-    top_k: Bounded(MAX_RANKED, "ranks are int16 and cost 16 bytes per neuron each") = Field(32, description="Examples kept per neuron at each extreme.")
+    top_k: Bounded(MAX_RANKED, "ranks are int16 and cost 16 bytes per neuron each") = Field(32, description="Examples kept per neuron.")
     store: Name = Field(description="Where the store goes: a local path or an fsspec URL.")
     workers: Bounded(4096, "one model each") | Literal["auto"] = Field(
-        1, description="Ray workers (one model each); auto = one per GPU, else one per CPU."
+        1, description="Ray workers, one model each; `auto` = one per GPU, else one per CPU."
     )
-    shard_size: Bounded(1 << 16, "a shard is one worker's unit of memory") = Field(256, description="Sequences per shard, the unit of work and retry.")
+    shard_size: Bounded(1 << 16, "a shard is one worker's unit of memory") = Field(256, description="Sequences per shard: the unit of the token and dense arrays' chunks.")
     group_shards: Bounded(1 << 20, "a group's token indices are 32-bit") | Literal["auto"] = Field(
         "auto",
-        description="Shards per accumulation group, the unit of work a worker claims and commits once; auto = the "
-        "fewest that keep the state written at about 1 KB per corpus token. Smaller groups spread a job over more "
-        "workers and lose less to a crash, for more store bytes.",
+        description="Shards per accumulation group, the unit of work, commit and retry; auto: the fewest that keep the "
+        "state a group writes at about 1 KB per corpus token. Smaller groups spread a job over more workers and lose "
+        'less to a crash, for more store bytes (see "What a job costs").',
     )
     batch_size: Bounded(1 << 14, "sequences in one forward") = Field(16, description="Sequences per forward pass.")
-    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto = cuda when available.")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="`auto` (CUDA when available), `cpu` or `cuda`.")
     dtype: Literal["float32", "float16", "bfloat16"] = Field(
-        "float32", description="Model weights and activations' dtype."
+        "float32", description="`float32`, `float16` or `bfloat16`: the model's weights and activations."
     )
     thresholds: dict[str, FiniteFloat] = Field(
         default_factory=dict,
-        description="Per hook, the activation above which a neuron counts as active (default 0).",
+        description="Per hook, the activation above which a neuron counts as active (`frac_active`); 0 when not given.",
     )
     include_special_tokens: bool = Field(
         False, description="Count BOS/EOS/CLS/SEP positions in statistics (padding never counts)."
     )
-    statistics: list[Statistic] = Field(
+    statistics: list[StatisticName] = Field(
         default_factory=lambda: list(OPTIONAL_STATISTICS),
-        description="Optional statistics to compute (all by default); top examples and moments always are.",
+        description="Optional statistics to compute: any of `bottom`, `histogram`, `samples`, `tokens`, `logits`, `coactivation` (top examples and moments always are). A table whose statistic is off is empty.",
     )
     examples: Literal["token", "document"] = Field(
-        "token", description="Top and bottom examples: any tokens, or at most one per document (as Neuroscope)."
+        "token", description="`token`: the top/bottom examples are any tokens; `document`: at most one per document, its best token (as Neuroscope)."
     )
-    samples_per_band: Bounded(256, "a worker holds 32 bands x this per neuron") = Field(4, description="Sampled examples kept per activation band (octave).")
+    samples_per_band: Bounded(256, "a worker holds 32 bands x this per neuron") = Field(4, description="Sampled examples kept per neuron and activation band (octave of |x|, per sign).")
     band_sample_rate: float = Field(
-        0.125, gt=0, le=1, allow_inf_nan=False, description="Fraction of tokens (a seeded hash decides which) eligible as band samples."
+        0.125, gt=0, le=1, allow_inf_nan=False, description="Fraction of tokens (chosen by a seeded hash) eligible as band samples; 1 = every token."
     )
-    random_samples: Bounded(4096, "every neuron's value is kept on each") = Field(16, description="Uniformly sampled counted tokens, with every neuron's value.")
-    seed: int = Field(0, ge=0, lt=2**32, description="Seed of the deterministic sampling.")
+    random_samples: Bounded(4096, "every neuron's value is kept on each") = Field(16, description="Uniformly sampled counted tokens, with every neuron's value on them.")
+    seed: int = Field(0, ge=0, lt=2**32, description="Seed of the sampling hash (samples are deterministic and independent of sharding).")
     top_tokens: Bounded(1000, "ranks are kept per neuron") = Field(10, description="Vocabulary tokens kept per neuron, by mean activation.")
     min_token_count: Bounded(1 << 40, "a count of tokens") = Field(
-        4, description="Occurrences a token needs before its mean activation can rank."
+        4, description="Occurrences a token needs before its mean activation ranks."
     )
-    top_logits: Bounded(1000, "ranks are kept per neuron") = Field(10, description="Output tokens kept per neuron, promoted and suppressed.")
+    top_logits: Bounded(1000, "ranks are kept per neuron") = Field(10, description="Output tokens kept per neuron, most promoted and most suppressed.")
     coactivation: CoactivationSpec = Field(
-        default_factory=CoactivationSpec, description="Co-activation of neuron pairs (see its fields)."
+        default_factory=CoactivationSpec, description="Co-activation of neuron pairs (on unless `statistics` leaves it out)."
     )
     saes: list[SAESpec] = Field(
         default_factory=list, max_length=256,
-        description="Sparse autoencoders over hooks: each one's latents get every statistic, as neurons do (see their fields).",
+        description="Sparse autoencoders over hooks, each a list entry; their latents get every statistic, as neurons do (see [SAE latents](#sae-latents)).",
     )
 
     @field_validator("hooks", "dense")
