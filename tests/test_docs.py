@@ -25,7 +25,7 @@ def _spec_fields():
                 yield f"{prefix}{name}", field.description
 
 
-@pytest.mark.parametrize("field, description", list(_spec_fields()))
+@pytest.mark.parametrize("field, description", list(_spec_fields()), ids=[field for field, _ in _spec_fields()])
 def test_every_job_field_is_documented_in_the_specs_words(field, description):
     """docs/job-file.md's table says of each field what its ``Field(description=...)`` says (the
     words the spec gives everywhere else: its JSON schema, its errors)."""
