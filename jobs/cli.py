@@ -24,7 +24,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 from rich.text import Text
 
-from actscope.storage.errors import ActscopeError, first_line
+from actscope.storage.errors import ActscopeError, JobSpecError, first_line
 from actscope.storage.spec import OPTIONAL_STATISTICS
 
 app = typer.Typer(
@@ -142,8 +142,6 @@ def _check_utf8(name: str, value: str) -> None:
     try:
         value.encode("utf-8")
     except UnicodeEncodeError:
-        from actscope.storage.errors import JobSpecError
-
         raise JobSpecError(f"{name.replace('_', '-')}: the argument is not valid UTF-8 text.") from None
 
 
@@ -185,6 +183,21 @@ class RichReporter:
         self.progress.stop()
 
 
+def _bytes(option: str, size: str | None) -> int | None:
+    """A size such as ``80GiB``, ``512MB`` or ``1e9`` in bytes (pydantic's ``ByteSize``)."""
+    if size is None:
+        return None
+    from pydantic import ByteSize, TypeAdapter, ValidationError
+
+    try:
+        value = int(TypeAdapter(ByteSize).validate_python(size))
+    except ValidationError:
+        value = 0
+    if value <= 0:
+        raise JobSpecError(f"{option}: {size!r} is not a size; give one such as 80GiB or 512MB.")
+    return value
+
+
 # Arguments several commands share.
 StoreArg = Annotated[str, typer.Argument(help="The store (path or URL).")]
 HookArg = Annotated[str, typer.Argument(help="A recorded hook, e.g. blocks.1.mlp.hook_post.")]
@@ -200,6 +213,9 @@ def run(
     overwrite: Annotated[bool, typer.Option(help="Replace a store that holds a different job.")] = False,
     local: Annotated[bool, typer.Option(help="Run in this process without Ray (for debugging).")] = False,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Validate the job and print the plan; write nothing.")] = False,
+    worker_memory: Annotated[str | None, typer.Option(
+        help="Each worker's memory, e.g. 80GiB (a GPU's): the plan checks the job against it rather than this machine's.",
+    )] = None,
 ):
     """Run a cache job, or resume it where it stopped."""
     from actscope.jobs.jobfile import load_job
@@ -207,12 +223,14 @@ def run(
     from actscope.jobs.runner import run_job
 
     spec = load_job(job)
+    options = {"address": address, "workers": workers, "overwrite": overwrite, "use_ray": not local, "job_path": job,
+               "worker_memory": _bytes("--worker-memory", worker_memory)}
     if dry_run:
-        for line in plan_only(spec, address=address, workers=workers, overwrite=overwrite, use_ray=not local, job_path=job):
+        for line in plan_only(spec, **options):
             out.print(line)
         return
     with RichReporter(err) as reporter:
-        summary = run_job(spec, address=address, workers=workers, overwrite=overwrite, use_ray=not local, reporter=reporter, job_path=job)
+        summary = run_job(spec, reporter=reporter, **options)
     verb = "resumed" if summary.resumed else "created"
     say(
         ("done: ", "green"),

@@ -31,6 +31,7 @@ from actscope.pipeline.model import (
     forward_plan,
     hook_widths,
     load_job_model,
+    load_skeleton,
     load_tokenizer,
     validate_hooks,
 )
@@ -100,28 +101,33 @@ class Plan:
         return lines
 
 
-def plan(spec: JobSpec, *, overwrite: bool = False, job_path: str | None = None, local_workers: int | None = None) -> Plan:
+def plan(spec: JobSpec, *, overwrite: bool = False, job_path: str | None = None, local_workers: int | None = None,
+         worker_memory_limit: int | None = None) -> Plan:
     """Validate everything that can be validated before writing, then decide the store's fate.
 
-    Nothing is written here. ``job_path``: the job file (protected from being a store);
-    ``local_workers``: how many workers will share this machine (None: they run elsewhere)."""
+    Nothing is written here, and no weight is read: the model is built from its config with fake
+    parameters (``pipeline.model.Skeleton``). ``job_path``: the job file (protected from being a
+    store); ``local_workers``: how many workers will share this machine (None: they run
+    elsewhere); ``worker_memory_limit``: the bytes each worker has, where the user says so (the
+    plan checks the job against it wherever the workers run)."""
     protect_paths(spec, job_path)
     tokenizer = load_tokenizer(spec.model, spec.model_revision)
     framing = Framing.from_tokenizer(tokenizer)
     body = spec.context_length - len(framing.prefix) - len(framing.suffix)
     if body <= 0:
         raise JobSpecError(f"context_length: {spec.context_length} leaves no room for text after the special tokens ({-body + 1} more needed).")
-    bridge = load_job_model(spec, _planning_device(), tokenizer=tokenizer)
-    validate_hooks(bridge, spec.hooks)
-    positions = getattr(bridge.cfg, "n_ctx", None)
+    skeleton = load_skeleton(spec.model, revision=spec.model_revision, tokenizer=tokenizer)  # no weights are read
+    validate_hooks(skeleton.bridge, spec.hooks)
+    positions = getattr(skeleton.bridge.cfg, "n_ctx", None)
     if positions and spec.context_length > positions:
         raise JobSpecError(f"context_length: {spec.context_length} is more than the model's {positions} positions; use at most {positions}.")
-    model = _model_record(spec, bridge, tokenizer, framing)
-    weight_bytes = sum(p.numel() * p.element_size() for p in bridge.original_model.parameters())
-    del bridge
+    widths = _WidthsOf(spec, skeleton, tokenizer)
+    model = _model_record(spec, skeleton.bridge, tokenizer, framing, widths)
+    weight_bytes = skeleton.weight_bytes(spec.dtype)
+    del skeleton, widths
     gc.collect()
     memory = worker_memory(spec, model.hook_widths, model.vocab_size, weight_bytes, _group_tokens(spec, model), latents_per_token(model))
-    limit = _memory_limit(spec, local_workers)
+    limit = _memory_limit(spec, local_workers, worker_memory_limit)
     if limit is not None and memory.total > limit:
         raise JobSpecError(_too_big(memory, limit, local_workers))
     check_corpus(spec.dataset, tokenizer)
@@ -155,7 +161,25 @@ def plan(spec: JobSpec, *, overwrite: bool = False, job_path: str | None = None,
     return decided(Action.REPLACE, staging)
 
 
-def _model_record(spec: JobSpec, bridge, tokenizer, framing: Framing) -> ModelRecord:
+class _WidthsOf:
+    """Hooks' widths: from the skeleton's fake forward, else (a hook only the bridge's forward
+    has, whose forward reads values) from the model with its weights, loaded once if at all."""
+
+    def __init__(self, spec: JobSpec, skeleton, tokenizer):
+        self.spec, self.skeleton, self.tokenizer, self._bridge = spec, skeleton, tokenizer, None
+
+    def __call__(self, hooks: list[str]) -> dict[str, int]:
+        found = self.skeleton.widths(hooks)
+        if found is not None:
+            return found
+        if self._bridge is None:
+            import torch
+
+            self._bridge = load_job_model(self.spec, torch.device("cpu"), tokenizer=self.tokenizer)
+        return hook_widths(self._bridge, hooks)
+
+
+def _model_record(spec: JobSpec, bridge, tokenizer, framing: Framing, widths_of) -> ModelRecord:
     """What the plan found out about the model (and its SAEs, checked against it)."""
     model = ModelRecord(
         name=spec.model,
@@ -163,13 +187,13 @@ def _model_record(spec: JobSpec, bridge, tokenizer, framing: Framing) -> ModelRe
         n_layers=int(bridge.cfg.n_layers),
         d_model=int(bridge.cfg.d_model),
         vocab_size=len(tokenizer),
-        hook_widths=hook_widths(bridge, spec.hooks),
+        hook_widths=widths_of(spec.hooks),
         framing=framing.to_dict(),
         forward=forward_plan(bridge, spec.hooks),
     )
     if not spec.saes:
         return model
-    saes = check_saes(spec, model.hook_widths, bridge)
+    saes = check_saes(spec, model.hook_widths, bridge, widths_of)
     return dataclasses.replace(model, saes=saes, hook_widths={**model.hook_widths, **{name: info["d_sae"] for name, info in saes.items()}})
 
 
@@ -186,7 +210,7 @@ def _leftover(staging: str) -> Target:
         ) from None
 
 
-def check_saes(spec: JobSpec, widths: dict[str, int], bridge) -> dict[str, dict]:
+def check_saes(spec: JobSpec, widths: dict[str, int], bridge, widths_of) -> dict[str, dict]:
     """Each SAE's record (``pipeline.sae.SAEInfo``), read from its folder and checked against
     the hook it reads: in ``hooks``, and as wide as its ``d_in``; a transcoder's output hook
     against the model (a hook it has, as wide as ``d_out``)."""
@@ -207,7 +231,7 @@ def check_saes(spec: JobSpec, widths: dict[str, int], bridge) -> dict[str, dict]
                 validate_hooks(bridge, [info.hook_out])
             except JobSpecError as error:
                 raise JobSpecError(f"saes: {info.name} writes {info.hook_out} (hook_out), which is not a hook of this model: {error}") from None
-            width = hook_widths(bridge, [info.hook_out])[info.hook_out]
+            width = widths_of([info.hook_out])[info.hook_out]
             if width != info.d_out:
                 raise JobSpecError(f"saes: {info.name}'s decoder writes {info.d_out} values, but {info.hook_out} is {width} wide; give the hook it was trained to predict as hook_out.")
         out[info.name] = info.to_dict()
@@ -309,10 +333,13 @@ def glob_root(pattern: str) -> str:
     return os.sep.join(parts) or "."
 
 
-def _memory_limit(spec: JobSpec, local_workers: int | None) -> int | None:
-    """Bytes one worker may hold where the plan can see its device."""
+def _memory_limit(spec: JobSpec, local_workers: int | None, given: int | None = None) -> int | None:
+    """Bytes one worker may hold: as ``given`` (the user's word for workers elsewhere), else where
+    the plan can see its device."""
     import torch
 
+    if given is not None:
+        return given
     if local_workers is None:
         return None
     if spec.device == "cuda" or (spec.device == "auto" and torch.cuda.is_available()):
@@ -331,12 +358,6 @@ def _too_big(memory: Estimate, limit: int, local_workers: int | None) -> str:
         "coactivation (a larger coactivation.stride shrinks only the pairs of SAE latents); fewer or narrower hooks; a smaller "
         "shard_size, batch_size or top_k; fewer workers on one machine; or a device with more memory."
     )
-
-
-def _planning_device():
-    import torch
-
-    return torch.device("cpu")
 
 
 def _mismatch(existing: Store | None, spec: JobSpec, files: dict[str, str], staging: str | None = None) -> str:

@@ -127,14 +127,16 @@ def _run_leased(
     threads: int | None = None,
     reporter: Reporter | None = None,
     job_path: str | None = None,
+    worker_memory: int | None = None,
 ) -> RunSummary:
     """``run_job`` under the lease whose ``fence`` every commit checks: the job's phases in
     order, and the clean-up in one place. ``threads``: torch threads per CPU worker (default:
-    the cores split between the workers)."""
+    the cores split between the workers); ``worker_memory``: each worker's bytes, where the
+    user gives them (the plan refuses a job that needs more)."""
     run = _Run(spec, fence, address=address, workers=workers, use_ray=use_ray, threads=threads, reporter=reporter)
     created = None  # a store this run made, removed if the run fails before it is tokenized
     try:
-        planned = run.plan(overwrite=overwrite, job_path=job_path)
+        planned = run.plan(overwrite=overwrite, job_path=job_path, worker_memory=worker_memory)
         created = run.open_store(planned)
         run.tokenize_and_activate(planned.tokenizer)
         created = None  # tokenized: from here on a failure keeps the store, to resume
@@ -183,7 +185,7 @@ class _Run:
         self.store: Store | None = None
         self.url = spec.store
 
-    def plan(self, *, overwrite: bool, job_path: str | None) -> Plan:
+    def plan(self, *, overwrite: bool, job_path: str | None, worker_memory: int | None = None) -> Plan:
         """Ray starts (3 s embedded: its own processes, mostly waiting) while the plan loads the
         model on this process's thread, then the workers start (on a cluster or GPUs); a
         finished store never waits for Ray."""
@@ -191,7 +193,7 @@ class _Run:
         planned = _plan_while_ray_starts(
             self.spec, self.ray if unfinished else None,
             on_ray=self._prestart if unfinished and _start_early(self.spec, self.address) else None,
-            overwrite=overwrite, job_path=job_path, local_workers=self.local_workers,
+            overwrite=overwrite, job_path=job_path, local_workers=self.local_workers, worker_memory_limit=worker_memory,
         )
         self.phases["plan"] = time.perf_counter() - self.t0
         self.model, self.url = planned.model, planned.build_url
@@ -349,12 +351,14 @@ class _Run:
 
 
 def dry_run(spec: JobSpec, *, address: str | None = None, workers: int | None = None, overwrite: bool = False,
-            use_ray: bool = True, job_path: str | None = None) -> list[str]:
-    """What ``run_job`` would do, as lines of text; nothing is written and Ray is not started."""
+            use_ray: bool = True, job_path: str | None = None, worker_memory: int | None = None) -> list[str]:
+    """What ``run_job`` would do, as lines of text; nothing is written, Ray is not started and no
+    weight is read. ``worker_memory``: plan for workers of that many bytes (elsewhere: GPUs of a
+    cluster) rather than for this machine's."""
     address = address or os.environ.get("RAY_ADDRESS") or None
-    local_workers = _local_worker_count(spec, workers, use_ray) if address is None else None
+    local_workers = _local_worker_count(spec, workers, use_ray) if address is None and worker_memory is None else None
     check_before_loading(spec, job_path)
-    planned = plan(spec, overwrite=overwrite, job_path=job_path, local_workers=local_workers)
+    planned = plan(spec, overwrite=overwrite, job_path=job_path, local_workers=local_workers, worker_memory_limit=worker_memory)
     return planned.describe(spec)
 
 

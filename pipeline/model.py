@@ -70,6 +70,61 @@ def load_model(
     return bridge
 
 
+class Skeleton:
+    """The model built from its ``config.json`` and tokenizer alone: the bridge over modules whose
+    parameters are fake tensors (torch's ``FakeTensorMode``: shapes and dtypes, no storage). Hook
+    names, widths, the forward plan and the weights' size are known from it without reading or
+    allocating a weight, so a job is planned in seconds whatever the model's size, from a folder
+    that holds no weights at all."""
+
+    def __init__(self, bridge, mode):
+        self.bridge, self.mode = bridge, mode
+
+    def weight_bytes(self, dtype: str) -> int:
+        """The weights' bytes in ``dtype`` (shared parameters, such as tied embeddings, once)."""
+        return sum(p.numel() for p in self.bridge.original_model.parameters()) * _DTYPES[dtype].itemsize
+
+    def widths(self, hooks: list[str]) -> dict[str, int] | None:
+        """Each hook's width, from a forward of fake tensors through the Hugging Face modules; None
+        where that forward cannot run (a hook only the bridge has: its forward reads values, which
+        fake tensors do not have), and the caller loads the weights."""
+        plan = forward_plan(self.bridge, hooks)
+        if "bridge_only" in plan:
+            return None
+        last = HookedForward.last_block(hooks)
+        stop = plan["blocks"][last] if last is not None and plan.get("blocks") else None
+        sites = {h: ModuleSite(*site) for h, site in plan["sites"].items()}
+        with self.mode:
+            forward = ModuleForward(self.bridge.original_model, sites, stop)
+            try:
+                tokens = torch.zeros((1, 3), dtype=torch.long)
+                acts = forward(tokens, torch.ones_like(tokens))
+            except Exception:  # noqa: BLE001 - an architecture whose forward reads values: load the weights
+                return None
+            finally:
+                forward.close()
+        return {name: int(tensor.shape[-1]) for name, tensor in acts.items()}
+
+
+def load_skeleton(model: str, *, revision: str | None = None, tokenizer=None) -> Skeleton:
+    """The bridge over ``model`` built from its config, with fake parameters (see ``Skeleton``)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from transformer_lens.model_bridge import TransformerBridge
+
+    model = _local(model)
+    tokenizer = tokenizer if tokenizer is not None else load_tokenizer(model, revision)
+    _quiet_transformers()
+    mode = FakeTensorMode(allow_non_fake_inputs=True)
+    try:
+        with warnings.catch_warnings(), mode:
+            warnings.simplefilter("ignore")
+            bridge = TransformerBridge.boot_transformers(model, tokenizer=tokenizer, revision=revision, load_weights=False)
+    except Exception as err:  # noqa: BLE001 - as in load_model
+        raise ModelError(_load_failure(model, err)) from None
+    bridge.eval()
+    return Skeleton(bridge, mode)
+
+
 def load_job_model(spec: JobSpec, device: torch.device, tokenizer=None):
     """The job's model, in the job's dtype."""
     return load_model(spec.model, device, dtype=spec.dtype, revision=spec.model_revision, tokenizer=tokenizer)

@@ -173,6 +173,7 @@ def test_cheap_mistakes_are_refused_before_the_model_loads(existing, tmp_path, m
 
     monkeypatch.setattr(plan_module, "load_tokenizer", never)
     monkeypatch.setattr(plan_module, "load_job_model", never)
+    monkeypatch.setattr(plan_module, "load_skeleton", never)
     _, job = existing
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "notes.txt").write_text("mine")

@@ -15,9 +15,11 @@ from actscope.pipeline.model import (
     ModuleForward,
     ModuleSite,
     forward_plan,
+    hook_widths,
     job_forward,
     load_hf_model,
     load_model,
+    load_skeleton,
     module_sites,
     per_token_hooks,
     prefer_sdpa,
@@ -114,6 +116,51 @@ def test_module_hooks_equal_the_bridge(architectures, name):
     keep = mask.bool()
     worst = {h: (got[h] - reference[h]).abs()[keep].max().item() for h in reference}
     assert max(worst.values()) <= 1e-5, sorted(worst.items(), key=lambda kv: -kv[1])[:5]
+
+
+def _without_weights(model: str, root: Path) -> Path:
+    """A copy of a model folder with its config and tokenizer and none of its weights."""
+    shutil.copytree(model, root, ignore=shutil.ignore_patterns("*.safetensors", "*.bin", "*.pt", "*.h5", "*.onnx", "onnx", "openvino"))
+    return root
+
+
+@pytest.mark.parametrize("name", ["gpt2", "llama", "neox", "bert", "minilm"])
+def test_the_plans_skeleton_knows_the_model_without_its_weights(architectures, name, tmp_path):
+    """The plan builds the model from a folder holding only its config and tokenizer, with fake
+    parameters: the same hooks, widths, forward plan and weight bytes as the model loaded whole.
+    A hook only the bridge's forward has gives no width (the plan then loads the weights)."""
+    path = architectures[name]
+    skeleton = load_skeleton(str(_without_weights(path, tmp_path / "bare")))
+    bridge = load_model(path, torch.device("cpu"))
+    assert sorted(skeleton.bridge.hook_dict) == sorted(bridge.hook_dict)
+    tokens = torch.randint(5, 500, (1, 4))
+    hooks = list(_bridge_values(bridge, list(module_sites(bridge, per_token_hooks(bridge))), tokens, torch.ones_like(tokens)))
+    assert len(hooks) >= 6 * bridge.cfg.n_layers
+    assert skeleton.widths(hooks) == hook_widths(bridge, hooks)
+    assert forward_plan(skeleton.bridge, hooks) == forward_plan(bridge, hooks)
+    assert skeleton.weight_bytes("float32") == sum(p.numel() * p.element_size() for p in bridge.original_model.parameters())
+    assert skeleton.weight_bytes("bfloat16") * 2 == skeleton.weight_bytes("float32")
+    bridged = [h for h in per_token_hooks(bridge) if h not in set(hooks) and h.startswith("blocks.0.")]
+    if bridged:
+        assert skeleton.widths(bridged[:1]) is None
+
+
+def test_a_config_without_weights_is_planned_for_the_workers_memory(tiny_model, corpus_dir, tmp_path):
+    """``run --dry-run --worker-memory`` plans a job from a folder with no weights, for workers of
+    the memory given (not this machine's), and refuses it, with its numbers, where it needs more."""
+    from typer.testing import CliRunner
+
+    from actscope.jobs.cli import app
+    from tests.conftest import write_job
+
+    job = write_job(tmp_path, "bare", _without_weights(tiny_model, tmp_path / "bare-model"), corpus_dir)
+    runner = CliRunner()
+    planned = runner.invoke(app, ["run", str(job), "--dry-run", "--worker-memory", "3GiB"], env={"COLUMNS": "300"})
+    assert planned.exit_code == 0, planned.output
+    assert "of 3.00 GiB available" in planned.output and "store: at most" in planned.output
+    refused = runner.invoke(app, ["run", str(job), "--dry-run", "--worker-memory", "100MB"], env={"COLUMNS": "300"})
+    assert refused.exit_code == 2 and "95.4 MiB is available" in refused.output, refused.output
+    assert not (tmp_path / "bare.zarr").exists()
 
 
 def test_the_forward_stops_after_the_last_hooked_block(architectures):
