@@ -775,8 +775,8 @@ def _print_result(result, format: Format, deadline: float | None = None) -> None
             for row in rows():
                 writer.writerow([shown(v) for v in row])
         else:
-            # In tables of at most 2,000 rows (Rich lays a table out whole: 100,000 rows took 14 s),
-            # so the deadline is checked between them.
+            # In tables of at most 2,000 rows (Rich lays a table out whole, in time that grows with its
+            # rows), so the deadline is checked between them.
             numeric = [bool(result.rows) and all(isinstance(row[c], int | float) and not isinstance(row[c], bool) for row in result.rows[:TABLE_ROWS] if row[c] is not None)
                        for c in range(len(result.columns))]
 

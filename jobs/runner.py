@@ -93,7 +93,8 @@ def _plan_while_ray_starts(spec: JobSpec, ray_session: RaySession | None, on_ray
 def _start_early(spec: JobSpec, address: str | None) -> bool:
     """Whether the workers start while the job is planned: where they do not compete with the
     plan for this machine's cores (on a cluster, or on GPUs). On a machine of CPUs alone they
-    do, and it was measured a wash (start-up 7-10 s to 5-6 s, the plan 7.5 s to 9-10.6 s)."""
+    do, and it was measured a wash: the start-up shortened by what the plan lengthened
+    (RESULTS.md, "Numbers behind code comments")."""
     import torch
 
     return address is not None or spec.device == "cuda" or (spec.device == "auto" and torch.cuda.is_available())
@@ -186,8 +187,8 @@ class _Run:
         self.url = spec.store
 
     def plan(self, *, overwrite: bool, job_path: str | None, worker_memory: int | None = None) -> Plan:
-        """Ray starts (3 s embedded: its own processes, mostly waiting) while the plan loads the
-        model on this process's thread, then the workers start (on a cluster or GPUs); a
+        """Ray starts (its own processes, mostly waiting) while the plan builds the model from
+        its config on this process's thread, then the workers start (on a cluster or GPUs); a
         finished store never waits for Ray."""
         unfinished = self.use_ray and not _finished(self.spec.store)
         planned = _plan_while_ray_starts(

@@ -355,8 +355,8 @@ class RaySession:
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")
         os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
         # Ray starts its workers at niceness 15, below the driver and Ray's own processes; a
-        # worker's torch threads then stall whenever those run (a shard took 6.3 s instead of
-        # 5.6 s on 2 cores). The workers are the job: run them at the driver's priority.
+        # worker's torch threads then stall whenever those run (RESULTS.md, "Numbers behind code
+        # comments"). The workers are the job: run them at the driver's priority.
         os.environ.setdefault("RAY_worker_niceness", "0")
         kwargs = {"include_dashboard": False, "log_to_driver": False, "logging_level": logging.WARNING}
         if self.address is None:

@@ -51,8 +51,8 @@ class RunningTopK:
     bound is the k-th best of the extremes of 2k blocks of tokens: k distinct tokens reach it, so
     the batch's k-th value does too, and few tokens (about 2 % of a batch) are ranked. Where most
     tokens reach that bound by tying at it (a sparse latent's zeros: the bound is 0), the batch is
-    taken as two, its first 4k tokens ranked whole and the rest as a later batch: a first batch
-    of 2048 x 12,288 SAE latents took 1.4 s ranked whole. A batch then costs one comparison pass
+    taken as two, its first 4k tokens ranked whole and the rest as a later batch (ranking a
+    first batch of SAE latents whole costs seconds). A batch then costs one comparison pass
     and a few operations on its candidates.
 
     The running keys are [width, k], so that every top-k runs along contiguous memory.

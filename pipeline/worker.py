@@ -71,8 +71,8 @@ class ShardWorker:
         self.widths = {h: int(w) for h, w in self.store.model.hook_widths.items()}
         self._writer = ThreadPoolExecutor(max_workers=2, thread_name_prefix="dense-writer")
         # On a CPU with several torch threads, the hooks' reductions run side by side, one thread
-        # each (see one_thread): a 2-hook MiniLM shard's reductions took 1.8 s instead of 2.2 s
-        # on 2 cores.
+        # each (see one_thread), which was faster than each reduction on every thread (RESULTS.md,
+        # "Numbers behind code comments").
         cpu_threads = torch.get_num_threads() if self.device.type == "cpu" else 1
         parallel = cpu_threads > 1 and len(self.spec.sites) > 1
         self._reducers = ThreadPoolExecutor(cpu_threads, thread_name_prefix="reducer") if parallel else None
@@ -231,8 +231,8 @@ def csr_rows(pieces: list[tuple[np.ndarray, np.ndarray, np.ndarray]], n_tokens: 
 @contextmanager
 def one_thread(device: torch.device):
     """Run the per-hook reductions on one CPU thread. They are passes over cache-sized blocks and
-    small gathers, which torch's thread pool slows down: moments of a 2048x1536 batch took 4.7 ms
-    on one thread and 7.7-9.6 ms on two. The forward and co-activation's products keep every
+    small gathers, which torch's thread pool slows down (moments ran faster on one thread than
+    on two). The forward and co-activation's products keep every
     thread."""
     threads = torch.get_num_threads()
     if device.type != "cpu" or threads == 1:
