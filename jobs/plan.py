@@ -21,6 +21,7 @@ from actscope.pipeline.capacity import (
     partial_bytes,
     shards_per_group,
     store_bytes,
+    tracked_token_count,
     worker_memory,
 )
 from actscope.pipeline.corpus import check_corpus
@@ -79,6 +80,8 @@ class Plan:
             else:
                 lines.append(f"hook: {hook} ({width:,} units{', dense' if hook in spec.dense else ''})")
         lines.append(f"forward: {describe_forward(self.model.forward)}")
+        if spec.computes("tokens") and any(not spec.sae(site) for site in self.model.hook_widths):
+            lines.append(_describe_token_sums(spec, self.model))
         partial = partial_bytes(spec, self.model.hook_widths, self.model.vocab_size)
         shard_tokens = spec.shard_size * spec.context_length
         widths, vocab = self.model.hook_widths, self.model.vocab_size
@@ -99,6 +102,17 @@ class Plan:
         limit = f" of {gib(self.memory_limit)} available" if self.memory_limit else " (the workers' devices are not visible here)"
         lines.append(f"worker memory: {gib(self.memory.total)}{limit}; largest parts: " + ", ".join(f"{name} {gib(size)}" for name, size in self.memory.largest()))
         return lines
+
+
+def _describe_token_sums(spec: JobSpec, model: ModelRecord) -> str:
+    """Which form of token sums the plan chose for the neurons, and why."""
+    units = sum(w for site, w in model.hook_widths.items() if not spec.sae(site))
+    every = f"{gib(8 * units * model.vocab_size)} a worker for all {model.vocab_size:,}"
+    if not model.tracked_tokens:
+        return f"token sums: every token's, exact ({every})"
+    why = "tracked_tokens" if spec.tracked_tokens != "auto" else f"all would take {every}; tracked_tokens: all forces them"
+    return (f"token sums: the {model.tracked_tokens:,} most frequent tokens of the first group of shards, exact for each "
+            f"({gib(8 * units * model.tracked_tokens)} a worker; {why})")
 
 
 def plan(spec: JobSpec, *, overwrite: bool = False, job_path: str | None = None, local_workers: int | None = None,
@@ -123,6 +137,7 @@ def plan(spec: JobSpec, *, overwrite: bool = False, job_path: str | None = None,
         raise JobSpecError(f"context_length: {spec.context_length} is more than the model's {positions} positions; use at most {positions}.")
     widths = _WidthsOf(spec, skeleton, tokenizer)
     model = _model_record(spec, skeleton.bridge, tokenizer, framing, widths)
+    model = dataclasses.replace(model, tracked_tokens=tracked_token_count(spec, model.hook_widths, model.vocab_size))
     weight_bytes = skeleton.weight_bytes(spec.dtype)
     del skeleton, widths
     gc.collect()

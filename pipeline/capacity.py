@@ -8,7 +8,8 @@ V: vocabulary size):
   while the first batch is ranked;
 - moments ``48 w``; histogram ``8 w * N_BINS``; band samples ``20 w * 32 * samples_per_band``;
   random samples ``4 w * random_samples``;
-- token sums ``8 w * min(V, G)`` (float64 rows of the ids present in the group of G tokens);
+- token sums ``8 w * min(R, G)`` (float64 rows of the tracked ids present in the group of G
+  tokens; R = V, or the N most frequent tokens where ``tracked_token_count`` chooses them);
   an SAE's are sparse: ``16`` bytes per (token id, latent) pair at which the latent fired, twice
   while pieces are folded, so ``32 * min(V w, G L)`` for L latents firing per token (a top-k
   SAE's k; for the others the plan assumes ``L <= ASSUMED_L0``);
@@ -82,7 +83,7 @@ def worker_memory(spec: JobSpec, widths: dict[str, int], vocab_size: int, weight
         if spec.computes("tokens") and spec.sae(hook):
             add("token sums", 2 * sparse_token_bytes(w, vocab_size, sparse_group, fires(hook)))
         elif spec.computes("tokens"):
-            add("token sums", 8 * w * min(vocab_size, group_tokens))
+            add("token sums", 8 * w * min(token_rows(spec, widths, vocab_size), group_tokens))
         add("activations", 4 * batch_tokens * w)
         if hook in spec.dense and spec.sae(hook):
             add("dense buffers", 14 * shard_tokens * fires(hook))  # (token, latent, value) entries
@@ -163,13 +164,15 @@ def partial_bytes(spec: JobSpec, widths: dict[str, int], vocab_size: int) -> int
     token sums are not counted: they grow with the group's tokens (16 L bytes a token at most)
     rather than being written once per group, so the group's size cannot amortise them; nor are
     the pairs of latents that met (20 bytes each), for the same reason."""
-    total = sum(hook_partial_bytes(spec, w, vocab_size, sparse=bool(spec.sae(site))) for site, w in widths.items())
+    rows = token_rows(spec, widths, vocab_size)
+    total = sum(hook_partial_bytes(spec, w, rows, sparse=bool(spec.sae(site))) for site, w in widths.items())
     return total + 8 * sum(dense_pair_sizes(spec, widths))
 
 
-def hook_partial_bytes(spec: JobSpec, w: int, vocab_size: int, *, sparse: bool = False) -> int:
+def hook_partial_bytes(spec: JobSpec, w: int, token_rows: int, *, sparse: bool = False) -> int:
     """One hook's share of ``partial_bytes`` (co-activation aside), for a hook of width ``w``
-    (``sparse``: an SAE's, whose token sums are not counted)."""
+    whose token sums have ``token_rows`` rows (``sparse``: an SAE's, whose token sums are not
+    counted)."""
     sides = 2 if spec.computes("bottom") else 1
     total = sides * 12 * w * spec.top_k * (2 if spec.examples == "document" else 1) + 48 * w
     if spec.computes("histogram"):
@@ -177,8 +180,35 @@ def hook_partial_bytes(spec: JobSpec, w: int, vocab_size: int, *, sparse: bool =
     if spec.computes("samples"):
         total += 20 * w * N_BANDS * spec.samples_per_band + 4 * w * spec.random_samples
     if spec.computes("tokens") and not sparse:
-        total += 8 * w * vocab_size
+        total += 8 * w * token_rows
     return total
+
+
+#: The bytes the token sums of a job's neurons (not SAE latents, whose sums are sparse) may take,
+#: on a worker and in each group's partials, before ``tracked_tokens: auto`` keeps the most
+#: frequent tokens only (GPT-2 small's 12 MLP hooks over its whole vocabulary would take 13.8 GiB).
+TOKEN_SUMS_BUDGET = 4 << 30
+
+
+def tracked_token_count(spec: JobSpec, widths: dict[str, int], vocab_size: int) -> int:
+    """The plan's choice for ``tracked_tokens``: 0 where every token's sums are kept, else N,
+    the number of the most frequent tokens kept. A function of the job, the widths and the
+    vocabulary alone (never of a machine's memory), so that a job's results are the same
+    wherever it runs; the plan records it in the store."""
+    choice = spec.tracked_tokens
+    if not spec.computes("tokens") or choice == "all":
+        return 0
+    if choice != "auto":
+        return 0 if choice >= vocab_size else choice
+    units = sum(w for site, w in widths.items() if not spec.sae(site))
+    if 8 * units * vocab_size <= TOKEN_SUMS_BUDGET:
+        return 0
+    return max(1, TOKEN_SUMS_BUDGET // (8 * units))
+
+
+def token_rows(spec: JobSpec, widths: dict[str, int], vocab_size: int) -> int:
+    """Rows of a neuron hook's token sums: the tracked tokens, or the whole vocabulary."""
+    return tracked_token_count(spec, widths, vocab_size) or vocab_size
 
 
 #: Groups a corpus is cut into at least, where their state fits ``SMALL_JOB_PARTIALS`` in all:

@@ -31,6 +31,7 @@ from actscope.pipeline import coactivation
 from actscope.pipeline.capacity import fires_per_token, hook_partial_bytes, latents_per_token, sparse_token_bytes
 from actscope.pipeline.index import hook_tables, vocab_table, write_tokens_table
 from actscope.pipeline.reducers import HookMerge
+from actscope.pipeline.tokenstats import tracked_tokens
 from actscope.storage.errors import StoreError
 from actscope.storage.lease import Fence
 from actscope.storage.store import Store
@@ -67,6 +68,7 @@ def _all_parts(store: Store) -> tuple[list[Part], list[Part]]:
     co-activation ``prepare`` first when there is one; the co-activation blocks)."""
     spec = store.spec
     widths, vocab, groups = store.model.hook_widths, store.model.vocab_size, store.n_groups
+    rows = store.model.tracked_tokens or vocab
     first = []
     for n, hook in enumerate(sorted(spec.sites)):
         w = widths[hook]
@@ -75,8 +77,8 @@ def _all_parts(store: Store) -> tuple[list[Part], list[Part]]:
         elif spec.sae(hook):
             tokens = 2 * sparse_token_bytes(w, vocab, store.n_seq * spec.context_length, fires_per_token(latents_per_token(store.model), hook, w))
         else:
-            tokens = 16 * vocab * w
-        memory = tokens + 2 * hook_partial_bytes(spec, w, vocab, sparse=bool(spec.sae(hook))) + (64 << 20)
+            tokens = 16 * rows * w
+        memory = tokens + 2 * hook_partial_bytes(spec, w, rows, sparse=bool(spec.sae(hook))) + (64 << 20)
         first.append(Part(f"hook-{n:04d}", PartKind.HOOK, hook=hook, memory=memory))
     later = []
     hooks = spec.coactivation_hooks()
@@ -140,7 +142,7 @@ def assemble(store: Store, tokenizer) -> None:
 def merge_hook(store: Store, hook: str) -> dict[str, np.ndarray]:
     """One hook's statistics over every group: {top_values, top_index, bottom_*, count, mean,
     m2, ..., hist, band_*, random_*, token_*}."""
-    merge = HookMerge(store.spec, hook, store.model.hook_widths[hook], store.model.vocab_size)
+    merge = HookMerge(store.spec, hook, store.model.hook_widths[hook], store.model.vocab_size, tracked_tokens(store))
     for group in range(store.n_groups):
         merge.add(store.read_partial(group, hook))
     return merge.result()

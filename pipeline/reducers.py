@@ -61,6 +61,7 @@ class Group:
     tokens: torch.Tensor  # the group's token ids, flat, on the device
     counted: torch.Tensor  # which of them count
     offset: int  # the group's first token index in the corpus
+    tracked: torch.Tensor | None = None  # the token ids whose sums are kept (``tokenstats.tracked_tokens``); None: all
 
 
 @dataclass(frozen=True)
@@ -68,7 +69,7 @@ class Statistic:
     name: str
     owns: Callable[[str], bool]
     reducer: Callable[[JobSpec, Group], Reducer]
-    fold: Callable[[JobSpec, int, int], Fold]  # (spec, width, vocabulary size)
+    fold: Callable[[JobSpec, int, int, np.ndarray | None], Fold]  # (spec, width, vocabulary size, tracked token ids)
 
 
 class Pairwise:
@@ -127,7 +128,7 @@ def _extremes(side: str) -> Statistic:
     return Statistic(
         side, lambda name: name.startswith(f"{side}_"),
         lambda spec, group: _Extremes(spec, group, side),
-        lambda spec, width, vocab: Pairwise(merge(spec)),
+        lambda spec, width, vocab, tracked: Pairwise(merge(spec)),
     )
 
 
@@ -165,8 +166,9 @@ class _Batched:
 
 
 class _TokenFold:
-    def __init__(self, spec: JobSpec, width: int, vocab: int, merge=TokenSumMerge):
-        self.spec, self.sums = spec, merge(vocab, width)
+    def __init__(self, spec: JobSpec, width: int, vocab: int, tracked: np.ndarray | None = None, merge=TokenSumMerge):
+        self.spec = spec
+        self.sums = merge(vocab, width) if merge is SparseTokenSumMerge else merge(vocab, width, tracked)
 
     def add(self, state: State) -> None:
         self.sums.add(state)
@@ -179,33 +181,33 @@ class _TokenFold:
 MOMENTS = Statistic(
     "moments", lambda name: name in FIELDS,
     lambda spec, g: _Counted(RunningMoments(g.width, g.tokens.device, spec.threshold(g.hook))),
-    lambda spec, width, vocab: Pairwise(combine),
+    lambda spec, width, vocab, tracked: Pairwise(combine),
 )
 HISTOGRAM = Statistic(
     "histogram", lambda name: name == "hist",
     lambda spec, g: _Counted(RunningHistogram(g.width, g.tokens.device)),
-    lambda spec, width, vocab: Pairwise(lambda a, b: {"hist": a["hist"] + b["hist"]}),
+    lambda spec, width, vocab, tracked: Pairwise(lambda a, b: {"hist": a["hist"] + b["hist"]}),
 )
 BAND_SAMPLES = Statistic(
     "band samples", lambda name: name.startswith("band_"),
     lambda spec, g: _Batched(RunningBandSamples(spec.samples_per_band, g.width, g.tokens.device, spec.band_sample_rate)),
-    lambda spec, width, vocab: Pairwise(lambda a, b: merge_band_samples(a, b, spec.seed)),
+    lambda spec, width, vocab, tracked: Pairwise(lambda a, b: merge_band_samples(a, b, spec.seed)),
 )
 RANDOM_SAMPLES = Statistic(
     "random samples", lambda name: name.startswith("random_"),
     lambda spec, g: _Batched(RunningRandomSamples(spec.random_samples, g.width, g.tokens.device)),
-    lambda spec, width, vocab: Pairwise(lambda a, b: merge_random_samples(a, b, spec.seed)),
+    lambda spec, width, vocab, tracked: Pairwise(lambda a, b: merge_random_samples(a, b, spec.seed)),
 )
 TOKENS = Statistic(
     "token sums", lambda name: name.startswith("token_"),
-    lambda spec, g: _Batched(RunningTokenSums(g.tokens, g.counted, g.width)),
+    lambda spec, g: _Batched(RunningTokenSums(g.tokens, g.counted, g.width, g.tracked)),
     _TokenFold,
 )
 #: An SAE's latents: the same table from sparse (token, latent) sums (``pipeline.tokenstats``).
 SPARSE_TOKENS = Statistic(
     "token sums", lambda name: name.startswith("token_"),
     lambda spec, g: _Batched(RunningSparseTokenSums(g.tokens, g.counted, g.width)),
-    lambda spec, width, vocab: _TokenFold(spec, width, vocab, SparseTokenSumMerge),
+    lambda spec, width, vocab, tracked: _TokenFold(spec, width, vocab, merge=SparseTokenSumMerge),
 )
 
 
@@ -256,8 +258,9 @@ class HookStatistics:
 class HookMerge:
     """Folds one hook's group partials, in the order they are added."""
 
-    def __init__(self, spec: JobSpec, site: str, width: int, vocab_size: int):
-        self.folds = [(statistic, statistic.fold(spec, width, vocab_size)) for statistic in job_statistics(spec, site)]
+    def __init__(self, spec: JobSpec, site: str, width: int, vocab_size: int, tracked: np.ndarray | None = None):
+        """``tracked``: the token ids whose sums the groups kept (``tokenstats.tracked_tokens``)."""
+        self.folds = [(statistic, statistic.fold(spec, width, vocab_size, tracked)) for statistic in job_statistics(spec, site)]
 
     def add(self, part: State) -> None:
         for statistic, fold in self.folds:

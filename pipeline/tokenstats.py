@@ -29,19 +29,26 @@ from actscope.pipeline.nonzero import NonZeros
 
 
 class RunningTokenSums:
-    """Per (token id present in the shard, neuron): count and sum of activations."""
+    """Per (token id present in the group, neuron): count and sum of activations. ``tracked``:
+    the token ids to keep (sorted), None for every one; the others' activations are added to
+    one spare row, dropped at the end (no copy of the batch is made to leave them out)."""
 
-    def __init__(self, shard_tokens: torch.Tensor, counted: torch.Tensor, width: int):
-        self.present = torch.unique(shard_tokens[counted])  # sorted
-        self.sums = torch.zeros((len(self.present), width), dtype=torch.float64, device=shard_tokens.device)
-        self.counts = torch.zeros(len(self.present), dtype=torch.int64, device=shard_tokens.device)
+    def __init__(self, shard_tokens: torch.Tensor, counted: torch.Tensor, width: int, tracked: torch.Tensor | None = None):
+        present = torch.unique(shard_tokens[counted])  # sorted
+        self.tracked = tracked is not None
+        self.present = present[torch.isin(present, tracked)] if self.tracked else present
+        rows = len(self.present) + self.tracked
+        self.sums = torch.zeros((rows, width), dtype=torch.float64, device=shard_tokens.device)
+        self.counts = torch.zeros(rows, dtype=torch.int64, device=shard_tokens.device)
 
     def update(self, x: torch.Tensor, batch) -> None:
         ids, x = (batch.token_ids, x) if batch.counted is None else (batch.token_ids[batch.counted], x[batch.counted])
         if len(ids) == 0:
             return
         row = torch.searchsorted(self.present, ids)
-        self.counts += torch.bincount(row, minlength=len(self.present))
+        if self.tracked:  # an untracked token's row is the spare one
+            row = torch.where(torch.isin(ids, self.present), row, len(self.present))
+        self.counts += torch.bincount(row, minlength=len(self.counts))
         if x.device.type == "cpu":
             self.sums.index_add_(0, row, x.double())
         else:
@@ -50,38 +57,67 @@ class RunningTokenSums:
             self.sums[rows] += torch.segment_reduce(x[order].double(), "sum", lengths=lengths, axis=0)
 
     def result(self) -> dict[str, np.ndarray]:
+        n = len(self.present)
         return {
             "token_ids": self.present.to(torch.int32).cpu().numpy(),
-            "token_counts": self.counts.cpu().numpy(),
-            "token_sums": self.sums.cpu().numpy(),  # float64: equal means stay equal (ties by id)
+            "token_counts": self.counts[:n].cpu().numpy(),
+            "token_sums": self.sums[:n].cpu().numpy(),  # float64: equal means stay equal (ties by id)
         }
 
 
 class TokenSumMerge:
-    """Adds shards' sparse rows into dense [vocab, width] sums (float64), in the order given."""
+    """Adds groups' sparse rows into dense [tokens, width] sums (float64), in the order given:
+    a row for every vocabulary token, or for each of ``tracked`` (sorted token ids) only."""
 
-    def __init__(self, vocab_size: int, width: int):
-        self.sums = np.zeros((vocab_size, width), dtype=np.float64)
-        self.counts = np.zeros(vocab_size, dtype=np.int64)
+    def __init__(self, vocab_size: int, width: int, tracked: np.ndarray | None = None):
+        self.tracked = tracked
+        rows = vocab_size if tracked is None else len(tracked)
+        self.sums = np.zeros((rows, width), dtype=np.float64)
+        self.counts = np.zeros(rows, dtype=np.int64)
 
     def add(self, part: dict[str, np.ndarray]) -> None:
         ids = part["token_ids"]
-        self.sums[ids] += part["token_sums"]
-        self.counts[ids] += part["token_counts"]
+        rows = ids if self.tracked is None else np.searchsorted(self.tracked, ids)
+        self.sums[rows] += part["token_sums"]
+        self.counts[rows] += part["token_counts"]
 
     def top(self, m: int, min_count: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(token ids, means, counts), each [m, width], best first; id -1 where fewer than m
         tokens qualify. Ties in mean break by lower token id."""
         eligible = self.counts >= min_count
-        ids = np.flatnonzero(eligible)
-        m = min(m, len(ids))
+        rows = np.flatnonzero(eligible)
+        m = min(m, len(rows))
         width = self.sums.shape[1]
         if m == 0:
             return np.full((0, width), -1), np.zeros((0, width)), np.zeros((0, width), dtype=np.int64)
-        means = self.sums[ids] / self.counts[ids, None]
-        order = top_rows(means, m)
-        best = ids[order]
-        return best, np.take_along_axis(means, order, 0), self.counts[best]
+        means = self.sums[rows] / self.counts[rows, None]
+        order = top_rows(means, m)  # rows are in token id order, so ties still break by lower id
+        best = rows[order]
+        return best if self.tracked is None else self.tracked[best], np.take_along_axis(means, order, 0), self.counts[best]
+
+
+def most_frequent(tokens: np.ndarray, n: int) -> np.ndarray:
+    """The ``n`` most frequent ids among ``tokens`` (ties by lower id), sorted by id."""
+    counts = np.bincount(tokens)
+    present = np.flatnonzero(counts)
+    return np.sort(present[np.lexsort((present, -counts[present]))[:n]])
+
+
+def tracked_tokens(store, span: tuple[int, int] | None = None) -> np.ndarray | None:
+    """The token ids whose sums the job keeps (sorted), or None for every token: the
+    ``store.model.tracked_tokens`` most frequent counted tokens of the corpus's first group of
+    shards, a function of the corpus alone (the same for every worker, retry and resume).
+    ``span``: that group's sequences, where the store's status does not know them yet (a group
+    run while the corpus is still being tokenized)."""
+    n = store.model.tracked_tokens
+    if not n:
+        return None
+    from actscope.storage.store import PAD, TEXT
+
+    first, last = span or store.group_range(0)
+    data = store.read_tokens(first, last, ("tokens", "kinds"))
+    counted = data["kinds"] != PAD if store.spec.include_special_tokens else data["kinds"] == TEXT
+    return most_frequent(data["tokens"][counted].astype(np.int64), n)
 
 
 def top_rows(scores: np.ndarray, m: int) -> np.ndarray:

@@ -24,6 +24,7 @@ from actscope.pipeline.logits import logit_effects
 from actscope.pipeline.model import job_forward, load_job_model, resolve_device
 from actscope.pipeline.nonzero import NonZeros
 from actscope.pipeline.reducers import Group, HookStatistics
+from actscope.pipeline.tokenstats import tracked_tokens
 from actscope.storage.lease import Fence
 from actscope.storage.store import COACTIVATION, PAD, TEXT, Store
 
@@ -69,6 +70,7 @@ class ShardWorker:
         self.device = resolve_device(self.spec.device)
         self.forward = job_forward(self.spec, self.store.model, self.device)
         self.widths = {h: int(w) for h, w in self.store.model.hook_widths.items()}
+        self._tracked: list = []  # the token ids whose sums are kept, once read ([None]: every token)
         self._writer = ThreadPoolExecutor(max_workers=2, thread_name_prefix="dense-writer")
         # On a CPU with several torch threads, the hooks' reductions run side by side, one thread
         # each (see one_thread), which was faster than each reduction on every thread (RESULTS.md,
@@ -103,6 +105,16 @@ class ShardWorker:
             device_peak=torch.cuda.max_memory_allocated(self.device) if self.device.type == "cuda" else 0,
         )
 
+    def _tracked_tokens(self, first: int, last: int) -> torch.Tensor | None:
+        """The job's tracked token ids (``tokenstats.tracked_tokens``), read once: from the first
+        group's sequences, which are this group's when it is the first (its length may not be
+        in the store's status yet) and a whole group's otherwise."""
+        if not self._tracked:
+            span = (first, last) if first == 0 else (0, self.store.shards_per_group * self.spec.shard_size)
+            ids = tracked_tokens(self.store, span)
+            self._tracked.append(None if ids is None else torch.from_numpy(ids).to(self.device))
+        return self._tracked[0]
+
     def _reduce(self, first: int, last: int, shards: list[tuple[int, int]]):
         """Every statistic over sequences [first, last), shard by shard (the dense arrays'
         chunks), into one set of accumulators."""
@@ -114,8 +126,8 @@ class ShardWorker:
         group_kinds = torch.from_numpy(ids["kinds"]).reshape(-1)
         group_counted = group_kinds != PAD if spec.include_special_tokens else group_kinds == TEXT
         del ids
-        tokens, counted = group_tokens.to(self.device), group_counted.to(self.device)
-        stats = {h: HookStatistics(spec, Group(h, self.widths[h], tokens, counted, first * ctx)) for h in spec.sites}
+        tokens, counted, tracked = group_tokens.to(self.device), group_counted.to(self.device), self._tracked_tokens(first, last)
+        stats = {h: HookStatistics(spec, Group(h, self.widths[h], tokens, counted, first * ctx, tracked)) for h in spec.sites}
         del tokens, counted
         del group_tokens, group_kinds, group_counted
         # Once the job's co-activation is merged (and the groups' copies dropped), a group written

@@ -27,6 +27,7 @@ class ModelRecord:
     saes: dict[str, dict[str, Any]] = field(default_factory=dict)  # by SAE name: ``pipeline.sae.SAEInfo`` as a dict
     sources: dict[str, Any] | None = None  # the digest of every model, SAE and corpus file
     fingerprint: str | None = None  # of the model, SAEs and corpus, from ``sources``
+    tracked_tokens: int = 0  # the plan's choice of the token sums' rows (``capacity.tracked_token_count``); 0: every token
 
     @classmethod
     def from_attrs(cls, attrs: Mapping[str, Any] | ModelRecord) -> ModelRecord:

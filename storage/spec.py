@@ -165,6 +165,13 @@ class JobSpec(_Frozen):
     random_samples: Bounded(4096, "every neuron's value is kept on each") = Field(16, description="Uniformly sampled counted tokens, with every neuron's value on them.")
     seed: int = Field(0, ge=0, lt=2**32, description="Seed of the sampling hash (samples are deterministic and independent of sharding).")
     top_tokens: Bounded(1000, "ranks are kept per neuron") = Field(10, description="Vocabulary tokens kept per neuron, by mean activation.")
+    tracked_tokens: Bounded(1 << 24, "a vocabulary's size") | Literal["auto", "all"] = Field(
+        "auto",
+        description="Vocabulary tokens whose activation sums every neuron keeps (`token_stats`): `all`; a number N: the N most "
+        "frequent counted tokens of the corpus's first group of shards (ties by lower id); `auto`: all where their sums fit "
+        "4 GiB a worker, else as many of the most frequent as fit (the plan prints its choice). SAE latents keep their "
+        "sparse sums over every token.",
+    )
     min_token_count: Bounded(1 << 40, "a count of tokens") = Field(
         4, description="Occurrences a token needs before its mean activation ranks."
     )

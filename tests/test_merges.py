@@ -131,3 +131,24 @@ def test_sparse_token_sums_fold_the_same_whenever_they_compact(monkeypatch):
         top = once["token_top_ids"][:, unit]
         assert top[top >= 0].tolist() == best
         np.testing.assert_allclose(once["token_top_mean"][:, unit][top >= 0], [means[t] for t in best], rtol=1e-12)
+
+
+def test_auto_tracks_every_token_where_their_sums_fit_and_the_most_frequent_where_not():
+    """``tracked_tokens: auto`` is a function of the job, its widths and its vocabulary (never of
+    a machine): every token while the neurons' sums fit ``TOKEN_SUMS_BUDGET``, else as many of
+    the most frequent as fit. SAE latents (sparse sums) do not count."""
+    from actscope.pipeline.capacity import TOKEN_SUMS_BUDGET, tracked_token_count
+    from actscope.storage.spec import JobSpec
+
+    def spec(**fields):
+        return JobSpec.from_dict({"model": "m", "dataset": {"path": "text"}, "hooks": ["h"], "store": "/s.zarr", **fields})
+
+    gpt2_layer, gpt2_small = {"h": 3072}, {f"h{i}": 3072 for i in range(12)}
+    llama_8b = {f"h{i}": 14_336 for i in range(32)}
+    assert tracked_token_count(spec(), gpt2_layer, 50_257) == 0  # 1.2 GB: every token
+    assert tracked_token_count(spec(), gpt2_small, 50_257) == TOKEN_SUMS_BUDGET // (8 * 36_864) == 14_563
+    assert tracked_token_count(spec(), llama_8b, 128_256) == 1_170
+    assert tracked_token_count(spec(tracked_tokens="all"), llama_8b, 128_256) == 0
+    assert tracked_token_count(spec(tracked_tokens=40), gpt2_layer, 50_257) == 40
+    assert tracked_token_count(spec(tracked_tokens=60_000), gpt2_layer, 50_257) == 0  # more than the vocabulary: all
+    assert tracked_token_count(spec(statistics=["bottom"]), llama_8b, 128_256) == 0

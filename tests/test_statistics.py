@@ -95,12 +95,55 @@ def test_random_samples_are_the_lowest_priority_tokens(run):
 
 
 def test_token_stats_equal_brute_force_means(run):
-    spec, data, ref = run
+    _check_token_stats(*run)
+
+
+@pytest.fixture(scope="module")
+def tracked_run(tmp_path_factory, tiny_model, corpus_dir):
+    """Token sums of the 40 most frequent tokens of the first group only, over 5 groups."""
+    root = tmp_path_factory.mktemp("tracked-run")
+    path = write_job(root, "job", tiny_model, corpus_dir, dataset={"max_tokens": 4000}, hooks=["blocks.0.mlp.hook_post"], dense=[],
+                     shard_size=8, group_shards=2, top_tokens=4, min_token_count=3, tracked_tokens=40, statistics=["tokens"])
+    spec = load_job(path)
+    run_job(spec, use_ray=False)
+    store = Store.open(spec.store)
+    data = store.read_tokens(0, store.n_seq, ("tokens", "kinds", "doc_ids"))
+    return spec, data, activations(str(tiny_model), spec.hooks, data["tokens"], data["kinds"] != PAD)
+
+
+def test_tracked_token_stats_are_exact_over_the_first_groups_most_frequent_tokens(tracked_run):
+    """``tracked_tokens: N``: each neuron's token means are exact over the N most frequent counted
+    tokens of the first group (ties by lower id), and no other token ranks; a worker whose first
+    group is another one reads the same tokens (its group's partials are the same bytes); the
+    plan says which form it chose."""
+    from actscope.jobs.runner import dry_run
+    from actscope.pipeline.worker import ShardWorker
+
+    spec, data, ref = tracked_run
+    store = Store.open(spec.store, writable=True)
+    assert store.n_groups >= 3 and store.model.tracked_tokens == 40
+    first = data["tokens"][: 2 * spec.shard_size][data["kinds"][: 2 * spec.shard_size] == TEXT]
+    ids, counts = np.unique(first, return_counts=True)
+    tracked = np.sort(ids[np.lexsort((ids, -counts))][:40])
+    assert len(np.unique(data["tokens"][data["kinds"] == TEXT])) > 2 * len(tracked)  # most tokens are left out
+    _check_token_stats(spec, data, ref, tracked)
+    hook = spec.hooks[0]
+    before = store.read_partial(2, hook)
+    store.uncommit(2)
+    ShardWorker(spec.store)(2)
+    after = store.read_partial(2, hook)
+    assert before.keys() == after.keys() and all(np.array_equal(before[k], after[k]) for k in before)
+    assert any("the 40 most frequent tokens of the first group" in line for line in dry_run(spec, use_ray=False))
+
+
+def _check_token_stats(spec, data, ref, tracked: np.ndarray | None = None):
+    """The token_stats table against brute-force means over the counted tokens (those in
+    ``tracked`` only, where given)."""
     counted = (data["kinds"] == TEXT).reshape(-1)
     ids = data["tokens"].reshape(-1)[counted]
     for hook in spec.sites:
         x = ref[hook].reshape(-1, ref[hook].shape[-1])[counted].astype(np.float64)
-        vocab = np.unique(ids)
+        vocab = np.unique(ids) if tracked is None else tracked
         counts = np.array([(ids == t).sum() for t in vocab])
         means = np.stack([x[ids == t].mean(0) for t in vocab])  # [tokens, width]
         eligible = (counts >= spec.min_token_count)[:, None].repeat(x.shape[1], 1)
