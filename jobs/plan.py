@@ -15,6 +15,7 @@ from enum import StrEnum
 
 from actscope.pipeline.capacity import (
     Estimate,
+    dense_pair_sizes,
     gib,
     latents_per_token,
     machine_memory,
@@ -24,6 +25,7 @@ from actscope.pipeline.capacity import (
     tracked_token_count,
     worker_memory,
 )
+from actscope.pipeline.coactivation import chosen_pairs
 from actscope.pipeline.corpus import check_corpus
 from actscope.pipeline.fingerprint import changed_sources, data_files, fingerprint, sources
 from actscope.pipeline.model import (
@@ -82,6 +84,8 @@ class Plan:
         lines.append(f"forward: {describe_forward(self.model.forward)}")
         if spec.computes("tokens") and any(not spec.sae(site) for site in self.model.hook_widths):
             lines.append(_describe_token_sums(spec, self.model))
+        if spec.coactivation_hooks():
+            lines.append(_describe_pairs(spec, self.model.hook_widths))
         partial = partial_bytes(spec, self.model.hook_widths, self.model.vocab_size)
         shard_tokens = spec.shard_size * spec.context_length
         widths, vocab = self.model.hook_widths, self.model.vocab_size
@@ -113,6 +117,16 @@ def _describe_token_sums(spec: JobSpec, model: ModelRecord) -> str:
     why = "tracked_tokens" if spec.tracked_tokens != "auto" else f"all would take {every}; tracked_tokens: all forces them"
     return (f"token sums: the {model.tracked_tokens:,} most frequent tokens of the first group of shards, exact for each "
             f"({gib(8 * units * model.tracked_tokens)} a worker; {why})")
+
+
+def _describe_pairs(spec: JobSpec, widths: dict[str, int]) -> str:
+    """Which site pairs co-activation covers, and why."""
+    chosen = chosen_pairs(spec, widths)
+    size = gib(8 * sum(dense_pair_sizes(spec, widths)))
+    if spec.coactivation.pairs != "auto" or chosen == "all":
+        return f"co-activation: {chosen} site pairs ({size} of co-moments a worker)"
+    every = gib(8 * sum(dense_pair_sizes(spec.model_copy(update={"coactivation": spec.coactivation.model_copy(update={"pairs": "all"})}), widths)))
+    return f"co-activation: {chosen} site pairs ({size} of co-moments a worker; all pairs would take {every}; coactivation.pairs: all forces them)"
 
 
 def plan(spec: JobSpec, *, overwrite: bool = False, job_path: str | None = None, local_workers: int | None = None,

@@ -35,7 +35,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 
-from actscope.pipeline.coactivation import site_pairs, sparse_sites
+from actscope.pipeline.coactivation import job_site_pairs, sparse_sites
 from actscope.pipeline.sampling import N_BANDS
 from actscope.storage.bins import N_BINS
 from actscope.storage.record import ModelRecord
@@ -136,7 +136,7 @@ def sparse_token_bytes(w: int, vocab_size: int, tokens: int, l0: int = ASSUMED_L
 def dense_pair_sizes(spec: JobSpec, widths: dict[str, int]) -> list[int]:
     """Entries of each co-activation site pair kept dense (every pair but two sparse sites')."""
     hooks, sparse = spec.coactivation_hooks(), sparse_sites(spec)
-    return [widths[hooks[i]] * widths[hooks[j]] for i, j in site_pairs(hooks, spec.coactivation.pairs) if not (i in sparse and j in sparse)]
+    return [widths[hooks[i]] * widths[hooks[j]] for i, j in job_site_pairs(spec, widths) if not (i in sparse and j in sparse)]
 
 
 def latent_pair_entries(spec: JobSpec, widths: dict[str, int], tokens: int, l0: dict[str, int] | None = None) -> int:
@@ -146,7 +146,7 @@ def latent_pair_entries(spec: JobSpec, widths: dict[str, int], tokens: int, l0: 
     hooks, sparse = spec.coactivation_hooks(), sparse_sites(spec)
     chosen = -(-tokens // spec.coactivation.stride)
     total = 0
-    for i, j in site_pairs(hooks, spec.coactivation.pairs):
+    for i, j in job_site_pairs(spec, widths):
         if i in sparse and j in sparse:
             wi, wj = widths[hooks[i]], widths[hooks[j]]
             pairs = min(wi * wj, chosen * fires_per_token(l0, hooks[i], wi) * fires_per_token(l0, hooks[j], wj))
@@ -186,8 +186,9 @@ def hook_partial_bytes(spec: JobSpec, w: int, token_rows: int, *, sparse: bool =
 
 #: The bytes the token sums of a job's neurons (not SAE latents, whose sums are sparse) may take,
 #: on a worker and in each group's partials, before ``tracked_tokens: auto`` keeps the most
-#: frequent tokens only (GPT-2 small's 12 MLP hooks over its whole vocabulary would take 13.8 GiB).
-TOKEN_SUMS_BUDGET = 4 << 30
+#: frequent tokens only (GPT-2 small's 12 MLP hooks over its whole vocabulary would take 13.8 GiB;
+#: with ``pairs: auto``'s co-moments, two workers of such a job fit a 24 GiB machine).
+TOKEN_SUMS_BUDGET = 2 << 30
 
 
 def tracked_token_count(spec: JobSpec, widths: dict[str, int], vocab_size: int) -> int:

@@ -63,6 +63,33 @@ def site_pairs(hooks: list[str], pairs: str) -> list[tuple[int, int]]:
     return chosen
 
 
+#: The dense co-moments a worker may hold (8 bytes a neuron pair: float32 co-moments, int32
+#: counts) before ``pairs: auto`` narrows the site pairs: all pairs of GPT-2 small's 12 MLP hooks
+#: are 10.1 GiB, their adjacent pairs 1.6 GiB.
+COACTIVATION_BUDGET = 4 << 30
+
+
+def chosen_pairs(spec: JobSpec, widths: dict[str, int]) -> str:
+    """``coactivation.pairs`` with ``auto`` resolved: the first of ``all`` and ``adjacent`` whose
+    dense pairs (two SAEs' latents are sparse and not counted) fit ``COACTIVATION_BUDGET``, else
+    ``within``. A function of the job and its widths alone, never of a machine, so that a job's
+    tables are the same wherever it runs."""
+    pairs = spec.coactivation.pairs
+    if pairs != "auto":
+        return pairs
+    hooks, sparse = spec.coactivation_hooks(), sparse_sites(spec)
+    for choice in ("all", "adjacent"):
+        dense = sum(widths[hooks[i]] * widths[hooks[j]] for i, j in site_pairs(hooks, choice) if not (i in sparse and j in sparse))
+        if 8 * dense <= COACTIVATION_BUDGET:
+            return choice
+    return "within"
+
+
+def job_site_pairs(spec: JobSpec, widths: dict[str, int]) -> list[tuple[int, int]]:
+    """The job's site pairs (``site_pairs`` of its co-activation sites and ``chosen_pairs``)."""
+    return site_pairs(spec.coactivation_hooks(), chosen_pairs(spec, widths))
+
+
 def token_cut(stride: int) -> int:
     """Tokens whose priority is below this take part."""
     return (2**32) // stride
@@ -97,7 +124,7 @@ class RunningCoactivation:
 
     def __init__(self, spec: JobSpec, widths: dict[str, int], device: torch.device):
         self.hooks = spec.coactivation_hooks()
-        self.pairs = site_pairs(self.hooks, spec.coactivation.pairs)
+        self.pairs = job_site_pairs(spec, widths)
         self.sparse = sparse_sites(spec)
         self.cut = token_cut(spec.coactivation.stride)
         self.thresholds = [spec.threshold(h) for h in self.hooks]
@@ -297,7 +324,7 @@ def prepare(store, spec: JobSpec) -> None:
     folded = _Folded.of(sources, len(hooks))
     n = folded.n
     vectors = {"n": np.array([n], dtype=np.int64)}
-    for i, j in site_pairs(hooks, spec.coactivation.pairs):
+    for i, j in job_site_pairs(spec, store.model.hook_widths):
         if i in sparse and j in sparse:
             vectors |= _merged_meetings(sources, i, j, widths)
     for i in range(len(hooks)):
@@ -365,7 +392,7 @@ def block_table(store, spec: JobSpec, site: int, start: int) -> pa.Table:
     would. Host memory: a few ``BLOCK x w_j`` float64 arrays for the widest dense partner site;
     against a sparse partner, ``_sparse_candidates``'s bounded sub-blocks."""
     hooks = spec.coactivation_hooks()
-    pairs = site_pairs(hooks, spec.coactivation.pairs)
+    pairs = job_site_pairs(spec, store.model.hook_widths)
     sparse = sparse_sites(spec)
     merged_group = store.merged_coactivation()
     merged = merged_group.read_many(["n", *(coarrays.variance(k) for k in range(len(hooks)))])

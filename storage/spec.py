@@ -80,8 +80,9 @@ class CoactivationSpec(_Frozen):
     stride: Bounded(1 << 20, "a stride beyond 2**20 keeps no tokens") = Field(
         32, description="Use a hashed 1-in-`stride` subsample of the counted tokens; 1 = every token (exact over the whole corpus, about 32x the cost)."
     )
-    pairs: Literal["all", "within", "adjacent"] = Field(
-        "all", description="Site pairs: `all`, `within` (same hook), `adjacent` (same or next layer)."
+    pairs: Literal["auto", "all", "within", "adjacent"] = Field(
+        "auto", description="Site pairs: `all`, `within` (same hook), `adjacent` (same or next layer); `auto`: `all` where "
+        "the neuron pairs' co-moments fit 4 GiB a worker, else `adjacent` where they fit, else `within` (the plan prints its choice)."
     )
     partners: Bounded(1000, "ranks are kept per neuron") = Field(10, description="Partners kept per neuron, by |pearson| and by Jaccard.")
     hooks: list[str] | None = Field(None, description="Hooks (and SAEs, by name) taking part; SAE latents take part only when named (their pairs with each other are kept sparse; with a hook's neurons, `N x w` dense).")
@@ -169,7 +170,7 @@ class JobSpec(_Frozen):
         "auto",
         description="Vocabulary tokens whose activation sums every neuron keeps (`token_stats`): `all`; a number N: the N most "
         "frequent counted tokens of the corpus's first group of shards (ties by lower id); `auto`: all where their sums fit "
-        "4 GiB a worker, else as many of the most frequent as fit (the plan prints its choice). SAE latents keep their "
+        "2 GiB a worker, else as many of the most frequent as fit (the plan prints its choice). SAE latents keep their "
         "sparse sums over every token.",
     )
     min_token_count: Bounded(1 << 40, "a count of tokens") = Field(

@@ -146,9 +146,27 @@ def test_auto_tracks_every_token_where_their_sums_fit_and_the_most_frequent_wher
     gpt2_layer, gpt2_small = {"h": 3072}, {f"h{i}": 3072 for i in range(12)}
     llama_8b = {f"h{i}": 14_336 for i in range(32)}
     assert tracked_token_count(spec(), gpt2_layer, 50_257) == 0  # 1.2 GB: every token
-    assert tracked_token_count(spec(), gpt2_small, 50_257) == TOKEN_SUMS_BUDGET // (8 * 36_864) == 14_563
-    assert tracked_token_count(spec(), llama_8b, 128_256) == 1_170
+    assert tracked_token_count(spec(), gpt2_small, 50_257) == TOKEN_SUMS_BUDGET // (8 * 36_864) == 7_281
+    assert tracked_token_count(spec(), llama_8b, 128_256) == 585
     assert tracked_token_count(spec(tracked_tokens="all"), llama_8b, 128_256) == 0
     assert tracked_token_count(spec(tracked_tokens=40), gpt2_layer, 50_257) == 40
     assert tracked_token_count(spec(tracked_tokens=60_000), gpt2_layer, 50_257) == 0  # more than the vocabulary: all
     assert tracked_token_count(spec(statistics=["bottom"]), llama_8b, 128_256) == 0
+
+
+def test_auto_pairs_are_the_widest_whose_co_moments_fit():
+    """``coactivation.pairs: auto``: all site pairs where their co-moments fit
+    ``COACTIVATION_BUDGET``, else adjacent layers', else each hook with itself; as given otherwise."""
+    from actscope.pipeline.coactivation import chosen_pairs
+    from actscope.storage.spec import JobSpec
+
+    def spec(hooks, **coactivation):
+        return JobSpec.from_dict({"model": "m", "dataset": {"path": "text"}, "hooks": hooks, "store": "/s.zarr", "coactivation": coactivation})
+
+    small = [f"blocks.{i}.mlp.hook_post" for i in range(4)]
+    gpt2_small = [f"blocks.{i}.mlp.hook_post" for i in range(12)]
+    llama_8b = [f"blocks.{i}.mlp.hook_post" for i in range(32)]
+    assert chosen_pairs(spec(small), dict.fromkeys(small, 1024)) == "all"
+    assert chosen_pairs(spec(gpt2_small), dict.fromkeys(gpt2_small, 3072)) == "adjacent"  # all: 10.1 GiB; adjacent: 1.6
+    assert chosen_pairs(spec(llama_8b), dict.fromkeys(llama_8b, 14_336)) == "within"
+    assert chosen_pairs(spec(gpt2_small, pairs="all"), dict.fromkeys(gpt2_small, 3072)) == "all"
