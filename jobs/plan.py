@@ -155,7 +155,8 @@ def plan(spec: JobSpec, *, overwrite: bool = False, job_path: str | None = None,
     weight_bytes = skeleton.weight_bytes(spec.dtype)
     del skeleton, widths
     gc.collect()
-    memory = worker_memory(spec, model.hook_widths, model.vocab_size, weight_bytes, _group_tokens(spec, model), latents_per_token(model))
+    memory = worker_memory(spec, model.hook_widths, model.vocab_size, weight_bytes, _group_tokens(spec, model), latents_per_token(model),
+                           _reducing(spec, local_workers))
     limit = _memory_limit(spec, local_workers, worker_memory_limit)
     if limit is not None and memory.total > limit:
         raise JobSpecError(_too_big(memory, limit, local_workers))
@@ -376,6 +377,19 @@ def _memory_limit(spec: JobSpec, local_workers: int | None, given: int | None = 
             return None  # refused with a clear message when the worker starts
         return int(torch.cuda.get_device_properties(0).total_memory * 0.9)
     return int(machine_memory() * 0.8 / max(local_workers, 1))
+
+
+def _reducing(spec: JobSpec, local_workers: int | None) -> int | None:
+    """The sites a worker reduces at once (``pipeline.worker``): one on a GPU; on a CPU one a
+    torch thread, the cores split between this machine's workers. Workers elsewhere count as
+    GPUs unless the job says ``device: cpu`` (then every site, their cores being unknown)."""
+    import torch
+
+    if local_workers is None:
+        return None if spec.device == "cpu" else 1
+    if spec.device == "cuda" or (spec.device == "auto" and torch.cuda.is_available()):
+        return 1
+    return max(1, (os.cpu_count() or 1) // max(local_workers, 1))
 
 
 def _too_big(memory: Estimate, limit: int, local_workers: int | None) -> str:

@@ -5,7 +5,7 @@ k: ``top_k``, T: tokens per shard = ``shard_size * context_length``, B: tokens p
 V: vocabulary size):
 
 - top and bottom examples: ``8 w k`` bytes each (int64 keys), plus ``8 B w`` once per shard
-  while the first batch is ranked;
+  while the first batch is ranked (for the sites reduced at once: one on a GPU);
 - moments ``48 w``; histogram ``8 w * N_BINS``; band samples ``20 w * 32 * samples_per_band``;
   random samples ``4 w * random_samples``;
 - token sums ``8 w * min(R, G)`` (float64 rows of the tracked ids present in the group of G
@@ -13,7 +13,7 @@ V: vocabulary size):
   an SAE's are sparse: ``16`` bytes per (token id, latent) pair at which the latent fired, twice
   while pieces are folded, so ``32 * min(V w, G L)`` for L latents firing per token (a top-k
   SAE's k; for the others the plan assumes ``L <= ASSUMED_L0``);
-- a batch's activations ``4 B w`` (float32), and ``2 T w`` of host buffer per dense hook (an
+- a batch's activations ``4 B w`` (float32; ``6 B w`` with the forward's half-precision values), and ``2 T w`` of host buffer per dense hook (an
   SAE's stored latents: ``14 T L`` of (token, latent, value) entries; ``8 + 6 L`` bytes a token
   in the store);
 - co-activation ``8`` bytes per neuron pair on the device (float32 co-moments, int32 counts),
@@ -57,10 +57,12 @@ class Estimate:
 
 
 def worker_memory(spec: JobSpec, widths: dict[str, int], vocab_size: int, weight_bytes: int, group_tokens: int | None = None,
-                  l0: dict[str, int] | None = None) -> Estimate:
+                  l0: dict[str, int] | None = None, reducing: int | None = None) -> Estimate:
     """``group_tokens``: tokens in one accumulation group; unknown before the corpus is
     tokenized, so by default the token sums are counted for the whole vocabulary. ``l0``: the
-    latents an SAE fires a token at most, where known (:func:`latents_per_token`)."""
+    latents an SAE fires a token at most, where known (:func:`latents_per_token`). ``reducing``:
+    the sites a worker reduces at once (one on a GPU, a thread each on a CPU; None: all), whose
+    first batches are ranked at the same time."""
     shard_tokens = spec.shard_size * spec.context_length
     sparse_group = group_tokens or shards_per_group(spec, widths, vocab_size, 1 << 40) * shard_tokens
     group_tokens = group_tokens or vocab_size
@@ -74,7 +76,6 @@ def worker_memory(spec: JobSpec, widths: dict[str, int], vocab_size: int, weight
     for hook, w in widths.items():
         sides = 2 if spec.computes("bottom") else 1
         add("top/bottom examples", sides * 8 * w * spec.top_k * (2 if spec.examples == "document" else 1))
-        add("batch ranking", 8 * batch_tokens * w)
         add("moments", 48 * w)
         if spec.computes("histogram"):
             add("histograms", 8 * w * N_BINS)
@@ -84,11 +85,15 @@ def worker_memory(spec: JobSpec, widths: dict[str, int], vocab_size: int, weight
             add("token sums", 2 * sparse_token_bytes(w, vocab_size, sparse_group, fires(hook)))
         elif spec.computes("tokens"):
             add("token sums", 8 * w * min(token_rows(spec, widths, vocab_size), group_tokens))
-        add("activations", 4 * batch_tokens * w)
+        # The batch's values of every site at once: float32 for the statistics, and the forward's
+        # own half-precision tensors beside them.
+        add("activations", (4 + (2 if spec.dtype != "float32" else 0)) * batch_tokens * w)
         if hook in spec.dense and spec.sae(hook):
             add("dense buffers", 14 * shard_tokens * fires(hook))  # (token, latent, value) entries
         elif hook in spec.dense:
             add("dense buffers", 2 * shard_tokens * w)
+    at_once = sorted(widths.values(), reverse=True)[: reducing or len(widths)]
+    add("batch ranking", 8 * batch_tokens * sum(at_once))
     hooks = spec.coactivation_hooks()
     if hooks:
         sizes = dense_pair_sizes(spec, widths)
