@@ -65,7 +65,7 @@ def site_pairs(hooks: list[str], pairs: str) -> list[tuple[int, int]]:
 
 #: The dense co-moments a worker may hold (8 bytes a neuron pair: float32 co-moments, int32
 #: counts) before ``pairs: auto`` narrows the site pairs: all pairs of GPT-2 small's 12 MLP hooks
-#: are 10.1 GiB, their adjacent pairs 1.6 GiB.
+#: are 5.5 GiB (site pairs i <= j), their adjacent pairs 1.6 GiB.
 COACTIVATION_BUDGET = 4 << 30
 
 

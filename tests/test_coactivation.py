@@ -199,7 +199,7 @@ def test_the_plan_sizes_latent_pairs_by_the_pairs_that_can_meet():
 
     hook, n, w = "blocks.8.hook_resid_pre", 24_576, 768
     fields = {"model": "m", "dataset": {"path": "text"}, "hooks": [hook], "store": "s", "saes": [{"name": "sae", "path": "p", "hook": hook}],
-              "coactivation": {"hooks": [hook, "sae"]}}
+              "coactivation": {"hooks": [hook, "sae"], "pairs": "all"}}  # the formulas of all pairs (auto narrows the dense case's)
     spec, widths, tokens = JobSpec.from_dict(fields), {hook: w, "sae": n}, 1 << 18
     parts = worker_memory(spec, widths, 50_257, 0, group_tokens=tokens).parts
     met = (tokens // 32) * ASSUMED_L0 * ASSUMED_L0

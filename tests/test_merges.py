@@ -167,6 +167,6 @@ def test_auto_pairs_are_the_widest_whose_co_moments_fit():
     gpt2_small = [f"blocks.{i}.mlp.hook_post" for i in range(12)]
     llama_8b = [f"blocks.{i}.mlp.hook_post" for i in range(32)]
     assert chosen_pairs(spec(small), dict.fromkeys(small, 1024)) == "all"
-    assert chosen_pairs(spec(gpt2_small), dict.fromkeys(gpt2_small, 3072)) == "adjacent"  # all: 10.1 GiB; adjacent: 1.6
+    assert chosen_pairs(spec(gpt2_small), dict.fromkeys(gpt2_small, 3072)) == "adjacent"  # all: 5.5 GiB; adjacent: 1.6
     assert chosen_pairs(spec(llama_8b), dict.fromkeys(llama_8b, 14_336)) == "within"
     assert chosen_pairs(spec(gpt2_small, pairs="all"), dict.fromkeys(gpt2_small, 3072)) == "all"

@@ -205,7 +205,7 @@ def test_a_job_too_big_for_the_machine_is_refused_with_its_numbers(scratch):
     root, job = scratch
     mlps = [f"blocks.{layer}.mlp.hook_{point}" for layer in (0, 1) for point in ("pre", "post")]
     big = job(statistics=["coactivation"], hooks=mlps, top_k=10_000, shard_size=1 << 16, context_length=64, batch_size=1 << 14, workers=64)
-    fails(["run", big, "--dry-run"], "per worker and", "largest parts", "Ways out")
+    fails(["run", big, "--dry-run", "--worker-memory", "4GiB"], "per worker and", "largest parts", "Ways out")
     assert not (root / "out.zarr").exists()
 
 
