@@ -117,6 +117,7 @@ def run(root: Path, name: str, model: str, hooks: list[str], tokens: int, worker
     summary = run_job(spec, threads=max(1, (os.cpu_count() or 1) // workers))
     total = time.perf_counter() - start
     watcher.stop()
+    from actscope.pipeline.coactivation import chosen_pairs
     from actscope.storage.store import Store
 
     opened = Store.open(store)
@@ -126,7 +127,7 @@ def run(root: Path, name: str, model: str, hooks: list[str], tokens: int, worker
     out = {
         "job": name, "hooks": len(hooks), "units": sum(opened.model.hook_widths.values()), "vocab": opened.model.vocab_size,
         "tokens": summary.n_tokens, "shards": summary.shards_total, "groups": opened.n_groups, "shards_per_group": opened.shards_per_group,
-        "coactivation_pairs": spec.coactivation.pairs if spec.coactivation_hooks() else None,
+        "coactivation_pairs": chosen_pairs(spec, opened.model.hook_widths) if spec.coactivation_hooks() else None,
         "partial_bytes_per_token": round(watcher.peak_shards / summary.n_tokens),
         "peak_store_bytes_outside_token_arrays": watcher.peak,
         "final_store_bytes": folder_bytes(store),
@@ -194,10 +195,11 @@ def check_coactivation_at_width(store, full: dict, counted) -> int:
     import duckdb
     import numpy as np
 
+    from actscope.pipeline.coactivation import chosen_pairs
     from tests.reference import COACTIVATION_COLUMNS, check_coactivation, coactivation_brute_force, priority
 
     spec = store.spec
-    assert spec.coactivation.pairs == "all"
+    assert chosen_pairs(spec, store.model.hook_widths) == "all"
     hooks = [f"blocks.{n}.mlp.hook_post" for n in sorted(full)]
     chosen = [i for i in np.flatnonzero(counted) if priority(int(i), spec.seed) < 2**32 // spec.coactivation.stride]
     truth = coactivation_brute_force([full[n][chosen] for n in sorted(full)], [spec.threshold(h) for h in hooks])
