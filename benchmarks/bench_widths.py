@@ -118,6 +118,9 @@ def brute_force(model: Path, store, sample: int) -> dict:
 def _coactivation_tokens(store, counted) -> np.ndarray:
     """The counted tokens co-activation samples (a seeded hash, 1 in ``stride``), as positions
     among the counted tokens."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the tests' plain-Python hash, not the pipeline's
     from tests.reference import priority
 
     spec = store.spec
