@@ -594,15 +594,25 @@ def hooks(
 
     import torch
 
-    from actscope.pipeline.model import hook_widths, load_model, module_sites, per_token_hooks
+    from actscope.pipeline.model import hook_widths, load_model, load_skeleton, module_sites, per_token_hooks
 
-    bridge = load_model(model, torch.device("cpu"))
-    names = per_token_hooks(bridge)
-    if not sae:
+    if sae:  # L0 and FVU need the weights
+        bridge = load_model(model, torch.device("cpu"))
+        names = per_token_hooks(bridge)
+    else:
+        skeleton = load_skeleton(model)  # no weight is read: a folder of a config and a tokenizer is enough
+        names = per_token_hooks(skeleton.bridge)
         if filter:
             names = [n for n in names if filter in n or fnmatch.fnmatchcase(n, filter)]
-        on_modules = module_sites(bridge, names)
-        widths = _widths(bridge, names, on_modules, hook_widths)
+        on_modules = module_sites(skeleton.bridge, names)
+        widths = _fake_widths(skeleton, [n for n in names if n in on_modules])
+        bridged = [n for n in names if n not in widths]
+        if bridged:  # widths only the bridge's forward gives: from the weights, where the folder has them
+            try:
+                bridge = load_model(model, torch.device("cpu"))
+                widths |= _widths(bridge, bridged, module_sites(bridge, bridged), hook_widths)
+            except ActscopeError:
+                pass  # shown as "?"
         table = Table(box=None, show_header=True)
         for column in ("hook", "width", "note"):
             table.add_column(column, justify="right" if column == "width" else "left")
@@ -618,6 +628,19 @@ def hooks(
             out.print(line)
     if refused:
         raise typer.Exit(2)  # each problem was said above, per folder
+
+
+def _fake_widths(skeleton, names: list[str]) -> dict[str, int]:
+    """The widths a fake forward gives (``Skeleton.widths``); where the hooks cannot all be
+    measured at once, each half on its own, so that a few that cannot be do not cost a forward
+    for every hook."""
+    if not names:
+        return {}
+    found = skeleton.widths(names)
+    if found is not None or len(names) == 1:
+        return found or {}
+    half = len(names) // 2
+    return _fake_widths(skeleton, names[:half]) | _fake_widths(skeleton, names[half:])
 
 
 def _widths(bridge, names: list[str], on_modules, measure) -> dict[str, int]:
@@ -654,6 +677,7 @@ def _hook_rows(names: list[str], widths: dict[str, int], on_modules, every: bool
         kinds.setdefault(kind, []).append(int(found.group(1)) if found and not every else -1)
     rows = []
     for (kind, width, bridged), layers in kinds.items():
+        layers = sorted(layers)  # the names come sorted as text: blocks.10 before blocks.2
         if layers[0] < 0:
             rows.append((kind, width, bridged))
         else:

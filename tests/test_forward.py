@@ -161,6 +161,9 @@ def test_a_config_without_weights_is_planned_for_the_workers_memory(tiny_model, 
     refused = runner.invoke(app, ["run", str(job), "--dry-run", "--worker-memory", "100MB"], env={"COLUMNS": "300"})
     assert refused.exit_code == 2 and "95.4 MiB is available" in refused.output, refused.output
     assert not (tmp_path / "bare.zarr").exists()
+    # ``actscope hooks`` lists the folder's hooks and widths too (a hook only the bridge has: "?").
+    listed = runner.invoke(app, ["hooks", str(tmp_path / "bare-model")], env={"COLUMNS": "300"})
+    assert listed.exit_code == 0 and "blocks.{0..1}.mlp.hook_post 256" in " ".join(listed.output.split()), listed.output
 
 
 def test_the_forward_stops_after_the_last_hooked_block(architectures):
