@@ -605,7 +605,7 @@ def hooks(
         if filter:
             names = [n for n in names if filter in n or fnmatch.fnmatchcase(n, filter)]
         on_modules = module_sites(skeleton.bridge, names)
-        widths = _fake_widths(skeleton, [n for n in names if n in on_modules])
+        widths = skeleton.widths([n for n in names if n in on_modules])
         bridged = [n for n in names if n not in widths]
         if bridged:  # widths only the bridge's forward gives: from the weights, where the folder has them
             try:
@@ -628,19 +628,6 @@ def hooks(
             out.print(line)
     if refused:
         raise typer.Exit(2)  # each problem was said above, per folder
-
-
-def _fake_widths(skeleton, names: list[str]) -> dict[str, int]:
-    """The widths a fake forward gives (``Skeleton.widths``); where the hooks cannot all be
-    measured at once, each half on its own, so that a few that cannot be do not cost a forward
-    for every hook."""
-    if not names:
-        return {}
-    found = skeleton.widths(names)
-    if found is not None or len(names) == 1:
-        return found or {}
-    half = len(names) // 2
-    return _fake_widths(skeleton, names[:half]) | _fake_widths(skeleton, names[half:])
 
 
 def _widths(bridge, names: list[str], on_modules, measure) -> dict[str, int]:

@@ -15,7 +15,6 @@ from enum import StrEnum
 
 from actscope.pipeline.capacity import (
     Estimate,
-    dense_pair_sizes,
     gib,
     latents_per_token,
     machine_memory,
@@ -25,7 +24,7 @@ from actscope.pipeline.capacity import (
     tracked_token_count,
     worker_memory,
 )
-from actscope.pipeline.coactivation import chosen_pairs
+from actscope.pipeline.coactivation import chosen_pairs, dense_pair_sizes
 from actscope.pipeline.corpus import check_corpus
 from actscope.pipeline.fingerprint import changed_sources, data_files, fingerprint, sources
 from actscope.pipeline.model import (
@@ -125,7 +124,7 @@ def _describe_pairs(spec: JobSpec, widths: dict[str, int]) -> str:
     size = gib(8 * sum(dense_pair_sizes(spec, widths)))
     if spec.coactivation.pairs != "auto" or chosen == "all":
         return f"co-activation: {chosen} site pairs ({size} of co-moments a worker)"
-    every = gib(8 * sum(dense_pair_sizes(spec.model_copy(update={"coactivation": spec.coactivation.model_copy(update={"pairs": "all"})}), widths)))
+    every = gib(8 * sum(dense_pair_sizes(spec, widths, "all")))
     return f"co-activation: {chosen} site pairs ({size} of co-moments a worker; all pairs would take {every}; coactivation.pairs: all forces them)"
 
 
@@ -192,21 +191,21 @@ def plan(spec: JobSpec, *, overwrite: bool = False, job_path: str | None = None,
 
 
 class _WidthsOf:
-    """Hooks' widths: from the skeleton's fake forward, else (a hook only the bridge's forward
-    has, whose forward reads values) from the model with its weights, loaded once if at all."""
+    """Hooks' widths: from the skeleton's fake forward, and the rest (hooks only the bridge's
+    forward has, whose forward reads values) from the model with its weights, loaded once if
+    at all."""
 
     def __init__(self, spec: JobSpec, skeleton, tokenizer):
         self.spec, self.skeleton, self.tokenizer, self._bridge = spec, skeleton, tokenizer, None
 
     def __call__(self, hooks: list[str]) -> dict[str, int]:
         found = self.skeleton.widths(hooks)
-        if found is not None:
-            return found
-        if self._bridge is None:
+        missing = [h for h in hooks if h not in found]
+        if missing and self._bridge is None:
             import torch
 
             self._bridge = load_job_model(self.spec, torch.device("cpu"), tokenizer=self.tokenizer)
-        return hook_widths(self._bridge, hooks)
+        return found | (hook_widths(self._bridge, missing) if missing else {})
 
 
 def _model_record(spec: JobSpec, bridge, tokenizer, framing: Framing, widths_of) -> ModelRecord:

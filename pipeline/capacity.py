@@ -35,7 +35,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 
-from actscope.pipeline.coactivation import job_site_pairs, sparse_sites
+from actscope.pipeline.coactivation import dense_pair_sizes, job_site_pairs, sparse_sites
 from actscope.pipeline.sampling import N_BANDS
 from actscope.storage.bins import N_BINS
 from actscope.storage.record import ModelRecord
@@ -136,12 +136,6 @@ def sparse_token_bytes(w: int, vocab_size: int, tokens: int, l0: int = ASSUMED_L
     """Bytes of an SAE's sparse token sums over ``tokens`` tokens, at most: 16 per distinct
     (token id, latent) pair that fired (``l0`` latents a token)."""
     return 16 * min(vocab_size * w, tokens * min(l0, w))
-
-
-def dense_pair_sizes(spec: JobSpec, widths: dict[str, int]) -> list[int]:
-    """Entries of each co-activation site pair kept dense (every pair but two sparse sites')."""
-    hooks, sparse = spec.coactivation_hooks(), sparse_sites(spec)
-    return [widths[hooks[i]] * widths[hooks[j]] for i, j in job_site_pairs(spec, widths) if not (i in sparse and j in sparse)]
 
 
 def latent_pair_entries(spec: JobSpec, widths: dict[str, int], tokens: int, l0: dict[str, int] | None = None) -> int:

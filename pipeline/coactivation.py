@@ -74,13 +74,10 @@ def chosen_pairs(spec: JobSpec, widths: dict[str, int]) -> str:
     dense pairs (two SAEs' latents are sparse and not counted) fit ``COACTIVATION_BUDGET``, else
     ``within``. A function of the job and its widths alone, never of a machine, so that a job's
     tables are the same wherever it runs."""
-    pairs = spec.coactivation.pairs
-    if pairs != "auto":
-        return pairs
-    hooks, sparse = spec.coactivation_hooks(), sparse_sites(spec)
+    if spec.coactivation.pairs != "auto":
+        return spec.coactivation.pairs
     for choice in ("all", "adjacent"):
-        dense = sum(widths[hooks[i]] * widths[hooks[j]] for i, j in site_pairs(hooks, choice) if not (i in sparse and j in sparse))
-        if 8 * dense <= COACTIVATION_BUDGET:
+        if 8 * sum(dense_pair_sizes(spec, widths, choice)) <= COACTIVATION_BUDGET:
             return choice
     return "within"
 
@@ -88,6 +85,14 @@ def chosen_pairs(spec: JobSpec, widths: dict[str, int]) -> str:
 def job_site_pairs(spec: JobSpec, widths: dict[str, int]) -> list[tuple[int, int]]:
     """The job's site pairs (``site_pairs`` of its co-activation sites and ``chosen_pairs``)."""
     return site_pairs(spec.coactivation_hooks(), chosen_pairs(spec, widths))
+
+
+def dense_pair_sizes(spec: JobSpec, widths: dict[str, int], pairs: str | None = None) -> list[int]:
+    """Neuron pairs of each co-activation site pair kept dense (every pair but two sparse
+    sites'), for the job's site pairs or for ``pairs`` (``all``, ``adjacent``, ``within``)."""
+    hooks, sparse = spec.coactivation_hooks(), sparse_sites(spec)
+    chosen = job_site_pairs(spec, widths) if pairs is None else site_pairs(hooks, pairs)
+    return [widths[hooks[i]] * widths[hooks[j]] for i, j in chosen if not (i in sparse and j in sparse)]
 
 
 def token_cut(stride: int) -> int:

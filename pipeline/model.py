@@ -84,10 +84,20 @@ class Skeleton:
         """The weights' bytes in ``dtype`` (shared parameters, such as tied embeddings, once)."""
         return sum(p.numel() for p in self.bridge.original_model.parameters()) * _DTYPES[dtype].itemsize
 
-    def widths(self, hooks: list[str]) -> dict[str, int] | None:
-        """Each hook's width, from a forward of fake tensors through the Hugging Face modules; None
-        where that forward cannot run (a hook only the bridge has: its forward reads values, which
-        fake tensors do not have), and the caller loads the weights."""
+    def widths(self, hooks: list[str]) -> dict[str, int]:
+        """The widths of ``hooks`` that a forward of fake tensors through the Hugging Face modules
+        gives, in one forward where it can, else each half on its own (so that a few hooks that
+        cannot be measured do not cost a forward for every hook). Left out: a hook only the
+        bridge has (its forward reads values, which fake tensors do not have) or one that does
+        not fire; the caller loads the weights for those, or has no width."""
+        found = self._measure(hooks) if hooks else {}
+        if found is not None or len(hooks) == 1:
+            return found or {}
+        half = len(hooks) // 2
+        return self.widths(hooks[:half]) | self.widths(hooks[half:])
+
+    def _measure(self, hooks: list[str]) -> dict[str, int] | None:
+        """Every hook's width from one fake forward, or None where it cannot be had."""
         plan = forward_plan(self.bridge, hooks)
         if "bridge_only" in plan:
             return None

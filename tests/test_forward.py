@@ -142,7 +142,8 @@ def test_the_plans_skeleton_knows_the_model_without_its_weights(architectures, n
     assert skeleton.weight_bytes("bfloat16") * 2 == skeleton.weight_bytes("float32")
     bridged = [h for h in per_token_hooks(bridge) if h not in set(hooks) and h.startswith("blocks.0.")]
     if bridged:
-        assert skeleton.widths(bridged[:1]) is None
+        assert skeleton.widths(bridged[:1]) == {}
+        assert skeleton.widths([*hooks[:3], bridged[0]]) == hook_widths(bridge, hooks[:3])  # the others are still measured
 
 
 def test_a_config_without_weights_is_planned_for_the_workers_memory(tiny_model, corpus_dir, tmp_path):
